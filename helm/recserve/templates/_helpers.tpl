@@ -1,0 +1,327 @@
+{{/*
+Names, labels and the pieces every recserve pod shares (image, env, security). One place, so the
+RayService, the StatefulSet, the Deployment and the CronJobs cannot drift apart.
+*/}}
+
+{{- define "recserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* release-chart, shortened to 40 characters: KubeRay appends a 5-character suffix and "-serve-svc"-like
+endings to the RayService name, and Service names must fit in 63. */}}
+{{- define "recserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "recserve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of one component: pass (dict "ctx" $ "component" "redis"). */}}
+{{- define "recserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "recserve.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* All labels of one component's objects: pass (dict "ctx" $ "component" "redis"). */}}
+{{- define "recserve.labels" -}}
+helm.sh/chart: {{ include "recserve.chart" .ctx }}
+{{ include "recserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: recserve
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "recserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "recserve.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The recserve image reference, by digest when one is given. */}}
+{{- define "recserve.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{- define "recserve.serveServiceName" -}}
+{{- printf "%s-serve" (include "recserve.fullname" .) }}
+{{- end }}
+
+{{- define "recserve.redisServiceName" -}}
+{{- printf "%s-redis" (include "recserve.fullname" .) }}
+{{- end }}
+
+{{- define "recserve.mlflowServiceName" -}}
+{{- printf "%s-mlflow" (include "recserve.fullname" .) }}
+{{- end }}
+
+{{/* Secret names: an explicit existingSecret, else <fullname>-<suffix> (documented in NOTES.txt). */}}
+{{- define "recserve.secretName" -}}
+{{- default (printf "%s-%s" (include "recserve.fullname" .ctx) .suffix) .existing }}
+{{- end }}
+
+{{- define "recserve.mlflowTrackingUri" -}}
+{{- if .Values.mlflow.enabled }}
+{{- printf "http://%s:5000" (include "recserve.mlflowServiceName" .) }}
+{{- else }}
+{{- required "mlflow.external.trackingUri is required when mlflow.enabled is false: serving loads models from the registry" .Values.mlflow.external.trackingUri }}
+{{- end }}
+{{- end }}
+
+{{/*
+Environment of every pod that runs recserve code (Ray head and workers, the CronJobs). Short Service
+names only (no namespace), so the manifests keep working when kustomize moves them to another namespace.
+Variables read by pydantic-settings (RECSERVE_*, REDIS_URL) and by the MLflow client (MLFLOW_*).
+*/}}
+{{- define "recserve.appEnv" -}}
+{{- if .Values.redis.enabled }}
+{{- if .Values.redis.auth.existingSecret }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.auth.existingSecret }}
+      key: {{ .Values.redis.auth.secretKey }}
+# $(REDIS_PASSWORD) is expanded by the kubelet; the password must be URL-safe.
+- name: REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:6379/0" (include "recserve.redisServiceName" .) | quote }}
+{{- else }}
+- name: REDIS_URL
+  value: {{ printf "redis://%s:6379/0" (include "recserve.redisServiceName" .) | quote }}
+{{- end }}
+{{- else }}
+- name: REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "recserve.secretName" (dict "ctx" . "existing" .Values.redis.external.existingSecret "suffix" "redis") }}
+      key: {{ .Values.redis.external.secretKey }}
+{{- end }}
+# Feast's online store is the same Redis. Set explicitly: TrainingSettings validates its feature_store
+# section (cluster profile needs a URL) before it would copy REDIS_URL into it.
+- name: RECSERVE_FEATURE_STORE__REDIS_URL
+  value: "$(REDIS_URL)"
+- name: MLFLOW_TRACKING_URI
+  value: {{ include "recserve.mlflowTrackingUri" . | quote }}
+- name: RECSERVE_MLFLOW_TRACKING_URI
+  value: {{ include "recserve.mlflowTrackingUri" . | quote }}
+- name: RECSERVE_MODEL_NAME
+  value: {{ .Values.model.name | quote }}
+- name: RECSERVE_FEATURE_STORE__PROFILE
+  value: {{ .Values.featureStore.profile | quote }}
+- name: RECSERVE_FEATURE_STORE__PROJECT
+  value: {{ .Values.featureStore.project | quote }}
+{{- if eq .Values.featureStore.profile "cluster" }}
+- name: RECSERVE_FEATURE_STORE__REGISTRY_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "recserve.secretName" (dict "ctx" . "existing" .Values.featureStore.registry.existingSecret "suffix" "feast") }}
+      key: {{ .Values.featureStore.registry.secretKey }}
+{{- end }}
+{{- end }}
+
+{{/* The API key, for the serving pods only; optional so that a missing Secret means "no admin key". */}}
+{{- define "recserve.apiKeyEnv" -}}
+- name: {{ .Values.apiKey.envName }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "recserve.secretName" (dict "ctx" . "existing" .Values.apiKey.existingSecret "suffix" "api-key") }}
+      key: {{ .Values.apiKey.secretKey }}
+      optional: true
+{{- end }}
+
+{{- define "recserve.clientPeers" -}}
+# Serving pods and the jobs of this release: the only clients of Redis and MLflow.
+- podSelector:
+    matchLabels:
+      app.kubernetes.io/name: {{ include "recserve.name" . }}
+      app.kubernetes.io/instance: {{ .Release.Name }}
+    matchExpressions:
+      - key: app.kubernetes.io/component
+        operator: In
+        values:
+          - serve
+          - training
+          - materialization
+{{- end }}
+
+{{/* Pod-level fields every recserve pod shares. Pass the root context. */}}
+{{- define "recserve.podSecurity" -}}
+serviceAccountName: {{ include "recserve.serviceAccountName" . }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Ray pods (head and workers): volumes, mounts and environment. */}}
+{{- define "recserve.rayVolumeMounts" -}}
+# Writable paths on a read-only root: Ray's session dir and bundle cache under /tmp, its object store in /dev/shm.
+- name: tmp
+  mountPath: /tmp
+- name: shm
+  mountPath: /dev/shm
+{{- end }}
+{{- define "recserve.rayVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.rayService.tmpSizeLimit }}
+- name: shm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.rayService.shmSizeLimit }}
+{{- end }}
+{{- define "recserve.rayEnv" -}}
+{{ include "recserve.appEnv" . | trim }}
+{{ include "recserve.apiKeyEnv" . | trim }}
+- name: RECSERVE_MODELS__URI
+  value: {{ printf "models:/%s@%s" .Values.model.name .Values.model.alias | quote }}
+# Feast's local files and the bundle cache (<data_dir>/bundle_cache) on the /tmp emptyDir.
+- name: RECSERVE_FEATURE_STORE__DATA_DIR
+  value: /tmp/recserve
+{{- with .Values.rayService.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+serveConfigV2 of the RayService: one application built by serve.importPath, one entry per key of
+serve.deployments (Helm ranges over a map in sorted key order, so the output is stable).
+*/}}
+{{- define "recserve.serveConfig" -}}
+{{- $deployments := list }}
+{{- range $name, $cfg := .Values.serve.deployments }}
+{{- $deployments = append $deployments (merge (dict "name" $name) (deepCopy (default (dict) $cfg))) }}
+{{- end }}
+{{- $app := dict "name" .Values.serve.appName "route_prefix" .Values.serve.routePrefix "import_path" .Values.serve.importPath "deployments" $deployments }}
+{{- with .Values.serve.args }}
+{{- $_ := set $app "args" . }}
+{{- end }}
+{{- /* In a cluster the proxies listen on every node's pod IP; serve_config.yaml's HeadOnly/127.0.0.1
+are for a single machine. The other http_options and logging_config come from values. */}}
+{{- $http := merge (dict "host" "0.0.0.0" "port" .Values.serve.port) (deepCopy .Values.serve.httpOptions) }}
+{{- $config := dict "proxy_location" "EveryNode" "http_options" $http "applications" (list $app) }}
+{{- with .Values.serve.loggingConfig }}
+{{- $_ := set $config "logging_config" . }}
+{{- end }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/* Checks of combinations the schema cannot express, with messages that say what to change. */}}
+{{- define "recserve.validate" -}}
+{{- if and (not .Values.rayService.autoscaler.enabled) (gt (len .Values.rayService.workerGroups) 0) }}
+{{- range .Values.rayService.workerGroups }}
+{{- if ne (int .minReplicas) (int .maxReplicas) }}
+{{- fail (printf "rayService.workerGroups[%s]: minReplicas (%v) != maxReplicas (%v) but rayService.autoscaler.enabled is false; nothing would scale between them" .name .minReplicas .maxReplicas) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range .Values.rayService.workerGroups }}
+{{- if or (lt (int .replicas) (int .minReplicas)) (gt (int .replicas) (int .maxReplicas)) }}
+{{- fail (printf "rayService.workerGroups[%s]: replicas (%v) must lie between minReplicas (%v) and maxReplicas (%v)" .name .replicas .minReplicas .maxReplicas) }}
+{{- end }}
+{{- end }}
+{{- if and (not .Values.redis.enabled) .Values.redis.auth.existingSecret }}
+{{- fail "redis.auth.existingSecret applies to the bundled Redis only; with redis.enabled=false put the password into the URL in redis.external.existingSecret" }}
+{{- end }}
+{{- if and .Values.training.enabled (not .Values.data.persistence.enabled) }}
+{{- fail "training.enabled needs data.persistence.enabled: the training CronJob reads its data set from the data PVC" }}
+{{- end }}
+{{- if and .Values.materialization.enabled (not .Values.data.persistence.enabled) }}
+{{- fail "materialization.enabled needs data.persistence.enabled: Feast reads its batch sources from the data PVC" }}
+{{- end }}
+{{- end }}
+
+{{/*
+CronJob of a `recserve` subcommand. Pass (dict "ctx" $ "component" "training" "args" list
+"job" .Values.training): job supplies schedule, activeDeadlineSeconds, resources, nodeSelector, tolerations.
+*/}}
+{{- define "recserve.cronJob" -}}
+{{- $ctx := .ctx }}
+{{- $job := .job }}
+apiVersion: batch/v1
+kind: CronJob
+metadata:
+  name: {{ include "recserve.fullname" $ctx }}-{{ .component }}
+  namespace: {{ $ctx.Release.Namespace }}
+  labels:
+    {{- include "recserve.labels" (dict "ctx" $ctx "component" .component) | nindent 4 }}
+spec:
+  schedule: {{ $job.schedule | quote }}
+  # A run that overlaps the previous one would race on the data PVC and the registry alias.
+  concurrencyPolicy: Forbid
+  startingDeadlineSeconds: 600
+  successfulJobsHistoryLimit: 3
+  failedJobsHistoryLimit: 3
+  jobTemplate:
+    spec:
+      backoffLimit: 1
+      activeDeadlineSeconds: {{ $job.activeDeadlineSeconds }}
+      ttlSecondsAfterFinished: 86400
+      template:
+        metadata:
+          labels:
+            {{- include "recserve.labels" (dict "ctx" $ctx "component" .component) | nindent 12 }}
+        spec:
+          {{- include "recserve.podSecurity" $ctx | nindent 10 }}
+          automountServiceAccountToken: false
+          restartPolicy: Never
+          containers:
+            - name: {{ .component }}
+              image: {{ include "recserve.image" $ctx }}
+              imagePullPolicy: {{ $ctx.Values.image.pullPolicy }}
+              command:
+                - recserve
+              args:
+                {{- toYaml .args | nindent 16 }}
+              env:
+                {{- include "recserve.appEnv" $ctx | trim | nindent 16 }}
+                - name: RECSERVE_DATA_DIR
+                  value: {{ $ctx.Values.data.mountPath | quote }}
+                - name: HOME
+                  value: /tmp
+              resources:
+                {{- toYaml $job.resources | nindent 16 }}
+              securityContext:
+                {{- toYaml $ctx.Values.securityContext | nindent 16 }}
+              volumeMounts:
+                - name: tmp
+                  mountPath: /tmp
+                - name: data
+                  mountPath: {{ $ctx.Values.data.mountPath }}
+          volumes:
+            - name: tmp
+              emptyDir:
+                sizeLimit: 8Gi
+            - name: data
+              persistentVolumeClaim:
+                claimName: {{ include "recserve.fullname" $ctx }}-data
+          {{- with $job.nodeSelector }}
+          nodeSelector:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          {{- with $job.tolerations }}
+          tolerations:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+{{- end }}

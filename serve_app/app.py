@@ -1,0 +1,62 @@
+"""Application builder of the online graph: `build_app(args)` binds every deployment once.
+
+Works with `serve run serve_app.app:build_app [settings=...]`, with the Serve config file
+(`serve run serve_app/serve_config.yaml`, whose `args` become `AppArgs`) and with `recserve-serve`.
+Deployment options come from `serve_config.yaml` plus `RECSERVE_DEPLOYMENT__*` overrides unless the
+args carry them; graph settings from `ServeSettings` (environment) plus `args.settings`.
+"""
+
+# No `from __future__ import annotations`: Serve reads the builder's parameter annotation as a class
+# to validate the args dict into `AppArgs`.
+
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+
+from serve_app.config import ServeSettings, deployment_options, serve_config
+from serve_app.event_writer import EventWriter
+from serve_app.ingress import Ingress
+from serve_app.ranker import Ranker
+from serve_app.reranker import ReRanker
+from serve_app.retriever import Retriever
+from serve_app.router import Router
+from serve_app.user_tower import UserTower
+
+
+class AppArgs(BaseModel):
+    """Arguments of the application builder (the Serve config's `applications[].args`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="ServeSettings fields (nested dicts) overriding the RECSERVE_* environment",
+    )
+    deployments: dict[str, dict[str, Any]] | None = Field(
+        None,
+        description="per-deployment Serve options by deployment name; None: serve_config.yaml "
+        "with RECSERVE_DEPLOYMENT__* overrides",
+    )
+
+
+def build_app(args: AppArgs) -> Application:
+    """The graph: Ingress -> Router -> UserTower -> Retriever -> Ranker -> ReRanker, + EventWriter."""
+    settings = ServeSettings(**args.settings)
+    options = args.deployments
+    if options is None:
+        options = deployment_options(serve_config(dict(os.environ)))
+
+    def bind(deployment: Any, *init_args: Any) -> Application:
+        # `@serve.deployment` turns each class into a Deployment (its stubs keep the class type).
+        bound: Application = deployment.options(**options.get(deployment.name, {})).bind(*init_args)
+        return bound
+
+    user_tower = bind(UserTower, settings)
+    retriever = bind(Retriever, settings)
+    ranker = bind(Ranker, settings)
+    reranker = bind(ReRanker, settings)
+    router = bind(Router, settings, user_tower, retriever, ranker, reranker)
+    events = bind(EventWriter, settings, router)
+    return bind(Ingress, settings, router, events)

@@ -1,0 +1,330 @@
+"""Serving side of the model bundle: resolve an alias, download a version once, verify, load.
+
+No serving logic and no training code: stages build themselves from the `Bundle` returned here.
+Nothing here unpickles (npy with allow_pickle=False, TorchScript, FAISS and XGBoost formats, JSON).
+
+Verification rules (`verify_bundle`): the manifest must parse, carry a known `format_version` and
+list every required file; every listed file must exist with the listed sha256. Files present but not
+listed are ignored: the loader never opens them, so they cannot change what is served (and a stray
+file left by a copy tool cannot take a bundle down).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+import xgboost as xgb
+from pydantic import ValidationError
+
+from serve_app.errors import BundleIntegrityError, ModelUnavailable
+from serve_app.schemas import BUNDLE_FILES, BUNDLE_FORMAT_VERSION, BundleManifest
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+# Search-time knobs a manifest may carry in `index.params`; build-time ones (nlist, M) are ignored.
+SEARCH_PARAMS = ("nprobe", "efSearch")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+@dataclass(frozen=True, eq=False)
+class Bundle:
+    """One loaded model version. Arrays are read-only: replicas share them and must not mutate.
+
+    `eq=False`: identity comparison and hashing, so a bundle can key a cache (arrays have no `==`).
+    """
+
+    path: Path
+    manifest: BundleManifest
+    user_tower: torch.jit.ScriptModule
+    item_ids: np.ndarray  # unicode [n]
+    item_embeddings: np.ndarray  # float32 [n, d], L2-normalised by training
+    item_features: np.ndarray  # float32 [n, f], columns = manifest.item_feature_names
+    item_categories: np.ndarray  # int32 [n], indexes manifest.categories
+    index: faiss.Index
+    ranker: xgb.Booster
+    popularity: dict[str, Any]  # {"global": [item_id...], "by_category": {category: [item_id...]}}
+    item_index: dict[str, int]  # item_id -> row
+
+    @property
+    def version(self) -> str | None:
+        return self.manifest.model_version
+
+
+# --- verification -----------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(path: str | Path) -> BundleManifest:
+    """Parse a bundle's manifest; every way it can be unreadable becomes BundleIntegrityError."""
+    manifest_path = Path(path) / MANIFEST_NAME
+    try:
+        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleIntegrityError(f"missing in {path}", file=MANIFEST_NAME) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleIntegrityError(f"unreadable: {exc}", file=MANIFEST_NAME) from None
+    # Check the version before the schema: a future format may not validate against this one.
+    if not isinstance(raw, dict):
+        raise BundleIntegrityError("not a JSON object", file=MANIFEST_NAME)
+    if raw.get("format_version") != BUNDLE_FORMAT_VERSION:
+        raise BundleIntegrityError(
+            f"unknown format_version {raw.get('format_version')!r} "
+            f"(this server reads {BUNDLE_FORMAT_VERSION})",
+            file=MANIFEST_NAME,
+        )
+    try:
+        return BundleManifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BundleIntegrityError(
+            f"invalid field '{where}': {first['msg']}", file=MANIFEST_NAME
+        ) from None
+
+
+def verify_bundle(path: str | Path) -> BundleManifest:
+    """Check a bundle directory against its manifest; return it, or raise naming the bad file."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise BundleIntegrityError(f"bundle directory {directory} does not exist")
+    manifest = read_manifest(directory)
+    for name in BUNDLE_FILES:
+        if name not in manifest.files:
+            raise BundleIntegrityError(f"required file not listed in {MANIFEST_NAME}", file=name)
+    for name, expected in sorted(manifest.files.items()):
+        # Names come from a downloaded file: never let one point outside the bundle directory.
+        if not _SAFE_NAME.match(name) or name in (".", ".."):
+            raise BundleIntegrityError("unsafe file name in manifest", file=name)
+        file_path = directory / name
+        if not file_path.is_file():
+            raise BundleIntegrityError(f"missing from {directory}", file=name)
+        actual = _sha256(file_path)
+        if actual != expected:
+            raise BundleIntegrityError(
+                f"checksum mismatch (manifest {expected[:12]}..., file {actual[:12]}...)", file=name
+            )
+    return manifest
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+def _client(tracking_uri: str) -> Any:
+    # Imported here: MLflow costs seconds to import and loading a cached bundle never needs it.
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def resolve_alias(tracking_uri: str, model_name: str, alias: str) -> str:
+    """The model version an alias (`champion`, `challenger`) points at; ModelUnavailable if none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = _client(tracking_uri).get_registered_model(model_name)
+    except MlflowException as exc:
+        raise ModelUnavailable(f"registry lookup of model '{model_name}' failed: {exc}") from exc
+    version = model.aliases.get(alias)
+    if version is None:
+        known = ", ".join(sorted(model.aliases)) or "none"
+        raise ModelUnavailable(f"model '{model_name}' has no alias '{alias}' (aliases: {known})")
+    return str(version)
+
+
+def fetch_bundle(tracking_uri: str, model_name: str, version: str, cache_dir: str | Path) -> Path:
+    """Local, verified copy of a registered version at `cache_dir/<model_name>/<version>/`.
+
+    Downloaded once: into a temporary sibling, verified there, then renamed into place, so the
+    cache never holds a partial or unverified bundle and a cache hit never contacts MLflow. Two
+    processes racing on the same version both download; the first rename wins, the other discards.
+    A cached copy that no longer verifies (disk corruption, hand edits) is replaced by a fresh one.
+    """
+    for part in (model_name, str(version)):
+        if not _SAFE_NAME.match(part) or part in (".", ".."):
+            raise ModelUnavailable(f"unsafe model name or version for a cache path: {part!r}")
+    parent = Path(cache_dir) / model_name
+    target = parent / str(version)
+    if target.is_dir():
+        try:
+            verify_bundle(target)
+            return target
+        except BundleIntegrityError as exc:
+            logger.warning(
+                "cached bundle %s failed verification (%s); downloading again", target, exc
+            )
+            shutil.rmtree(target, ignore_errors=True)
+
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=parent))
+    try:
+        downloaded = Path(_download(tracking_uri, model_name, str(version), staging))
+        manifest = verify_bundle(downloaded)
+        if manifest.model_version is not None and manifest.model_version != str(version):
+            raise BundleIntegrityError(
+                f"manifest says model_version {manifest.model_version}, registry says {version}",
+                file=MANIFEST_NAME,
+            )
+        try:
+            os.rename(downloaded, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            # Another process finished the same download first; its copy was verified too.
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _download(tracking_uri: str, model_name: str, version: str, destination: Path) -> str:
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        # Resolved through our own client: a `models:/` URI would be looked up in MLflow's global
+        # registry URI, not the one this server was configured with.
+        source = _client(tracking_uri).get_model_version_download_uri(model_name, version)
+        return str(
+            download_artifacts(
+                artifact_uri=source, dst_path=str(destination), tracking_uri=tracking_uri
+            )
+        )
+    except (MlflowException, OSError) as exc:
+        raise ModelUnavailable(f"download of {model_name} v{version} failed: {exc}") from exc
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def _load_npy(directory: Path, name: str) -> np.ndarray:
+    try:
+        array = np.load(directory / name, allow_pickle=False)
+    except ValueError as exc:  # object arrays need pickle: refused, never unpickled
+        raise BundleIntegrityError(f"not a plain numeric/unicode array: {exc}", file=name) from None
+    if not isinstance(array, np.ndarray):
+        raise BundleIntegrityError("expected a single .npy array", file=name)
+    array.flags.writeable = False
+    return array
+
+
+def _expect(array: np.ndarray, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+    """`dtype` is a numpy dtype name, or "unicode" for a str array of any width."""
+    ok = array.dtype.kind == "U" if dtype == "unicode" else array.dtype == np.dtype(dtype)
+    if not ok:
+        raise BundleIntegrityError(f"dtype {array.dtype}, expected {dtype}", file=name)
+    if array.shape != shape:
+        raise BundleIntegrityError(f"shape {array.shape}, expected {shape}", file=name)
+
+
+def _apply_search_params(index: faiss.Index, params: dict[str, float | int | str]) -> None:
+    space = faiss.ParameterSpace()
+    for key in SEARCH_PARAMS:
+        if key in params:
+            try:
+                space.set_index_parameter(index, key, float(params[key]))
+            except RuntimeError as exc:
+                raise BundleIntegrityError(
+                    f"index param {key}={params[key]} not applicable: {exc}", file="index.faiss"
+                ) from None
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Verify then load every artifact of a bundle directory into memory, checking their shapes.
+
+    The XGBoost booster gets `nthread=1` (serving predicts small batches, where threads only cost);
+    the user tower is put in eval mode on CPU.
+    """
+    directory = Path(path)
+    manifest = verify_bundle(directory)
+    n, d = manifest.num_items, manifest.embedding_dim
+
+    item_ids = _load_npy(directory, "item_ids.npy")
+    _expect(item_ids, "item_ids.npy", "unicode", (n,))
+    embeddings = _load_npy(directory, "item_embeddings.npy")
+    _expect(embeddings, "item_embeddings.npy", "float32", (n, d))
+    features = _load_npy(directory, "item_features.npy")
+    _expect(features, "item_features.npy", "float32", (n, len(manifest.item_feature_names)))
+    categories = _load_npy(directory, "item_categories.npy")
+    _expect(categories, "item_categories.npy", "int32", (n,))
+    if n and (categories.min() < 0 or categories.max() >= len(manifest.categories)):
+        raise BundleIntegrityError(
+            "category code outside manifest.categories", file="item_categories.npy"
+        )
+
+    item_index = {str(item_id): row for row, item_id in enumerate(item_ids.tolist())}
+    if len(item_index) != n:
+        raise BundleIntegrityError("duplicate item ids", file="item_ids.npy")
+
+    try:
+        index = faiss.read_index(str(directory / "index.faiss"))
+    except RuntimeError as exc:
+        raise BundleIntegrityError(f"unreadable FAISS index: {exc}", file="index.faiss") from None
+    if index.ntotal != n or index.d != d:
+        raise BundleIntegrityError(
+            f"index holds {index.ntotal} x {index.d}, manifest says {n} x {d}", file="index.faiss"
+        )
+    _apply_search_params(index, manifest.index.params)
+
+    try:
+        ranker = xgb.Booster(params={"nthread": 1}, model_file=str(directory / "ranker.ubj"))
+    except xgb.core.XGBoostError as exc:
+        raise BundleIntegrityError(f"unreadable XGBoost model: {exc}", file="ranker.ubj") from None
+    if ranker.num_features() != len(manifest.ranker_features):
+        raise BundleIntegrityError(
+            f"ranker takes {ranker.num_features()} features, manifest lists "
+            f"{len(manifest.ranker_features)}",
+            file="ranker.ubj",
+        )
+
+    try:
+        user_tower = torch.jit.load(str(directory / "user_tower.pt"), map_location="cpu")
+    except RuntimeError as exc:
+        raise BundleIntegrityError(
+            f"unreadable TorchScript module: {exc}", file="user_tower.pt"
+        ) from None
+    user_tower.eval()
+    # Serving never trains: without this every forward would still record an autograd graph.
+    for parameter in user_tower.parameters():
+        parameter.requires_grad_(False)
+
+    try:
+        popularity = json.loads((directory / "popularity.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleIntegrityError(f"unreadable: {exc}", file="popularity.json") from None
+    if not isinstance(popularity, dict) or not isinstance(popularity.get("global"), list):
+        raise BundleIntegrityError(
+            "expected an object with a 'global' list", file="popularity.json"
+        )
+
+    return Bundle(
+        path=directory,
+        manifest=manifest,
+        user_tower=user_tower,
+        item_ids=item_ids,
+        item_embeddings=embeddings,
+        item_features=features,
+        item_categories=categories,
+        index=index,
+        ranker=ranker,
+        popularity=popularity,
+        item_index=item_index,
+    )

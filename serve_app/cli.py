@@ -1,0 +1,393 @@
+"""`recserve-serve` command line: serve an existing registry, run the local demo, print the Serve config.
+
+Thin: flags become `AppArgs`; Ray and Serve are started here, and stopped cleanly on Ctrl-C or SIGTERM.
+`demo` expects what `recserve train --promote` leaves in the data dir (a registered champion and the
+feature tables): it applies and materializes the features, makes sure a Redis answers (starting a
+private one in the data dir if none does), serves, sends one request and one event, and prints curls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serve_app.config import DEFAULT_REDIS_URL, deployment_options, serve_config
+
+logger = logging.getLogger("recserve.serve")
+
+APP_NAME = "recserve"
+
+
+# --- argument handling ---------------------------------------------------------------------------
+
+
+def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """ServeSettings fields set by flags (everything else comes from RECSERVE_* variables)."""
+    out: dict[str, Any] = {}
+    if args.data_dir is not None:
+        out["feature_store"] = {"data_dir": str(args.data_dir)}
+    models: dict[str, Any] = {}
+    if args.model_uri:
+        models["uri"] = args.model_uri
+    if args.tracking_uri:
+        models["tracking_uri"] = args.tracking_uri
+    if args.poll_interval is not None:
+        models["poll_interval_seconds"] = args.poll_interval
+    if models:
+        out["models"] = models
+    if args.redis_url:
+        out["redis_url"] = args.redis_url
+    return out
+
+
+def _free_to_bind(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _get(url: str, timeout: float = 2.0) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _post(url: str, body: dict[str, Any], timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def wait_ready(base_url: str, timeout: float) -> dict[str, Any]:
+    """Poll /readyz until it answers 200; raise TimeoutError with the last state otherwise."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            status, last = _get(f"{base_url}/readyz")
+            if status == 200:
+                return last
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"not ready after {timeout:.0f}s: {last}")
+
+
+# --- running the graph ---------------------------------------------------------------------------
+
+
+# Ray environment for a latency-bound graph (measured in bench/serving_load.py; set the same in the
+# RayService pods). Ray starts workers at nice 15 so that a busy driver stays responsive: here the
+# replicas are the service, and at nice 15 any other process on the host starves them. Handle calls
+# over gRPC and user code on the replica's main loop (Ray Serve's "throughput optimized" settings,
+# without direct ingress) halve the cost of each hop between deployments on this 2-core machine.
+RAY_ENV = {
+    "RAY_worker_niceness": "0",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
+
+def apply_ray_env() -> None:
+    """Put RAY_ENV in this process's environment (values already set win). Call it before `ray` is
+    imported: Serve reads these when it is imported, and handles created here (the app builder's)
+    carry the transport they were created with into the replicas."""
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def init_ray(num_cpus: int | None, metrics_export_port: int | None = None) -> None:
+    """A local Ray whose workers import serve_app and feature_repo from this checkout; every process's
+    metrics are exported for Prometheus on `metrics_export_port` (None: a port Ray picks)."""
+    apply_ray_env()
+    import ray
+
+    project = str(Path(__file__).resolve().parents[1])
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"PYTHONPATH": project}},
+        _metrics_export_port=metrics_export_port,
+    )
+
+
+def deploy(settings: dict[str, Any], config: dict[str, Any], name: str = APP_NAME) -> None:
+    """Run the graph as application `name` on the current Serve instance (not blocking)."""
+    from ray import serve
+
+    from serve_app.app import AppArgs, build_app
+
+    app = build_app(AppArgs(settings=settings, deployments=deployment_options(config)))
+    serve.run(
+        app,
+        name=name,
+        route_prefix="/",
+        blocking=False,
+        logging_config=config.get("logging_config"),
+    )
+
+
+@contextmanager
+def running_graph(args: argparse.Namespace, settings: dict[str, Any]) -> Iterator[str]:
+    """Start Ray (local), Serve and the app; yield the base URL; shut everything down on exit."""
+    import ray
+    from ray import serve
+
+    config = serve_config(dict(os.environ))
+    http = config.get("http_options", {})
+    host = args.host or http.get("host", "127.0.0.1")
+    port = args.port or int(http.get("port", 8000))
+    if not _free_to_bind(host, port):
+        raise SystemExit(f"{host}:{port} is in use (pick another with --port)")
+    metrics_port = args.metrics_port
+    if metrics_port is not None and not _free_to_bind("0.0.0.0", metrics_port):
+        logger.warning("metrics port %d is in use: Ray picks another", metrics_port)
+        metrics_port = None
+    init_ray(args.num_cpus, metrics_port)
+    try:
+        serve.start(
+            http_options={**http, "host": host, "port": port},
+            logging_config=config.get("logging_config"),
+        )
+        deploy(settings, config)
+        yield f"http://{host}:{port}"
+    finally:
+        logger.info("shutting down Serve and Ray")
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM (`main` turns both into KeyboardInterrupt)."""
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        logger.info("stopping")
+
+
+def curl_examples(base_url: str, user_id: str, item_id: str) -> str:
+    rec = json.dumps({"user_id": user_id, "k": 10})
+    event = json.dumps(
+        {"events": [{"user_id": user_id, "item_id": item_id, "event_type": "click"}]}
+    )
+    return (
+        f"curl -s -X POST {base_url}/v1/recommendations -H 'Content-Type: application/json' "
+        f"-d '{rec}'\n"
+        f"curl -s -X POST {base_url}/v1/events -H 'Content-Type: application/json' -d '{event}'"
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = settings_overrides(args)
+    with running_graph(args, settings) as base_url:
+        state = wait_ready(base_url, args.ready_timeout)
+        print(
+            f"serving {state.get('model_uri')} version {state.get('model_version')} at {base_url}"
+        )
+        print(f"docs: {base_url}/docs")
+        print(curl_examples(base_url, "u0", "i0"))
+        sys.stdout.flush()
+        wait_for_signal()
+    return 0
+
+
+# --- demo ----------------------------------------------------------------------------------------
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+@contextmanager
+def local_redis(url: str, directory: Path) -> Iterator[str]:
+    """`url` if a Redis answers there, else a private redis-server on a free port (stopped after)."""
+    if _redis_answers(url):
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit(f"no Redis at {url} and no redis-server to start (install redis-server)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    directory.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    private = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while not _redis_answers(private):
+            if time.monotonic() > deadline:
+                raise SystemExit("the private redis-server did not start")
+            time.sleep(0.1)
+        logger.info("started a private redis-server at %s", private)
+        yield private
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def prepare_features(data_dir: Path) -> None:
+    """Feast apply + incremental materialization of the tables training wrote (embedded profile)."""
+    from feature_repo.config import FeatureStoreConfig
+    from feature_repo.store import apply, materialize_incremental
+
+    config = FeatureStoreConfig(data_dir=data_dir)
+    if not (data_dir / "features" / "user_profile.parquet").exists():
+        raise SystemExit(f"no feature tables in {data_dir}/features: run `recserve train` first")
+    apply(config)
+    materialize_incremental(config, end=datetime.now(UTC))
+
+
+def demo_ids(data_dir: Path) -> tuple[str, str]:
+    """A known user and an item from the feature tables (for the printed examples)."""
+    import pyarrow.parquet as pq
+
+    users = pq.read_table(data_dir / "features" / "user_profile.parquet", columns=["user_id"])
+    items = pq.read_table(data_dir / "features" / "item_profile.parquet", columns=["item_id"])
+    return str(users.column(0)[0]), str(items.column(0)[0])
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    data_dir: Path = args.data_dir or Path("data")
+    prepare_features(data_dir)
+    user_id, item_id = demo_ids(data_dir)
+    with local_redis(args.redis_url or DEFAULT_REDIS_URL, data_dir / "redis") as redis_url:
+        args.redis_url = redis_url
+        args.data_dir = data_dir
+        settings = settings_overrides(args)
+        # The features were just materialized into the embedded store: without this, a Redis URL
+        # would point Feast's online store at that Redis instead.
+        settings["feature_store"]["profile"] = "embedded"
+        with running_graph(args, settings) as base_url:
+            state = wait_ready(base_url, args.ready_timeout)
+            status, body = _post(f"{base_url}/v1/recommendations", {"user_id": user_id, "k": 5})
+            print(f"POST /v1/recommendations -> {status}")
+            print(json.dumps(body, indent=2))
+            status, body = _post(
+                f"{base_url}/v1/events",
+                {"events": [{"user_id": user_id, "item_id": item_id, "event_type": "click"}]},
+            )
+            print(f"POST /v1/events -> {status} {json.dumps(body)}")
+            print(
+                f"\nrecserve is serving {state.get('model_uri')} version "
+                f"{state.get('model_version')} at {base_url} (docs: {base_url}/docs). Try:\n"
+            )
+            print(curl_examples(base_url, user_id, item_id))
+            print("\nCtrl-C stops it.")
+            sys.stdout.flush()
+            wait_for_signal()
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(yaml.safe_dump(serve_config(dict(os.environ)), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recserve-serve", description="recserve online graph on Ray Serve."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", type=Path, help="data dir of training (default: data)")
+        p.add_argument(
+            "--model-uri", help="models:/<name>@<alias> (default models:/recserve@champion)"
+        )
+        p.add_argument("--tracking-uri", help="MLflow URI (default: sqlite under the data dir)")
+        p.add_argument("--redis-url", help="Redis for events and real-time features")
+        p.add_argument("--poll-interval", type=float, help="seconds between alias checks")
+        p.add_argument("--host", help="HTTP host (default: serve_config.yaml, 127.0.0.1)")
+        p.add_argument("--port", type=int, help="HTTP port (default: serve_config.yaml, 8000)")
+        p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray")
+        p.add_argument(
+            "--metrics-port",
+            type=int,
+            default=8080,
+            help="Ray's Prometheus metrics port (monitoring/prometheus/prometheus.yml scrapes 8080)",
+        )
+        p.add_argument(
+            "--ready-timeout", type=float, default=180.0, help="seconds to wait for /readyz"
+        )
+
+    s = sub.add_parser("serve", help="serve the registry's champion until Ctrl-C / SIGTERM")
+    common(s)
+    s.set_defaults(func=cmd_serve)
+    d = sub.add_parser(
+        "demo", help="materialize features, serve, show a request and an event, print curls"
+    )
+    common(d)
+    d.set_defaults(func=cmd_demo)
+    c = sub.add_parser("config", help="print the effective Serve config (file + env overrides)")
+    c.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    apply_ray_env()
+    args = build_parser().parse_args(argv)
+    # SIGTERM (Kubernetes, systemd, kill) unwinds like Ctrl-C: every `finally` stops what it started.
+    signal.signal(signal.SIGTERM, _interrupt)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""Serving settings: the one place serve_app's defaults live, created once at the edge and passed down.
+
+Sources, highest first: explicit arguments, environment variables (`RECSERVE_*`, nested with `__`, e.g.
+`RECSERVE_REALTIME__EMA_RATE=0.2`), the defaults here. `REDIS_URL` (the conventional name) is accepted
+for `redis_url`, `MLFLOW_TRACKING_URI` for the registry. Sections: the feature store (Feast profile), the
+real-time state, the event log, the model registry (`models`), ranking knobs (`ranking`), the user tower's
+batching (`batching`) and the HTTP API (`api`).
+
+Deployment options (replicas, autoscaling, queues, CPUs) are not settings of the graph but of Ray Serve:
+they live in `serve_config.yaml` beside this module, and `serve_config(environ)` applies the
+`RECSERVE_DEPLOYMENT__<NAME>__<OPTION>` and `RECSERVE_HTTP__<OPTION>` environment overrides to it.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from feature_repo.config import FeatureStoreConfig
+from serve_app.schemas import DEFAULT_EVENT_WEIGHTS, EventType
+
+# Where the event log and real-time state go when no Redis URL is configured (a local server).
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class RealtimeConfig(BaseModel):
+    """Real-time feature state in Redis: written by `serve_app.events`, read by `serve_app.features`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key_prefix: str = Field(
+        "recserve:rt", min_length=1, description="prefix of the per-user and per-item Redis hashes"
+    )
+    history_length: int = Field(
+        20, ge=1, description="recent items kept per user (the user tower's history length)"
+    )
+    ema_rate: float = Field(
+        0.1,
+        gt=0.0,
+        le=1.0,
+        description="EMA rate of the delta embedding for an event of weight 1 (a click)",
+    )
+    event_weights: dict[EventType, float] = Field(
+        default_factory=lambda: {EventType(k): v for k, v in DEFAULT_EVENT_WEIGHTS.items()},
+        description="EMA weight per event type; rate * weight is capped at 1",
+    )
+    user_state_ttl_seconds: int = Field(
+        30 * 86_400, ge=3_600, description="an idle user's real-time state expires after this"
+    )
+    item_state_ttl_seconds: int = Field(
+        2 * 3_600, ge=3_600, description="idle item counters expire after this (>= the 1 h window)"
+    )
+    breaker_cooldown_seconds: float = Field(
+        1.0,
+        ge=0.0,
+        description="after a Redis failure, reads skip Redis (serving defaults) for this long",
+    )
+
+    @field_validator("event_weights")
+    @classmethod
+    def _non_negative(cls, value: dict[EventType, float]) -> dict[EventType, float]:
+        if any(w < 0 for w in value.values()):
+            raise ValueError("event weights must be >= 0")
+        return value
+
+
+class EventLogConfig(BaseModel):
+    """The durable event log: a Redis Stream drained into Parquet by `training.exporter`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stream_key: str = Field("recserve:events", min_length=1, description="Redis Stream key")
+    dedupe_ttl_seconds: int = Field(
+        3_600,
+        ge=1,
+        description="how long an event id is remembered: a retry within it is not applied twice",
+    )
+    stream_maxlen: int | None = Field(
+        None,
+        ge=1_000,
+        description="safety cap on the stream length (approximate); entries beyond it that the "
+        "exporter has not drained are lost. None: unbounded, the exporter trims what it exported",
+    )
+
+
+DEFAULT_MODEL_URI = "models:/recserve@champion"
+_MODEL_URI = re.compile(r"^models:/([A-Za-z0-9_.\-]+)@([A-Za-z0-9_.\-]+)$")
+
+
+class ModelRegistryConfig(BaseModel):
+    """Which registered model and alias the graph serves, where bundles are cached, how often the
+    alias is re-resolved (a change is hot-swapped once every stage has loaded the new version)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: str = Field(
+        DEFAULT_MODEL_URI, description="served model as models:/<registered name>@<alias>"
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking/registry URI; None: MLFLOW_TRACKING_URI, else "
+        "sqlite:///<data_dir>/mlflow.db (training's default)",
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="local bundle cache, one verified directory per version; None: "
+        "<data_dir>/bundle_cache",
+    )
+    poll_interval_seconds: float = Field(
+        30.0, gt=0.0, description="how often the alias is re-resolved"
+    )
+    warm_timeout_seconds: float = Field(
+        120.0, gt=0.0, description="how long every stage may take to load a new version"
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _model_uri(cls, value: str) -> str:
+        if not _MODEL_URI.match(value):
+            raise ValueError("expected models:/<name>@<alias> (letters, digits, _ . -)")
+        return value
+
+    @property
+    def model_name(self) -> str:
+        match = _MODEL_URI.match(self.uri)
+        assert match is not None  # checked by the validator
+        return match.group(1)
+
+    @property
+    def alias(self) -> str:
+        match = _MODEL_URI.match(self.uri)
+        assert match is not None
+        return match.group(2)
+
+
+class RankingConfig(BaseModel):
+    """Retrieval, cold-start and re-ranking knobs. Runtime-tunable: a deployment's `user_config`
+    (serve_config.yaml) overrides these fields without restarting replicas."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    candidates: int | None = Field(
+        None,
+        ge=1,
+        le=2_000,
+        description="retrieval candidates ranked per request; None: the bundle's training value "
+        "(manifest params ranker.candidates), so that the ranker sees what it was trained on",
+    )
+    popularity_candidates: int = Field(
+        50, ge=0, le=1_000, description="popularity candidates merged in for light and cold users"
+    )
+    cold_start_min_events: int = Field(
+        5,
+        ge=0,
+        description="a user with fewer positive interactions gets a blend of popularity and "
+        "retrieval (retrieval weight = interactions / this); none at all: popularity only",
+    )
+    delta_weight: float = Field(
+        0.5,
+        ge=0.0,
+        description="weight of the real-time delta embedding added to the user tower's output",
+    )
+    mmr_lambda: float = Field(
+        0.9,
+        ge=0.0,
+        le=1.0,
+        description="MMR trade-off: 1 = pure ranker order, lower = more diverse",
+    )
+    max_category_share: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="at most ceil(share * k) items of one category per response (1: no cap)",
+    )
+
+
+class BatchingConfig(BaseModel):
+    """Dynamic batching of the user tower (`@serve.batch`): feature reads and forward per batch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int = Field(16, ge=1, le=1_024)
+    batch_wait_timeout_seconds: float = Field(
+        0.002,
+        ge=0.0,
+        description="a batch waits this long for company: the latency added at low load",
+    )
+
+
+class ApiConfig(BaseModel):
+    """HTTP API limits and the admin key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    admin_api_key: SecretStr | None = Field(
+        None, description="X-API-Key for /v1/admin/*; None: admin routes answer 403"
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1_024, description="larger bodies get 413")
+    max_events_per_batch: int = Field(1_000, ge=1, description="events per POST /v1/events")
+    max_k: int = Field(200, ge=1, le=2_000, description="largest k a request may ask for")
+    request_timeout_seconds: float = Field(
+        2.0, gt=0.0, description="a recommendation not done by then answers 503"
+    )
+    variant: str = Field("champion", min_length=1, description="variant name reported in responses")
+
+
+class MonitoringConfig(BaseModel):
+    """What deployments measure on their own schedule rather than per request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sample_interval_seconds: float = Field(
+        5.0,
+        gt=0.0,
+        le=15.0,
+        description="how often the event writer samples the stream's backlog, the user tower "
+        "re-reads the feature registry's materialization times and the router sets its gauges "
+        "again: Ray drops a gauge value not set for two export intervals (~20 s)",
+    )
+
+
+class ServeSettings(BaseSettings):
+    """Everything the serving graph needs; create it once (app builder) and pass sections down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RECSERVE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        populate_by_name=True,
+    )
+
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("redis_url", "REDIS_URL", "RECSERVE_REDIS_URL"),
+        description="Redis for the event log and real-time state (and the online store unless "
+        "feature_store says otherwise); None: " + DEFAULT_REDIS_URL,
+    )
+    redis_timeout_seconds: float = Field(
+        0.25, gt=0.0, description="socket timeout of serving's Redis client"
+    )
+    feature_store: FeatureStoreConfig = Field(default_factory=FeatureStoreConfig)
+    realtime: RealtimeConfig = Field(default_factory=RealtimeConfig)
+    event_log: EventLogConfig = Field(default_factory=EventLogConfig)
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "mlflow_tracking_uri", "MLFLOW_TRACKING_URI", "RECSERVE_MLFLOW_TRACKING_URI"
+        ),
+        description="MLflow tracking URI shared with training (models.tracking_uri wins)",
+    )
+    models: ModelRegistryConfig = Field(default_factory=ModelRegistryConfig)
+    ranking: RankingConfig = Field(default_factory=RankingConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _share_redis_url(cls, data: object) -> object:
+        # One REDIS_URL configures both the event log and Feast's online store (which then
+        # selects the redis profile), unless the feature store names its own.
+        if not isinstance(data, dict):
+            return data
+        url = next(
+            (data[k] for k in ("redis_url", "REDIS_URL", "RECSERVE_REDIS_URL") if data.get(k)), None
+        )
+        if url is None:
+            return data
+        section = data.get("feature_store")
+        if section is None:
+            data = {**data, "feature_store": {"redis_url": url}}
+        elif isinstance(section, dict) and not section.get("redis_url"):
+            data = {**data, "feature_store": {**section, "redis_url": url}}
+        return data
+
+    @property
+    def event_redis_url(self) -> str:
+        """The Redis that holds the event stream and the real-time hashes."""
+        return self.redis_url or self.feature_store.redis_url or DEFAULT_REDIS_URL
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow registry bundles come from (training registers into the same default)."""
+        if self.models.tracking_uri:
+            return self.models.tracking_uri
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{(self.feature_store.data_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def bundle_cache_dir(self) -> Path:
+        return self.models.cache_dir or self.feature_store.data_dir / "bundle_cache"
+
+
+# --- Ray Serve deployment options ---------------------------------------------------------------
+
+SERVE_CONFIG_PATH = Path(__file__).with_name("serve_config.yaml")
+DEPLOYMENT_ENV_PREFIX = "RECSERVE_DEPLOYMENT__"
+HTTP_ENV_PREFIX = "RECSERVE_HTTP__"
+
+
+def _normalise(name: str) -> str:
+    return name.replace("_", "").lower()
+
+
+def _set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        child = target.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            target[key] = child
+        target = child
+    target[path[-1]] = value
+
+
+def serve_config(environ: Mapping[str, str], path: Path = SERVE_CONFIG_PATH) -> dict[str, Any]:
+    """The Serve config file (a `serve deploy` document) with environment overrides applied.
+
+    `RECSERVE_DEPLOYMENT__RANKER__MAX_ONGOING_REQUESTS=8` or
+    `RECSERVE_DEPLOYMENT__USER_TOWER__AUTOSCALING_CONFIG__MAX_REPLICAS=3` set one option of one
+    deployment (names match case- and underscore-insensitively, values are parsed as YAML);
+    `RECSERVE_HTTP__PORT=8001` sets an `http_options` field. An override naming an unknown
+    deployment raises ValueError rather than being ignored.
+    """
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    config: dict[str, Any] = copy.deepcopy(raw)
+    app = config["applications"][0]
+    by_name = {_normalise(d["name"]): d for d in app["deployments"]}
+    for key in sorted(environ):
+        value = yaml.safe_load(environ[key])
+        if key.startswith(DEPLOYMENT_ENV_PREFIX):
+            parts = key[len(DEPLOYMENT_ENV_PREFIX) :].split("__")
+            if len(parts) < 2 or not all(parts):
+                raise ValueError(f"{key}: expected {DEPLOYMENT_ENV_PREFIX}<NAME>__<OPTION>")
+            deployment = by_name.get(_normalise(parts[0]))
+            if deployment is None:
+                known = ", ".join(d["name"] for d in app["deployments"])
+                raise ValueError(f"{key}: no deployment named {parts[0]!r} (known: {known})")
+            _set_path(deployment, [p.lower() for p in parts[1:]], value)
+        elif key.startswith(HTTP_ENV_PREFIX):
+            parts = key[len(HTTP_ENV_PREFIX) :].split("__")
+            _set_path(config.setdefault("http_options", {}), [p.lower() for p in parts], value)
+    return config
+
+
+def deployment_options(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-deployment `.options()` keyword arguments from a Serve config (name removed)."""
+    app = config["applications"][0]
+    return {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app["deployments"]}

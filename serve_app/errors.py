@@ -1,0 +1,49 @@
+"""The one exception hierarchy: each error carries a short `code` that the ingress maps to HTTP.
+
+Raised by any stage (bundle loading, features, request validation); only the ingress turns them into
+responses, so nothing below it knows about status codes.
+"""
+
+from __future__ import annotations
+
+
+class RecserveError(Exception):
+    """Base of every error recserve raises on purpose; `code` is stable and safe to show clients."""
+
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(RecserveError):
+    """The client sent something invalid; `field` names the offending input when there is one."""
+
+    code = "bad_request"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class ModelUnavailable(RecserveError):
+    """No usable model version: registry unreachable, alias unset, or nothing loaded."""
+
+    code = "model_unavailable"
+
+
+class FeatureStoreUnavailable(RecserveError):
+    """The online feature store could not be read (callers may degrade instead of failing)."""
+
+    code = "feature_store_unavailable"
+
+
+class BundleIntegrityError(RecserveError):
+    """A model bundle failed verification; `file` names the bundle file at fault when known."""
+
+    code = "bundle_integrity"
+
+    def __init__(self, message: str, *, file: str | None = None) -> None:
+        super().__init__(f"{file}: {message}" if file else message)
+        self.file = file

@@ -1,0 +1,512 @@
+"""Ingress deployment (FastAPI): validation, request ids, auth, error shapes, OpenAPI. Thin.
+
+`create_api(backend, config)` builds the HTTP API over a `Backend` (in the graph: the Router and the
+EventWriter handles); every error is `{"error": {"code", "message", "field"}}` with a 4xx, or a 503 when
+a dependency is down or overloaded, never a stack trace. Routes: POST /v1/recommendations,
+POST /v1/events, GET /healthz, GET /readyz, GET /docs, POST /v1/admin/reload (X-API-Key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import asdict
+from typing import Annotated, Any, Literal, Protocol
+
+from fastapi import FastAPI, Header, Request
+from fastapi import Query as QueryParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
+
+from serve_app.config import ApiConfig, ServeSettings
+from serve_app.errors import BadRequest, FeatureStoreUnavailable, ModelUnavailable, RecserveError
+from serve_app.event_writer import EventWriteSummary
+from serve_app.metrics import RequestMetrics
+from serve_app.models import SwapOutcome
+from serve_app.recommend import Filters, Query, Recommendations
+from serve_app.router import Readiness, root_cause
+from serve_app.schemas import ID_PATTERN, MAX_ID_LENGTH, Event
+
+logger = logging.getLogger(__name__)
+
+SafeId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN.pattern),
+]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
+_JSON = re.compile(r"^application/([a-z0-9.+-]*\+)?json\b", re.IGNORECASE)
+
+
+# --- the API's records ---------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RecommendationContext(_Strict):
+    """Where the request comes from; `segment` (a catalog category) steers cold-start popularity."""
+
+    device: str | None = Field(None, max_length=32)
+    page: str | None = Field(None, max_length=MAX_ID_LENGTH)
+    segment: Label | None = None
+
+
+class RecommendationFilters(_Strict):
+    exclude_item_ids: list[SafeId] = Field(default_factory=list, max_length=1_000)
+    exclude_categories: list[Label] = Field(default_factory=list, max_length=200)
+    categories: list[Label] = Field(
+        default_factory=list, max_length=200, description="non-empty: only these categories"
+    )
+
+
+class RecommendationOptions(_Strict):
+    """Ranking knobs of one request; `{"mmr_lambda": 1, "category_cap": false}` gives the ranker's
+    own order (what the offline evaluation measured)."""
+
+    mmr_lambda: float | None = Field(None, ge=0.0, le=1.0, strict=True)
+    category_cap: bool = Field(True, strict=True)
+
+
+class RecommendationRequest(_Strict):
+    user_id: SafeId
+    k: int = Field(10, ge=1, le=200, strict=True)
+    context: RecommendationContext | None = None
+    filters: RecommendationFilters | None = None
+    options: RecommendationOptions | None = None
+
+
+class RecommendedItemOut(BaseModel):
+    item_id: str
+    score: float
+    rank: int
+    source: Literal["retrieval", "popularity"]
+
+
+class RecommendationResponse(BaseModel):
+    request_id: str
+    user_id: str
+    variant: str
+    model_version: str
+    items: list[RecommendedItemOut]
+    fallback: Literal["cold_start", "degraded"] | None
+    debug: dict[str, Any] | None = Field(None, description="only with ?debug=1: stage timings")
+
+
+class EventsRequest(_Strict):
+    events: list[Any] = Field(min_length=1, description="at most api.max_events_per_batch events")
+
+
+class EventRejection(BaseModel):
+    index: int
+    error: str
+
+
+class EventsResponse(BaseModel):
+    accepted: int
+    rejected: list[EventRejection]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# --- backend -------------------------------------------------------------------------------------
+
+
+class Backend(Protocol):
+    """What the API calls; in the graph the Router and EventWriter deployments."""
+
+    async def recommend(self, query: Query) -> Recommendations: ...
+
+    async def write_events(self, events: list[Event]) -> EventWriteSummary: ...
+
+    async def readiness(self) -> Readiness: ...
+
+    async def reload(self) -> SwapOutcome: ...
+
+
+class ServeBackend:
+    """The Backend over deployment handles."""
+
+    def __init__(self, router: DeploymentHandle, events: DeploymentHandle) -> None:
+        self._router = router
+        self._events = events
+
+    async def recommend(self, query: Query) -> Recommendations:
+        result: Recommendations = await self._router.recommend.remote(query)
+        return result
+
+    async def write_events(self, events: list[Event]) -> EventWriteSummary:
+        result: EventWriteSummary = await self._events.write.remote(events)
+        return result
+
+    async def readiness(self) -> Readiness:
+        result: Readiness = await self._router.readiness.remote()
+        return result
+
+    async def reload(self) -> SwapOutcome:
+        result: SwapOutcome = await self._router.reload.remote()
+        return result
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(code=code, message=message, field=field))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def field_path(loc: tuple[int | str, ...] | list[int | str]) -> str | None:
+    """Dotted path of a validation error inside the body or query ("filters.categories.2")."""
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "header", "path"):
+        parts = parts[1:]
+    return ".".join(parts) or None
+
+
+def validation_error(request: Request, errors: list[Any]) -> JSONResponse:
+    """One JSON error for a RequestValidationError (its first error names the field)."""
+    content_type = request.headers.get("content-type", "")
+    if request.method == "POST" and content_type and not _JSON.match(content_type):
+        return error_response(415, "unsupported_media_type", "send the body as application/json")
+    first = errors[0] if errors else {}
+    kind = str(first.get("type", ""))
+    if kind == "json_invalid":
+        return error_response(400, "malformed_json", "the body is not valid JSON")
+    loc = first.get("loc", ())
+    field = field_path(loc)
+    if kind == "missing" and field is None:
+        return error_response(400, "missing_body", "a JSON body is required")
+    return error_response(422, "invalid_request", str(first.get("msg", "invalid")), field)
+
+
+# Routes the request metrics name (the others are health checks, docs and admin).
+METERED_ROUTES = {"/v1/recommendations": "recommendations", "/v1/events": "events"}
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    400: "bad_request",
+}
+
+
+def _backend_error(exc: BaseException) -> JSONResponse:
+    """Errors of the graph as responses; anything unexpected is logged and answered without trace."""
+    cause = root_cause(exc)
+    if isinstance(cause, BackPressureError):
+        return error_response(
+            503, "overloaded", "too many requests in flight, retry", headers={"Retry-After": "1"}
+        )
+    if isinstance(cause, BadRequest):
+        return error_response(400, cause.code, cause.message, cause.field)
+    if isinstance(cause, FeatureStoreUnavailable | ModelUnavailable):
+        return error_response(503, cause.code, cause.message, headers={"Retry-After": "1"})
+    if isinstance(cause, RecserveError):
+        return error_response(503, cause.code, cause.message)
+    if isinstance(cause, asyncio.TimeoutError | TimeoutError):
+        return error_response(503, "timeout", "the request took too long, retry")
+    logger.error("unexpected error", exc_info=cause)
+    return error_response(500, "internal_error", "internal error")
+
+
+# --- body size -----------------------------------------------------------------------------------
+
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` gets 413 before it is parsed (declared length) or
+    as soon as the streamed bytes exceed it (no or lying Content-Length)."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await error_response(400, "bad_request", "invalid Content-Length")(
+                    scope, receive, send
+                )
+                return
+            if int(declared) > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # FastAPI re-raises HTTPExceptions met while reading the body: answered 413.
+                    raise HTTPException(413, f"body larger than {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, "body_too_large", f"body larger than {self.max_bytes} bytes")
+        await response(scope, receive, send)
+
+
+# --- the API -------------------------------------------------------------------------------------
+
+
+def to_query(body: RecommendationRequest, request_id: str) -> Query:
+    filters = body.filters or RecommendationFilters()
+    options = body.options or RecommendationOptions()
+    return Query(
+        request_id=request_id,
+        user_id=body.user_id,
+        k=body.k,
+        filters=Filters(
+            exclude_item_ids=frozenset(filters.exclude_item_ids),
+            exclude_categories=frozenset(filters.exclude_categories),
+            categories=frozenset(filters.categories),
+        ),
+        segment=body.context.segment if body.context else None,
+        mmr_lambda=options.mmr_lambda,
+        category_cap=options.category_cap,
+    )
+
+
+def to_response(result: Recommendations, debug: bool, total_ms: float) -> RecommendationResponse:
+    return RecommendationResponse(
+        request_id=result.request_id,
+        user_id=result.user_id,
+        variant=result.variant,
+        model_version=result.model_version,
+        items=[RecommendedItemOut(**asdict(item)) for item in result.items],
+        fallback=result.fallback,
+        debug=(
+            {"timings_ms": dict(result.timings), "ingress_total_ms": round(total_ms, 3)}
+            if debug
+            else None
+        ),
+    )
+
+
+def request_id_of(request: Request) -> str:
+    """The caller's X-Request-ID when it is a safe id, else a fresh one."""
+    given = request.headers.get("x-request-id", "")
+    if 0 < len(given) <= MAX_ID_LENGTH and ID_PATTERN.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def event_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "<event>"
+    return f"field '{where}': {first['msg']}"
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "malformed JSON or missing body",
+        413: "body larger than api.max_body_bytes",
+        415: "body is not application/json",
+        422: "invalid field (named in error.field)",
+        503: "a dependency is down or overloaded (retry)",
+    }.items()
+}
+
+
+def create_api(
+    backend: Backend, config: ApiConfig, metrics: RequestMetrics | None = None
+) -> FastAPI:
+    """The HTTP API over `backend` (FastAPI app with /docs)."""
+    app = FastAPI(
+        title="recserve",
+        version="1",
+        description="Real-time recommendations: two-tower retrieval, XGBoost ranking, re-ranking.",
+    )
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+
+    if metrics is not None:
+        metrics.start(config.variant)
+
+    def observe(route: str, status: int, start: float) -> None:
+        if metrics is not None:
+            metrics.observe(route, status, (time.perf_counter() - start) * 1000.0)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        response = validation_error(request, list(exc.errors()))
+        route = METERED_ROUTES.get(request.url.path)
+        if metrics is not None and route is not None:
+            metrics.counted(route, response.status_code)
+        return response
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "error")
+        message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        return error_response(
+            exc.status_code, code, message, headers=dict(exc.headers or {}) or None
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return _backend_error(exc)
+
+    @app.post(
+        "/v1/recommendations",
+        response_model=RecommendationResponse,
+        response_model_exclude_none=True,
+        responses=ERRORS,
+    )
+    async def recommend(
+        body: RecommendationRequest,
+        request: Request,
+        debug: Annotated[bool, QueryParam(description="add stage timings")] = False,
+    ) -> Any:
+        start = time.perf_counter()
+        if body.k > config.max_k:
+            observe("recommendations", 422, start)
+            return error_response(422, "invalid_request", f"k must be <= {config.max_k}", "k")
+        query = to_query(body, request_id_of(request))
+        try:
+            result = await asyncio.wait_for(
+                backend.recommend(query), timeout=config.request_timeout_seconds
+            )
+        except Exception as exc:
+            response = _backend_error(exc)
+            if metrics is not None and isinstance(root_cause(exc), ModelUnavailable):
+                metrics.fallback("model_missing", config.variant)
+            observe("recommendations", response.status_code, start)
+            return response
+        if metrics is not None:
+            metrics.served(result.variant, len(result.items), result.fallback)
+        observe("recommendations", 200, start)
+        out = to_response(result, debug, (time.perf_counter() - start) * 1000.0)
+        return JSONResponse(
+            out.model_dump(exclude_none=True, mode="json") | {"fallback": out.fallback},
+            headers={"X-Request-ID": query.request_id},
+        )
+
+    @app.post("/v1/events", status_code=202, response_model=EventsResponse, responses=ERRORS)
+    async def events(body: EventsRequest) -> Any:
+        start = time.perf_counter()
+        if len(body.events) > config.max_events_per_batch:
+            if metrics is not None:
+                metrics.events(config.variant, {}, {"too_many_events": len(body.events)})
+            observe("events", 422, start)
+            return error_response(
+                422,
+                "too_many_events",
+                f"at most {config.max_events_per_batch} events per request",
+                "events",
+            )
+        valid: list[Event] = []
+        rejected: list[EventRejection] = []
+        reasons: Counter[str] = Counter()
+        for index, raw in enumerate(body.events):
+            try:
+                valid.append(Event.model_validate(raw))
+            except ValidationError as exc:
+                rejected.append(EventRejection(index=index, error=event_error(exc)))
+                reasons[str(exc.errors()[0]["type"])] += 1  # pydantic's error types: a closed set
+        duplicates = 0
+        if valid:
+            try:
+                summary = await backend.write_events(valid)
+            except Exception as exc:
+                response = _backend_error(exc)
+                if metrics is not None:
+                    metrics.events(config.variant, {}, reasons + Counter(unavailable=len(valid)))
+                observe("events", response.status_code, start)
+                return response
+            duplicates = summary.duplicates
+        if metrics is not None:
+            accepted = Counter(e.event_type.value for e in valid)
+            metrics.events(config.variant, accepted, reasons, duplicates)
+        observe("events", 202, start)
+        return EventsResponse(accepted=len(valid), rejected=rejected)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        try:
+            state = await asyncio.wait_for(backend.readiness(), timeout=2.0)
+        except Exception as exc:
+            return JSONResponse(
+                {"ready": False, "error": f"router unavailable: {type(root_cause(exc)).__name__}"},
+                status_code=503,
+            )
+        return JSONResponse(asdict(state), status_code=200 if state.ready else 503)
+
+    @app.post(
+        "/v1/admin/reload",
+        responses={
+            401: {"model": ErrorResponse, "description": "missing or wrong X-API-Key"},
+            403: {"model": ErrorResponse, "description": "no admin key configured"},
+        },
+    )
+    async def reload(x_api_key: Annotated[str | None, Header()] = None) -> Any:
+        expected = config.admin_api_key
+        if expected is None:
+            return error_response(403, "admin_disabled", "no admin API key is configured")
+        if x_api_key is None or not hmac.compare_digest(
+            x_api_key.encode(), expected.get_secret_value().encode()
+        ):
+            return error_response(401, "unauthorized", "missing or wrong X-API-Key", "X-API-Key")
+        try:
+            outcome = await backend.reload()
+        except Exception as exc:
+            return _backend_error(exc)
+        return asdict(outcome)
+
+    return app
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    def __init__(
+        self, settings: ServeSettings, router: DeploymentHandle, events: DeploymentHandle
+    ) -> None:
+        self._backend = ServeBackend(router, events)
+        self._config = settings.api
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self._backend, self._config, RequestMetrics())

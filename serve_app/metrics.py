@@ -1,0 +1,484 @@
+"""Every metric of the online graph, defined once with its help text (exported by Ray's Prometheus endpoint).
+
+Created in replica constructors (Ray Serve's metrics need a replica context); Serve adds the
+`deployment`, `replica` and `application` tags itself, and Ray's exporter prefixes each name with `ray_`:
+`recserve_http_requests_total` is scraped as `ray_recserve_http_requests_total` from the metrics port of
+every Ray node. `CATALOG` lists every metric: the Grafana dashboards and alert rules in `monitoring/`
+are checked against it. Counters with known label values start at 0 (`zero`), so that a rate or a ratio
+is 0 rather than absent before the first event. Variant-tagged metrics carry the router's variant
+(`api.variant`, one value until the A/B split lands); the shadow metrics have series from the start
+but observations only once a shadow version is mirrored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ray.serve import metrics
+
+# Ray's Prometheus exporter puts this in front of every application metric name.
+EXPORT_PREFIX = "ray_"
+
+# Milliseconds: fine-grained below the 50 ms budget, coarse above it.
+LATENCY_BUCKETS_MS = (
+    0.5,
+    1,
+    2,
+    3,
+    5,
+    7.5,
+    10,
+    15,
+    20,
+    30,
+    40,
+    50,
+    75,
+    100,
+    150,
+    250,
+    500,
+    1000,
+    2500,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+CANDIDATE_BUCKETS = (1, 5, 10, 25, 50, 100, 200, 500, 1000, 2000)
+# Seconds since a user's last real-time update: a minute to a month.
+AGE_BUCKETS_S = (1, 10, 60, 300, 900, 3600, 14_400, 86_400, 604_800, 2_592_000)
+OVERLAP_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+Kind = Literal["counter", "gauge", "histogram"]
+FALLBACK_REASONS = ("cold_start", "degraded", "model_missing")
+SHADOW_ERROR_REASONS = ("error", "timeout")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: its name before Ray's prefix, kind, help text, tag keys and histogram buckets."""
+
+    name: str
+    kind: Kind
+    description: str
+    tag_keys: tuple[str, ...] = ()
+    boundaries: tuple[float, ...] = ()
+
+    @property
+    def exported(self) -> str:
+        """The name Prometheus scrapes."""
+        return EXPORT_PREFIX + self.name
+
+    @property
+    def series(self) -> tuple[str, ...]:
+        """Every series name it exports (a histogram has three)."""
+        if self.kind == "histogram":
+            return tuple(f"{self.exported}_{s}" for s in ("bucket", "sum", "count"))
+        return (self.exported,)
+
+
+def _spec(
+    name: str, kind: Kind, description: str, *tags: str, boundaries: Iterable[float] = ()
+) -> MetricSpec:
+    return MetricSpec(name, kind, description, tuple(tags), tuple(boundaries))
+
+
+# --- the catalog ---------------------------------------------------------------------------------
+
+HTTP_REQUESTS = _spec(
+    "recserve_http_requests_total",
+    "counter",
+    "HTTP requests by route and status code.",
+    "route",
+    "status",
+)
+HTTP_LATENCY = _spec(
+    "recserve_http_latency_ms",
+    "histogram",
+    "Time from request parsed to response built, by route and status code.",
+    "route",
+    "status",
+    boundaries=LATENCY_BUCKETS_MS,
+)
+RECOMMENDATIONS = _spec(
+    "recserve_recommendations_total",
+    "counter",
+    "Recommendation responses served, by variant.",
+    "variant",
+)
+IMPRESSIONS = _spec(
+    "recserve_impressions_total",
+    "counter",
+    "Items returned in recommendation responses, by variant.",
+    "variant",
+)
+CLICKS = _spec(
+    "recserve_clicks_total", "counter", "Click events accepted, by the user's variant.", "variant"
+)
+FALLBACKS = _spec(
+    "recserve_fallbacks_total",
+    "counter",
+    "Recommendation requests answered by a fallback path: cold_start (popularity for an unknown "
+    "user), degraded (a feature read failed), model_missing (no model loaded: 503).",
+    "variant",
+    "reason",
+)
+EVENTS_ACCEPTED = _spec(
+    "recserve_events_accepted_total",
+    "counter",
+    "Events accepted into the event log (retries included), by event type.",
+    "event_type",
+)
+EVENTS_DUPLICATE = _spec(
+    "recserve_events_duplicate_total",
+    "counter",
+    "Accepted events recognised as retries by their event id and not applied twice.",
+)
+EVENTS_REJECTED = _spec(
+    "recserve_events_rejected_total",
+    "counter",
+    "Events refused, by reason: the validation error type of the event, too_many_events, or "
+    "unavailable (the event log could not be written: 503).",
+    "reason",
+)
+MODEL_INFO = _spec(
+    "recserve_model_info",
+    "gauge",
+    "1 for the registry version a variant serves (0 for a moment for the one it replaced).",
+    "variant",
+    "model_version",
+)
+MODEL_READY = _spec(
+    "recserve_model_ready",
+    "gauge",
+    "1 when the router has a loaded version for the variant, else 0 (requests get 503).",
+    "variant",
+)
+MODEL_SWAPS = _spec(
+    "recserve_model_swaps_total",
+    "counter",
+    "Versions made current (the first load and every hot swap).",
+    "variant",
+)
+MODEL_REFUSED = _spec(
+    "recserve_model_refused_total",
+    "counter",
+    "Versions refused (verification, contract or load failure); the previous one keeps serving.",
+    "variant",
+)
+SHADOW_REQUESTS = _spec(
+    "recserve_shadow_requests_total",
+    "counter",
+    "Requests mirrored to the variant's shadow version.",
+    "variant",
+)
+SHADOW_ERRORS = _spec(
+    "recserve_shadow_errors_total",
+    "counter",
+    "Mirrored requests the shadow version failed (error, timeout); never seen by users.",
+    "variant",
+    "reason",
+)
+SHADOW_OVERLAP = _spec(
+    "recserve_shadow_overlap",
+    "histogram",
+    "Share of the served list the shadow version's list also holds (0..1).",
+    "variant",
+    boundaries=OVERLAP_BUCKETS,
+)
+STAGE_LATENCY = _spec(
+    "recserve_stage_latency_ms",
+    "histogram",
+    "Time a stage spent on one request or batch (its own work, no queueing).",
+    "stage",
+    boundaries=LATENCY_BUCKETS_MS,
+)
+STAGE_ERRORS = _spec(
+    "recserve_stage_errors_total",
+    "counter",
+    "Requests a stage failed, by error code.",
+    "stage",
+    "code",
+)
+STAGE_BATCH_SIZE = _spec(
+    "recserve_stage_batch_size",
+    "histogram",
+    "Requests per batch of a batching stage (the user tower).",
+    "stage",
+    boundaries=BATCH_BUCKETS,
+)
+CANDIDATES = _spec(
+    "recserve_candidates_retrieved",
+    "histogram",
+    "Candidates per request handed to the ranker, by source (retrieval: the index; popularity).",
+    "source",
+    boundaries=CANDIDATE_BUCKETS,
+)
+REALTIME_AGE = _spec(
+    "recserve_feature_realtime_age_seconds",
+    "histogram",
+    "Time since the last real-time feature update of each served user that has real-time state.",
+    boundaries=AGE_BUCKETS_S,
+)
+MATERIALIZED = _spec(
+    "recserve_feature_materialized_timestamp_seconds",
+    "gauge",
+    "End of the newest materialization of a batch feature view (epoch seconds, Feast registry).",
+    "feature_view",
+)
+STREAM_LENGTH = _spec(
+    "recserve_event_stream_length", "gauge", "Entries in the event stream (Redis XLEN)."
+)
+CONSUMER_LAG = _spec(
+    "recserve_event_consumer_lag",
+    "gauge",
+    "Stream entries not yet delivered to a consumer group.",
+    "group",
+)
+CONSUMER_PENDING = _spec(
+    "recserve_event_consumer_pending",
+    "gauge",
+    "Stream entries delivered to a consumer group and not acknowledged yet.",
+    "group",
+)
+CONSUMER_LAG_SECONDS = _spec(
+    "recserve_event_consumer_lag_seconds",
+    "gauge",
+    "Age of the oldest stream entry a consumer group has not acknowledged (0: caught up).",
+    "group",
+)
+
+CATALOG: tuple[MetricSpec, ...] = (
+    HTTP_REQUESTS,
+    HTTP_LATENCY,
+    RECOMMENDATIONS,
+    IMPRESSIONS,
+    CLICKS,
+    FALLBACKS,
+    EVENTS_ACCEPTED,
+    EVENTS_DUPLICATE,
+    EVENTS_REJECTED,
+    MODEL_INFO,
+    MODEL_READY,
+    MODEL_SWAPS,
+    MODEL_REFUSED,
+    SHADOW_REQUESTS,
+    SHADOW_ERRORS,
+    SHADOW_OVERLAP,
+    STAGE_LATENCY,
+    STAGE_ERRORS,
+    STAGE_BATCH_SIZE,
+    CANDIDATES,
+    REALTIME_AGE,
+    MATERIALIZED,
+    STREAM_LENGTH,
+    CONSUMER_LAG,
+    CONSUMER_PENDING,
+    CONSUMER_LAG_SECONDS,
+)
+
+
+def create(spec: MetricSpec) -> Any:
+    """The Ray Serve metric of a spec (in a replica: Serve adds its own tags)."""
+    # Ray annotates tag_keys as a one-element tuple; any tuple of names is accepted.
+    tags: Any = spec.tag_keys
+    if spec.kind == "counter":
+        return metrics.Counter(spec.name, description=spec.description, tag_keys=tags)
+    if spec.kind == "gauge":
+        return metrics.Gauge(spec.name, description=spec.description, tag_keys=tags)
+    return metrics.Histogram(
+        spec.name, description=spec.description, boundaries=list(spec.boundaries), tag_keys=tags
+    )
+
+
+def zero(counter: metrics.Counter, tags: Mapping[str, str] | None = None) -> None:
+    """Export a counter series at 0 before its first increment.
+
+    Prometheus practice for known label values: rate() and ratios read 0 instead of nothing.
+    Ray's public `inc` refuses 0, so this records through the base class.
+    """
+    counter._record(0, tags=dict(tags) if tags else None)
+
+
+# --- per deployment ------------------------------------------------------------------------------
+
+
+class StageMetrics:
+    """Per stage: time spent in the stage's own work, its failures by error code, batch sizes."""
+
+    def __init__(self, stage: str) -> None:
+        self.latency = create(STAGE_LATENCY)
+        self.errors = create(STAGE_ERRORS)
+        self.batch_size = create(STAGE_BATCH_SIZE)
+        # Serve's set_default_tags returns None (Ray's returns the metric): no chaining.
+        for metric in (self.latency, self.errors, self.batch_size):
+            metric.set_default_tags({"stage": stage})
+
+    def observe(self, milliseconds: float) -> None:
+        self.latency.observe(milliseconds)
+
+    def observe_timings(self, timings: Iterable[tuple[str, float]]) -> None:
+        for _, ms in timings:
+            self.latency.observe(ms)
+
+    def failed(self, code: str) -> None:
+        self.errors.inc(tags={"code": code})
+
+
+class RequestMetrics:
+    """At the ingress: requests by route and status, latency, what was served per variant, events."""
+
+    def __init__(self) -> None:
+        self.requests = create(HTTP_REQUESTS)
+        self.latency = create(HTTP_LATENCY)
+        self.recommendations = create(RECOMMENDATIONS)
+        self.impressions = create(IMPRESSIONS)
+        self.clicks = create(CLICKS)
+        self.fallbacks = create(FALLBACKS)
+        self.events_accepted = create(EVENTS_ACCEPTED)
+        self.events_duplicate = create(EVENTS_DUPLICATE)
+        self.events_rejected = create(EVENTS_REJECTED)
+
+    def start(self, variant: str) -> None:
+        """Series of the known label values at 0 (the variant requests get when nothing failed)."""
+        for reason in FALLBACK_REASONS:
+            zero(self.fallbacks, {"variant": variant, "reason": reason})
+        zero(self.clicks, {"variant": variant})
+        zero(self.events_duplicate)
+
+    def observe(self, route: str, status: int, milliseconds: float) -> None:
+        tags = {"route": route, "status": str(status)}
+        self.requests.inc(tags=tags)
+        self.latency.observe(milliseconds, tags=tags)
+
+    def counted(self, route: str, status: int) -> None:
+        """A request refused before its handler ran (invalid body): counted, not timed."""
+        self.requests.inc(tags={"route": route, "status": str(status)})
+
+    def served(self, variant: str, items: int, fallback: str | None) -> None:
+        self.recommendations.inc(tags={"variant": variant})
+        if items:  # Ray counters refuse increments of 0
+            self.impressions.inc(items, tags={"variant": variant})
+        if fallback is not None:
+            self.fallback(fallback, variant)
+
+    def fallback(self, reason: str, variant: str) -> None:
+        self.fallbacks.inc(tags={"variant": variant, "reason": reason})
+
+    def events(
+        self,
+        variant: str,
+        accepted: Mapping[str, int],
+        rejected: Mapping[str, int],
+        duplicates: int = 0,
+    ) -> None:
+        """One events request: accepted per event type, rejected per reason, retries among them."""
+        for event_type, count in accepted.items():
+            if count:
+                self.events_accepted.inc(count, tags={"event_type": event_type})
+        clicks = accepted.get("click", 0)
+        if clicks:
+            self.clicks.inc(clicks, tags={"variant": variant})
+        for reason, count in rejected.items():
+            if count:
+                self.events_rejected.inc(count, tags={"reason": reason})
+        if duplicates:
+            self.events_duplicate.inc(duplicates)
+
+
+class ModelMetrics:
+    """At the router: the version each variant serves, readiness, swaps, refusals, the shadow.
+
+    Ray drops a gauge value that was not set again for two export intervals (~20 s): the router
+    calls `refresh` on a timer so that the served version and readiness stay visible.
+    """
+
+    def __init__(self, variant: str) -> None:
+        self.variant = variant
+        self.info = create(MODEL_INFO)
+        self.ready = create(MODEL_READY)
+        self.swaps = create(MODEL_SWAPS)
+        self.refused = create(MODEL_REFUSED)
+        self.shadow_requests = create(SHADOW_REQUESTS)
+        self.shadow_errors = create(SHADOW_ERRORS)
+        self.shadow_overlap = create(SHADOW_OVERLAP)
+        self._served: str | None = None
+        tags = {"variant": variant}
+        zero(self.refused, tags)
+        zero(self.shadow_requests, tags)
+        for reason in SHADOW_ERROR_REASONS:
+            zero(self.shadow_errors, {**tags, "reason": reason})
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Set the gauges again to what they are."""
+        tags = {"variant": self.variant}
+        self.ready.set(0 if self._served is None else 1, tags=tags)
+        if self._served is not None:
+            self.info.set(1, tags={**tags, "model_version": self._served})
+
+    def swapped(self, previous: str | None, current: str) -> None:
+        if previous is not None and previous != current:
+            # 0 hides it at once; Ray forgets the series once it is no longer refreshed.
+            self.info.set(0, tags={"variant": self.variant, "model_version": previous})
+        self._served = current
+        self.swaps.inc(tags={"variant": self.variant})
+        self.refresh()
+
+    def refused_version(self) -> None:
+        self.refused.inc(tags={"variant": self.variant})
+
+    def shadow_compared(self, overlap: float) -> None:
+        self.shadow_requests.inc(tags={"variant": self.variant})
+        self.shadow_overlap.observe(overlap, tags={"variant": self.variant})
+
+    def shadow_failed(self, reason: str) -> None:
+        self.shadow_requests.inc(tags={"variant": self.variant})
+        self.shadow_errors.inc(tags={"variant": self.variant, "reason": reason})
+
+
+class RetrievalMetrics:
+    """At the retriever: candidates handed on, from the index and from popularity."""
+
+    def __init__(self) -> None:
+        self.candidates = create(CANDIDATES)
+
+    def retrieved(self, from_index: int, from_popularity: int) -> None:
+        self.candidates.observe(from_index, tags={"source": "retrieval"})
+        self.candidates.observe(from_popularity, tags={"source": "popularity"})
+
+
+class FeatureMetrics:
+    """At the user tower: freshness of what it reads (real-time state, batch materialization)."""
+
+    def __init__(self) -> None:
+        self.realtime_age = create(REALTIME_AGE)
+        self.materialized = create(MATERIALIZED)
+
+    def realtime_ages(self, seconds: Iterable[float]) -> None:
+        for age in seconds:
+            self.realtime_age.observe(age)
+
+    def materialized_until(self, ends: Mapping[str, float]) -> None:
+        for view, end in ends.items():
+            self.materialized.set(end, tags={"feature_view": view})
+
+
+class EventLogMetrics:
+    """At the event writer: the stream's length and each consumer group's backlog."""
+
+    def __init__(self) -> None:
+        self.length = create(STREAM_LENGTH)
+        self.lag = create(CONSUMER_LAG)
+        self.pending = create(CONSUMER_PENDING)
+        self.lag_seconds = create(CONSUMER_LAG_SECONDS)
+
+    def stream_length(self, entries: int) -> None:
+        self.length.set(entries)
+
+    def group(self, name: str, undelivered: int | None, pending: int, lag_seconds: float) -> None:
+        tags = {"group": name}
+        if undelivered is not None:
+            self.lag.set(undelivered, tags=tags)
+        self.pending.set(pending, tags=tags)
+        self.lag_seconds.set(lag_seconds, tags=tags)

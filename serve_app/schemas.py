@@ -1,0 +1,189 @@
+"""Shared records: events, catalog items and the API shapes, used by serving and by training."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_ID_LENGTH = 128
+# Ids are opaque strings; this set keeps them safe in URLs, Redis keys and logs.
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@\-]+$")
+
+
+class EventType(StrEnum):
+    VIEW = "view"
+    CLICK = "click"
+    ADD_TO_CART = "add_to_cart"
+    PURCHASE = "purchase"
+    SKIP = "skip"
+
+
+# Default training weight per event type (purchase > add_to_cart > click > view; skip is negative
+# feedback and carries no positive weight). Training config may override these.
+DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
+    EventType.VIEW: 0.2,
+    EventType.CLICK: 1.0,
+    EventType.ADD_TO_CART: 2.0,
+    EventType.PURCHASE: 3.0,
+    EventType.SKIP: 0.0,
+}
+# Events that count as a positive interaction when evaluating (a view is an exposure, not a signal).
+POSITIVE_EVENT_TYPES: frozenset[str] = frozenset(
+    {EventType.CLICK, EventType.ADD_TO_CART, EventType.PURCHASE}
+)
+
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+
+
+def _check_id(value: str) -> str:
+    if not ID_PATTERN.match(value):
+        raise ValueError("may contain only letters, digits and _ . : @ -")
+    return value
+
+
+class EventContext(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: str | None = Field(default=None, max_length=32)
+    page: str | None = Field(default=None, max_length=128)
+
+
+class Event(BaseModel):
+    """One user interaction with one item."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    user_id: Id
+    item_id: Id
+    event_type: EventType
+    timestamp: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    request_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
+    position: int | None = Field(default=None, ge=0, le=10_000)
+    session_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
+    context: EventContext | None = None
+
+    @field_validator("user_id", "item_id")
+    @classmethod
+    def _safe_ids(cls, value: str) -> str:
+        return _check_id(value)
+
+    @field_validator("timestamp")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        # Naive timestamps are taken as UTC so that ordering never depends on the host's zone.
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class CatalogItem(BaseModel):
+    """One item of the catalog."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    item_id: Id
+    category: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    price: float = Field(ge=0)
+    title: str = Field(default="", max_length=1024)
+    created_at: datetime
+
+    @field_validator("item_id")
+    @classmethod
+    def _safe_id(cls, value: str) -> str:
+        return _check_id(value)
+
+
+class RowError(ValueError):
+    """A record failed validation; the message names the row and the field."""
+
+    def __init__(self, row: int, field: str, message: str) -> None:
+        super().__init__(f"row {row}: field '{field}': {message}")
+        self.row = row
+        self.field = field
+        self.message = message
+
+
+def _row_error(row: int, exc: ValidationError) -> RowError:
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "<record>"
+    return RowError(row, field, first["msg"])
+
+
+def validate_events(rows: Iterable[Mapping[str, Any]]) -> list[Event]:
+    """Validate raw event records; raise `RowError` naming the first bad row."""
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            out.append(Event.model_validate(dict(row)))
+        except ValidationError as exc:
+            raise _row_error(i, exc) from None
+    return out
+
+
+def validate_catalog(rows: Iterable[Mapping[str, Any]]) -> list[CatalogItem]:
+    """Validate raw catalog records; raise `RowError` naming the first bad row."""
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            out.append(CatalogItem.model_validate(dict(row)))
+        except ValidationError as exc:
+            raise _row_error(i, exc) from None
+    return out
+
+
+BUNDLE_FORMAT_VERSION = 1
+# Files every bundle carries; the manifest lists their sha256 (plus any extra file it ships).
+BUNDLE_FILES = (
+    "user_tower.pt",
+    "item_ids.npy",
+    "item_embeddings.npy",
+    "item_features.npy",
+    "item_categories.npy",
+    "index.faiss",
+    "ranker.ubj",
+    "popularity.json",
+)
+
+
+class FeatureSpec(BaseModel):
+    """One model input: a Feast feature reference ("view:feature"), its dtype and shape."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    dtype: str
+    shape: list[int] = Field(default_factory=list)
+
+
+class IndexSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str  # "flat", "ivf" or "hnsw"
+    params: dict[str, float | int | str] = Field(default_factory=dict)
+    recall_at_100: float | None = None
+
+
+class BundleManifest(BaseModel):
+    """`manifest.json` of a model bundle: what was trained on what, how to feed it, and checksums."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = BUNDLE_FORMAT_VERSION
+    model_name: str
+    model_version: str | None = None  # registry version; filled in on registration
+    created_at: datetime
+    data_snapshot_id: str
+    embedding_dim: int
+    num_items: int
+    user_tower: dict[str, Any]  # hash buckets, history length, profile dims, input names
+    user_tower_inputs: list[FeatureSpec]
+    ranker_features: list[str]
+    item_feature_names: list[str]
+    categories: list[str]
+    index: IndexSpec
+    metrics: dict[str, float] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, str]  # file name -> sha256 hex digest

@@ -1,0 +1,172 @@
+"""Test helper: builds a tiny but real model bundle (TorchScript tower, FAISS index, XGBoost).
+
+Shared by the bundle, registry and serving tests so they exercise the real file formats without a
+training run. Keep `make_tiny_bundle`'s signature stable; the pieces are exposed so tests can
+rebuild the same objects in memory and compare them with what a loader read back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+import xgboost as xgb
+from torch import nn
+
+from serve_app.schemas import BundleManifest, FeatureSpec, IndexSpec
+from training.registry import finalize_bundle
+
+NUM_BUCKETS = 64
+PROFILE_DIM = 4
+HISTORY_LENGTH = 5
+PADDING_ID = -1  # pads `recent` when a user has fewer than HISTORY_LENGTH interactions
+CATEGORIES = ("books", "games", "music")
+ITEM_FEATURE_NAMES = ("price", "popularity", "age_days")
+RANKER_FEATURES = ("retrieval_score", "price", "popularity", "age_days", "category_affinity")
+DEFAULT_METRICS = {"ndcg@10": 0.30, "recall@100": 0.50}
+
+
+class TinyUserTower(nn.Module):
+    """User bucket embedding + profile projection + mean of recent item embeddings, normalised."""
+
+    def __init__(self, item_embeddings: torch.Tensor, num_buckets: int, profile_dim: int) -> None:
+        super().__init__()
+        dim = int(item_embeddings.shape[1])
+        self.user_embedding = nn.Embedding(num_buckets, dim)
+        self.profile = nn.Linear(profile_dim, dim)
+        self.items = nn.Buffer(item_embeddings.clone())  # saved with the module, not trained
+        self.padding_id: int = PADDING_ID
+
+    def forward(
+        self, user_bucket: torch.Tensor, profile: torch.Tensor, recent: torch.Tensor
+    ) -> torch.Tensor:
+        mask = (recent != self.padding_id).unsqueeze(-1).to(profile.dtype)
+        history = self.items[recent.clamp(min=0)] * mask
+        history_mean = history.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        out = self.user_embedding(user_bucket) + self.profile(profile) + history_mean
+        return F.normalize(out, dim=-1)
+
+
+@dataclass(frozen=True)
+class TinyArrays:
+    item_ids: np.ndarray
+    item_embeddings: np.ndarray
+    item_features: np.ndarray
+    item_categories: np.ndarray
+
+
+def tiny_arrays(n_items: int = 50, dim: int = 8, seed: int = 0) -> TinyArrays:
+    """The bundle's item arrays, a pure function of (n_items, dim, seed)."""
+    rng = np.random.default_rng(seed)
+    embeddings = rng.normal(size=(n_items, dim)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    features = np.column_stack(
+        [
+            rng.uniform(1.0, 100.0, n_items),  # price
+            rng.uniform(0.0, 1.0, n_items),  # popularity
+            rng.integers(0, 365, n_items),  # age_days
+        ]
+    ).astype(np.float32)
+    return TinyArrays(
+        item_ids=np.array([f"item_{i:04d}" for i in range(n_items)]),
+        item_embeddings=embeddings,
+        item_features=features,
+        item_categories=(np.arange(n_items) % len(CATEGORIES)).astype(np.int32),
+    )
+
+
+def build_tiny_tower(item_embeddings: np.ndarray, seed: int = 0) -> TinyUserTower:
+    """The eager user tower, deterministic in `seed` without touching torch's global RNG."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tower = TinyUserTower(torch.from_numpy(item_embeddings), NUM_BUCKETS, PROFILE_DIM)
+    return tower.eval()
+
+
+def train_tiny_ranker(seed: int = 0, rounds: int = 4) -> xgb.Booster:
+    """A real `rank:ndcg` booster on random groups whose label follows the retrieval score."""
+    rng = np.random.default_rng(seed + 1)
+    groups, group_size = 20, 10
+    x = rng.uniform(size=(groups * group_size, len(RANKER_FEATURES))).astype(np.float32)
+    y = (x[:, 0] > 0.6).astype(np.float32) + (x[:, 4] > 0.8).astype(np.float32)
+    matrix = xgb.DMatrix(x, label=y, feature_names=list(RANKER_FEATURES))
+    matrix.set_group([group_size] * groups)
+    params = {"objective": "rank:ndcg", "max_depth": 3, "eta": 0.3, "nthread": 1, "seed": seed}
+    return xgb.train(params, matrix, num_boost_round=rounds)
+
+
+def tiny_popularity(arrays: TinyArrays) -> dict[str, object]:
+    """Most popular first, globally and per category (ties broken by id for determinism)."""
+    scores = arrays.item_features[:, ITEM_FEATURE_NAMES.index("popularity")]
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), str(arrays.item_ids[i])))
+    by_category = {
+        name: [str(arrays.item_ids[i]) for i in order if arrays.item_categories[i] == code]
+        for code, name in enumerate(CATEGORIES)
+    }
+    return {"global": [str(arrays.item_ids[i]) for i in order], "by_category": by_category}
+
+
+def make_tiny_bundle(
+    directory: str | Path,
+    *,
+    n_items: int = 50,
+    dim: int = 8,
+    seed: int = 0,
+    metrics: Mapping[str, float] | None = None,
+) -> BundleManifest:
+    """Write a finalized bundle into `directory` (created if needed); return manifest."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = tiny_arrays(n_items, dim, seed)
+    np.save(out / "item_ids.npy", arrays.item_ids, allow_pickle=False)
+    np.save(out / "item_embeddings.npy", arrays.item_embeddings, allow_pickle=False)
+    np.save(out / "item_features.npy", arrays.item_features, allow_pickle=False)
+    np.save(out / "item_categories.npy", arrays.item_categories, allow_pickle=False)
+
+    torch.jit.save(
+        torch.jit.script(build_tiny_tower(arrays.item_embeddings, seed)), out / "user_tower.pt"
+    )
+
+    index = faiss.IndexFlatIP(dim)
+    index.add(arrays.item_embeddings)
+    faiss.write_index(index, str(out / "index.faiss"))
+
+    train_tiny_ranker(seed).save_model(str(out / "ranker.ubj"))
+    (out / "popularity.json").write_text(json.dumps(tiny_popularity(arrays), indent=2))
+
+    manifest = BundleManifest(
+        model_name="recserve",
+        created_at=datetime(2024, 1, 1, tzinfo=UTC),
+        data_snapshot_id=f"tiny-seed{seed}",
+        embedding_dim=dim,
+        num_items=n_items,
+        user_tower={
+            "num_buckets": NUM_BUCKETS,
+            "profile_dim": PROFILE_DIM,
+            "history_length": HISTORY_LENGTH,
+            "padding_id": PADDING_ID,
+            "input_names": ["user_bucket", "profile", "recent"],
+        },
+        user_tower_inputs=[
+            FeatureSpec(name="user_bucket", dtype="int64"),
+            FeatureSpec(name="user_profile:profile", dtype="float32", shape=[PROFILE_DIM]),
+            FeatureSpec(
+                name="user_realtime:recent_item_ids", dtype="int64", shape=[HISTORY_LENGTH]
+            ),
+        ],
+        ranker_features=list(RANKER_FEATURES),
+        item_feature_names=list(ITEM_FEATURE_NAMES),
+        categories=list(CATEGORIES),
+        index=IndexSpec(type="flat", params={}),
+        metrics=dict(DEFAULT_METRICS if metrics is None else metrics),
+        params={"seed": seed, "factory": "tests.bundle_factory"},
+        files={},
+    )
+    return finalize_bundle(out, manifest)

@@ -1,0 +1,174 @@
+"""templates/redis-statefulset.yaml, redis-service.yaml: the bundled Redis (AOF on, PVC) or an external
+URL from a Secret. The rendered redis-server arguments are run by a real redis-server here."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from tests.helm import chart
+
+
+def redis_container(docs: tuple[chart.Doc, ...] | list[chart.Doc]) -> dict[str, Any]:
+    container: dict[str, Any] = chart.one(docs, "StatefulSet")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    return container
+
+
+def option(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_bundled_redis_runs_with_aof_on_a_pvc(helm: Path) -> None:
+    docs = chart.render_profile("default")
+    statefulset = chart.one(docs, "StatefulSet")
+    container = redis_container(docs)
+    args = container["args"]
+    assert container["command"] == ["redis-server"]
+    assert option(args, "--appendonly") == "yes"
+    assert option(args, "--appendfsync") == "everysec"
+    assert option(args, "--dir") == "/data"
+    assert option(args, "--maxmemory-policy") == "noeviction"
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
+    assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
+    assert statefulset["spec"]["serviceName"] == "recserve-redis-headless"
+
+
+def test_redis_services_select_the_redis_pod(helm: Path) -> None:
+    docs = chart.render_profile("default")
+    pod_labels = chart.one(docs, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    services = {
+        s["metadata"]["name"]: s
+        for s in chart.of_kind(docs, "Service")
+        if "redis" in s["metadata"]["name"]
+    }
+    assert set(services) == {"recserve-redis", "recserve-redis-headless"}
+    assert services["recserve-redis-headless"]["spec"]["clusterIP"] == "None"
+    for service in services.values():
+        assert service["spec"]["selector"].items() <= pod_labels.items()
+        assert service["spec"]["ports"] == [{"name": "redis", "port": 6379, "targetPort": "redis"}]
+
+
+def test_external_redis_url_comes_from_a_secret_and_nothing_is_bundled(helm: Path) -> None:
+    docs = chart.render_profile("production")
+    assert chart.of_kind(docs, "StatefulSet") == []
+    assert not [s for s in chart.of_kind(docs, "Service") if "redis" in s["metadata"]["name"]]
+    for where, spec, _ in chart.pod_templates(docs):
+        if where == "Deployment/recserve-mlflow":
+            continue
+        env = chart.container_env(spec["containers"][0])
+        assert env["REDIS_URL"] == {
+            "name": "REDIS_URL",
+            "valueFrom": {"secretKeyRef": {"name": "recserve-redis", "key": "redis-url"}},
+        }, where
+
+
+def test_redis_auth_with_an_external_redis_is_refused_with_a_reason(helm: Path) -> None:
+    with pytest.raises(chart.HelmError, match=r"redis.auth.existingSecret applies to the bundled"):
+        chart.render(set_json={"redis.enabled": False, "redis.auth.existingSecret": "x"})
+
+
+# --- the rendered arguments, run by a real redis-server -------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RenderedRedis:
+    """redis-server started with the StatefulSet's arguments; only port, dir and bind are local."""
+
+    def __init__(self, args: list[str], directory: Path, env: dict[str, str]) -> None:
+        self.port = _free_port()
+        local = list(args)
+        local[local.index("--port") + 1] = str(self.port)
+        local[local.index("--dir") + 1] = str(directory)
+        # $(VAR) references are the kubelet's to expand; do it the same way here.
+        local = [a.replace("$(REDIS_PASSWORD)", env.get("REDIS_PASSWORD", "")) for a in local]
+        self.command = ["redis-server", *local, "--bind", "127.0.0.1"]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, password: str | None = None) -> redis.Redis:
+        self.process = subprocess.Popen(
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        # Wait for the port with a plain socket: redis-py retries failed connects with backoff.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        client = redis.Redis(port=self.port, password=password)
+        assert client.ping()
+        return client
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture
+def rendered_redis(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RenderedRedis]:
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed (apt-get install -y redis-server)")
+    values, env = request.param
+    server = RenderedRedis(redis_container(chart.render(set_json=values))["args"], tmp_path, env)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("rendered_redis", [({}, {})], indirect=True)
+def test_rendered_redis_keeps_acknowledged_writes_across_a_restart(
+    helm: Path, rendered_redis: RenderedRedis, tmp_path: Path
+) -> None:
+    client = rendered_redis.start()
+    assert client.config_get("appendonly") == {"appendonly": "yes"}
+    assert client.config_get("save") == {"save": ""}
+    client.xadd("recserve:events", {"user_id": "u1", "item_id": "i1"})
+    client.set("k", "v")
+    client.close()
+    rendered_redis.stop()  # SIGTERM, as the kubelet sends: the AOF is flushed
+    assert list(tmp_path.glob("appendonlydir/*.aof")), "no append-only file written"
+    client = rendered_redis.start()
+    assert client.get("k") == b"v"
+    assert client.xlen("recserve:events") == 1
+    client.close()
+
+
+@pytest.mark.parametrize(
+    "rendered_redis",
+    [({"redis.auth.existingSecret": "redis-auth"}, {"REDIS_PASSWORD": "s3cret"})],
+    indirect=True,
+)
+def test_rendered_redis_with_auth_refuses_clients_without_the_password(
+    helm: Path, rendered_redis: RenderedRedis
+) -> None:
+    client = rendered_redis.start(password="s3cret")
+    assert client.ping()
+    client.close()
+    # No retries: redis-py would otherwise back off for seconds before reporting NOAUTH.
+    anonymous = redis.Redis(port=rendered_redis.port, retry=Retry(NoBackoff(), 0))
+    with pytest.raises(redis.AuthenticationError):
+        anonymous.get("k")
+    anonymous.close()

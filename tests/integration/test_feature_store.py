@@ -1,0 +1,294 @@
+"""Feast repo on real stores: apply, materialize and read `user_tower_v1` on SQLite (the embedded
+default) and Redis, the SQL registry on PostgreSQL, and point-in-time correct historical retrieval."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import redis
+
+from feature_repo.config import FeatureStoreConfig
+from feature_repo.store import apply, build_store, materialize_incremental
+from serve_app.config import EventLogConfig, RealtimeConfig
+from serve_app.events import EventLogWriter, ItemEmbeddings
+from serve_app.features import FeatureShapes, OnlineFeatureReader, connect_redis
+from serve_app.schemas import Event
+from training.data import normalize_events
+from training.feature_tables import (
+    historical_user_features,
+    user_profile_snapshots,
+    write_user_profile_snapshots,
+)
+from training.features import EncodedLog, encode_log
+
+pytestmark = pytest.mark.integration
+
+T1 = pd.Timestamp("2026-02-01", tz="UTC")
+SHAPES = FeatureShapes(n_categories=2, embedding_dim=4, history_length=3)
+
+
+def _write_profiles(data_dir: Path, stamp: pd.Timestamp, u1_count: float) -> None:
+    """Tables as `training.pipeline.write_feature_tables` writes them, values chosen by hand."""
+    features = data_dir / "features"
+    features.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(
+        {
+            "user_id": ["u1", "u2"],
+            "event_timestamp": stamp,
+            "event_count": np.array([u1_count, 1.0], np.float32),
+            "category_prefs": [np.array([0.4, 0.6], np.float32), np.array([0.0, 1.0], np.float32)],
+            "base_embedding": [
+                np.array([1, 2, 3, 4], np.float32),
+                np.array([0, 0, 0, 1], np.float32),
+            ],
+            "recent_items": [["i1", "i2"], ["i2"]],
+            "seen_items": [["i1", "i2"], ["i2"]],
+        }
+    ).to_parquet(features / "user_profile.parquet", index=False)
+    pd.DataFrame(
+        {
+            "item_id": ["i1", "i2"],
+            "event_timestamp": stamp,
+            "category": ["c0", "c1"],
+            "price": [9.5, 3.0],
+            **{
+                name: np.array([0.5, 0.25], np.float32)
+                for name in ("log_pop_all", "log_pop_7d", "log_pop_1d", "ctr", "age_days")
+            },
+            "log_price": np.log1p(np.array([9.5, 3.0])).astype(np.float32),
+        }
+    ).to_parquet(features / "item_profile.parquet", index=False)
+
+
+def _project() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> FeatureStoreConfig:
+    _write_profiles(tmp_path, T1, 3.0)
+    return FeatureStoreConfig(data_dir=tmp_path, project=_project())
+
+
+@pytest.fixture
+def on_redis(tmp_path: Path, redis_url: str) -> Iterator[FeatureStoreConfig]:
+    _write_profiles(tmp_path, T1, 3.0)
+    config = FeatureStoreConfig(data_dir=tmp_path, project=_project(), redis_url=redis_url)
+    yield config
+    build_store(config).teardown()  # removes this project's online rows from the shared Redis
+
+
+def _reader(config: FeatureStoreConfig, redis_url: str, prefix: str) -> OnlineFeatureReader:
+    return OnlineFeatureReader(
+        build_store(config),
+        connect_redis(redis_url, 0.5),
+        key_prefix=prefix,
+        store_on_redis=config.resolved_profile != "embedded",
+    )
+
+
+@pytest.mark.parametrize("profile", ["embedded", "on_redis"])
+def test_user_tower_read_returns_materialized_profile_merged_with_realtime_state(
+    profile: str, request: pytest.FixtureRequest, redis_url: str, key_prefix: str
+) -> None:
+    config: FeatureStoreConfig = request.getfixturevalue(profile)
+    store = apply(config)
+    assert {s.name for s in store.list_feature_services()} == {"user_tower_v1", "ranker_v1"}
+    assert {v.name for v in store.list_feature_views()} == {
+        "user_profile",
+        "item_profile",
+        "user_realtime",
+        "item_realtime",
+    }
+    materialize_incremental(config, end=T1 + timedelta(hours=1))
+
+    # One click on a new item i9 and one on i2 (already in the history: it keeps its place).
+    writer = EventLogWriter(
+        connect_redis(redis_url, 0.5),
+        RealtimeConfig(key_prefix=key_prefix, history_length=3),
+        EventLogConfig(stream_key=f"{key_prefix}:events"),
+    )
+    emb = ItemEmbeddings("v1", {"i9": 0, "i2": 1}, np.eye(2, 4, dtype=np.float32))
+    now = datetime.now(UTC)
+    writer.write(
+        [
+            Event(user_id="u1", item_id="i9", event_type="click", timestamp=now),
+            Event(user_id="u1", item_id="i2", event_type="click", timestamp=now),
+        ],
+        emb,
+    )
+
+    got = _reader(config, redis_url, key_prefix).users(
+        ["u1", "nobody"], SHAPES, model_version="v1", now=now.timestamp()
+    )
+    assert got.degraded is False
+    assert got.event_count.tolist() == [3.0, 0.0]
+    np.testing.assert_allclose(got.category_prefs, [[0.4, 0.6], [0.0, 0.0]])
+    np.testing.assert_allclose(got.base_embedding[0], [1, 2, 3, 4])
+    assert got.has_base_embedding.tolist() == [True, False]
+    assert got.recent_items == (("i9", "i1", "i2"), ())
+    # EMA rate 0.1 per click: 0.9 * (0.1 * e_i9) + 0.1 * e_i2
+    np.testing.assert_allclose(got.delta_embedding[0], [0.09, 0.1, 0.0, 0.0], rtol=1e-6)
+    assert got.count_5m.tolist() == [2, 0]
+
+
+def test_materialize_incremental_loads_rows_stamped_after_the_previous_run(
+    embedded: FeatureStoreConfig, redis_url: str, key_prefix: str
+) -> None:
+    apply(embedded)
+    materialize_incremental(embedded, end=T1 + timedelta(hours=1))
+    _write_profiles(embedded.data_dir, T1 + timedelta(hours=2), u1_count=5.0)
+    reader = _reader(embedded, redis_url, key_prefix)
+    assert reader.users(["u1"], SHAPES, model_version=None).event_count.tolist() == [3.0]
+    materialize_incremental(embedded, end=T1 + timedelta(hours=3))
+    assert reader.users(["u1"], SHAPES, model_version=None).event_count.tolist() == [5.0]
+
+
+def test_item_profile_view_is_served_online(embedded: FeatureStoreConfig) -> None:
+    store = apply(embedded)
+    materialize_incremental(embedded, end=T1 + timedelta(hours=1))
+    got = store.get_online_features(
+        features=["item_profile:category", "item_profile:price"],
+        entity_rows=[{"item_id": "i2"}, {"item_id": "i1"}],
+    ).to_dict()
+    assert got["category"] == ["c1", "c0"]
+    assert got["price"] == [3.0, 9.5]
+
+
+def test_cluster_profile_keeps_the_registry_in_postgresql(tmp_path: Path, redis_url: str) -> None:
+    pytest.importorskip("psycopg", reason="the SQL registry needs psycopg (pip install psycopg)")
+    import sqlalchemy
+
+    url = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    try:
+        sqlalchemy.create_engine(url).connect().close()
+    except sqlalchemy.exc.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {exc}")
+    _write_profiles(tmp_path, T1, 3.0)
+    config = FeatureStoreConfig(
+        profile="cluster",
+        data_dir=tmp_path,
+        project=_project(),
+        redis_url=redis_url,
+        registry_url=url,
+    )
+    store = apply(config)
+    try:
+        # A second process (another pod) sees the same registry with no local files.
+        other = build_store(config.model_copy(update={"data_dir": tmp_path / "elsewhere"}))
+        assert {s.name for s in other.list_feature_services()} == {"user_tower_v1", "ranker_v1"}
+        assert not (tmp_path / "feast" / "registry.db").exists()
+    finally:
+        # Not store.teardown(): the SQL registry's teardown empties the tables of every project.
+        store.registry.delete_project(config.project, commit=True)
+
+
+# --- point in time ----------------------------------------------------------------------------
+
+DAY = pd.Timedelta(days=1)
+T0 = pd.Timestamp("2026-01-01", tz="UTC")
+
+
+def _pit_log() -> tuple[EncodedLog, np.ndarray]:
+    items = np.array(["i0", "i1", "i2"])
+    categories = np.array([0, 0, 1])  # i0, i1 in category 0; i2 in category 1
+    rows = [
+        ("u1", "i0", "click", 1),  # weight 1, category 0
+        ("u2", "i2", "click", 2),
+        ("u1", "i2", "purchase", 3),  # weight 3, category 1
+        ("u1", "i1", "click", 5),
+    ]
+    events = normalize_events(
+        pd.DataFrame(
+            [
+                {"user_id": u, "item_id": i, "event_type": t, "timestamp": T0 + d * DAY}
+                for u, i, t, d in rows
+            ]
+        )
+    )
+    return encode_log(events, pd.Index(items), categories, 2), items
+
+
+def test_historical_retrieval_never_returns_a_value_stamped_after_the_label(
+    tmp_path: Path,
+) -> None:
+    log, items = _pit_log()
+    snapshots = user_profile_snapshots(log, items, [T0 + 2 * DAY, T0 + 4 * DAY, T0 + 6 * DAY], 3)
+    path = tmp_path / "features" / "user_profile.parquet"
+    # The pipeline's end-of-log row (day 10, all events) is already there; snapshots merge into it.
+    end = user_profile_snapshots(log, items, [T0 + 10 * DAY], 3)
+    path.parent.mkdir(parents=True)
+    end.to_parquet(path, index=False)
+    write_user_profile_snapshots(snapshots, path)
+    assert len(pd.read_parquet(path)) == 1 + 2 + 2 + 2  # u2 has no event before day 2
+
+    _write_items_only(tmp_path)
+    store = apply(FeatureStoreConfig(data_dir=tmp_path, project=_project()))
+    labels = pd.DataFrame(
+        [
+            ("u1", 1.5),  # before any snapshot: nothing
+            ("u1", 3.9),  # day-2 snapshot: the day-1 click
+            ("u1", 4.0),  # day-4 snapshot (stamped at the label time: known then)
+            ("u1", 5.5),  # still day 4: the day-6 snapshot holds the day-5 click, from after
+            ("u2", 3.0),  # u2's first snapshot is day 4
+            ("u2", 7.0),
+            ("u1", 9.0),  # day 6, not the end-of-log row of day 10
+        ],
+        columns=["user_id", "day"],
+    )
+    entity_df = pd.DataFrame(
+        {"user_id": labels["user_id"], "event_timestamp": T0 + labels["day"] * DAY}
+    )
+    got = historical_user_features(store, entity_df)
+
+    assert got["user_id"].tolist() == labels["user_id"].tolist()
+    counts = [None if pd.isna(c) else float(c) for c in got["event_count"]]
+    assert counts == [None, 1.0, 2.0, 2.0, None, 1.0, 3.0]
+    recents = [None if r is None else list(r) for r in got["recent_items"]]
+    assert recents == [
+        None,
+        ["i0"],
+        ["i2", "i0"],
+        ["i2", "i0"],
+        None,
+        ["i2"],
+        ["i1", "i2", "i0"],
+    ]
+    # u1 at day 4: click i0 (weight 1, category 0) and purchase i2 (weight 3, category 1)
+    np.testing.assert_allclose(list(got["category_prefs"][2]), [0.25, 0.75])
+    np.testing.assert_allclose(list(got["category_prefs"][6]), [0.4, 0.6])
+
+
+def _write_items_only(data_dir: Path) -> None:
+    pd.DataFrame(
+        {
+            "item_id": ["i0"],
+            "event_timestamp": T0,
+            "category": ["c0"],
+            "price": [1.0],
+            **{
+                name: np.array([0.0], np.float32)
+                for name in ("log_pop_all", "log_pop_7d", "log_pop_1d", "ctr", "age_days")
+            },
+            "log_price": np.array([np.log1p(1.0)], np.float32),
+        }
+    ).to_parquet(data_dir / "features" / "item_profile.parquet", index=False)
+
+
+def test_reader_marks_an_unapplied_registry_as_degraded_without_raising(
+    tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    config = FeatureStoreConfig(data_dir=tmp_path, project=_project())  # never applied
+    got = _reader(config, redis_url, key_prefix).users(["u1"], SHAPES, model_version=None)
+    assert got.degraded is True
+    assert got.event_count.tolist() == [0.0]
+
+
+def test_redis_client_for_reads_is_the_shared_server(redis_client: redis.Redis) -> None:
+    assert redis_client.ping()

@@ -1,0 +1,264 @@
+"""The online graph on real Ray Serve, a real MLflow registry, Feast (SQLite) and Redis, over HTTP.
+
+One deployment for the session (`serving_app` in conftest). Expectations come from the data the bundle was
+trained on (event log, catalog, popularity.json), never from an earlier response. The Redis test stops
+the graph's private Redis: it runs last in this module.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pandas as pd
+import pytest
+
+from serve_app.schemas import POSITIVE_EVENT_TYPES
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from tests.conftest import ServingApp
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PURE = {"mmr_lambda": 1.0, "category_cap": False}
+
+
+@pytest.fixture(scope="module")
+def api(serving_app: ServingApp) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=serving_app.url, timeout=10.0) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def catalog(serving_app: ServingApp) -> pd.DataFrame:
+    return pd.read_parquet(serving_app.bundle.dataset_dir / "catalog.parquet").set_index("item_id")
+
+
+@pytest.fixture(scope="module")
+def events(serving_app: ServingApp) -> pd.DataFrame:
+    return pd.read_parquet(serving_app.bundle.dataset_dir / "events.parquet")
+
+
+@pytest.fixture(scope="module")
+def popularity(serving_app: ServingApp) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(
+        (serving_app.bundle.bundle_dir / "popularity.json").read_text()
+    )
+    return result
+
+
+def positives(events: pd.DataFrame, user_id: str) -> set[str]:
+    mine = events[(events["user_id"] == user_id) & events["event_type"].isin(POSITIVE_EVENT_TYPES)]
+    return set(mine["item_id"])
+
+
+def heavy_users(events: pd.DataFrame, minimum: int) -> list[str]:
+    pos = events[events["event_type"].isin(POSITIVE_EVENT_TYPES)]
+    counts = pos.groupby("user_id")["item_id"].nunique()
+    return sorted(counts[counts >= minimum].index)
+
+
+def recommend(api: httpx.Client, user_id: str, k: int = 10, **extra: Any) -> dict[str, Any]:
+    response = api.post("/v1/recommendations", json={"user_id": user_id, "k": k, **extra})
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_a_request_returns_k_distinct_unseen_items_in_descending_score_order(
+    api: httpx.Client, serving_app: ServingApp, events: pd.DataFrame
+) -> None:
+    user = heavy_users(events, 10)[0]
+    for k in (1, 10, 37):
+        response = api.post(
+            "/v1/recommendations", json={"user_id": user, "k": k}, headers={"X-Request-ID": "t-1"}
+        )
+        assert response.status_code == 200
+        body = response.json()
+        assert body["request_id"] == "t-1" and body["user_id"] == user
+        assert body["variant"] == "champion"
+        assert body["model_version"] == serving_app.bundle.version
+        assert body["fallback"] is None
+        items = body["items"]
+        ids = [i["item_id"] for i in items]
+        assert len(ids) == k and len(set(ids)) == k
+        assert [i["rank"] for i in items] == list(range(1, k + 1))
+        scores = [i["score"] for i in items]
+        assert scores == sorted(scores, reverse=True)
+        assert not set(ids) & positives(events, user)
+        assert {i["source"] for i in items} == {"retrieval"}
+
+
+def test_an_unknown_user_gets_popularity_flagged_cold_start(
+    api: httpx.Client, popularity: dict[str, Any]
+) -> None:
+    body = recommend(api, "never-seen-before", 8, options=PURE)
+    assert body["fallback"] == "cold_start"
+    assert [i["item_id"] for i in body["items"]] == popularity["global"][:8]
+    assert {i["source"] for i in body["items"]} == {"popularity"}
+    segment, ranked = next(iter(popularity["by_category"].items()))
+    body = recommend(api, "another-stranger", 5, options=PURE, context={"segment": segment})
+    assert [i["item_id"] for i in body["items"]] == ranked[:5]
+    default = recommend(api, "a-third-stranger", 10)
+    assert default["fallback"] == "cold_start"
+    assert {i["item_id"] for i in default["items"]} <= set(popularity["global"])
+
+
+def test_filters_leave_out_items_and_categories(
+    api: httpx.Client, events: pd.DataFrame, catalog: pd.DataFrame
+) -> None:
+    user = heavy_users(events, 10)[1]
+    before = [i["item_id"] for i in recommend(api, user, 10)["items"]]
+    banned_category = str(catalog.loc[before[0], "category"])
+    body = recommend(
+        api,
+        user,
+        10,
+        filters={"exclude_categories": [banned_category], "exclude_item_ids": before[1:3]},
+    )
+    ids = [i["item_id"] for i in body["items"]]
+    assert len(ids) == 10
+    assert banned_category not in set(catalog.loc[ids, "category"])
+    assert not set(ids) & set(before[1:3])
+    allowed = sorted(catalog["category"].unique())[:2]
+    body = recommend(api, user, 10, filters={"categories": allowed})
+    assert set(catalog.loc[[i["item_id"] for i in body["items"]], "category"]) <= set(allowed)
+
+
+def test_clicks_on_one_category_raise_its_share_and_hide_the_clicked_items(
+    api: httpx.Client, events: pd.DataFrame, catalog: pd.DataFrame, popularity: dict[str, Any]
+) -> None:
+    user = heavy_users(events, 10)[2]
+    seen = positives(events, user)
+    before = [i["item_id"] for i in recommend(api, user, 10)["items"]]
+    shares = Counter(catalog.loc[before, "category"])
+    # The least represented category of the user's list that has enough unseen popular items.
+    candidates = sorted(catalog["category"].unique(), key=lambda c: (shares.get(c, 0), c))
+    target = next(
+        c
+        for c in candidates
+        if len([i for i in popularity["by_category"][c] if i not in seen and i not in before]) >= 5
+    )
+    clicked = [i for i in popularity["by_category"][target] if i not in seen and i not in before][
+        :5
+    ]
+    now = datetime.now(UTC).isoformat()
+    response = api.post(
+        "/v1/events",
+        json={
+            "events": [
+                {"user_id": user, "item_id": item, "event_type": "click", "timestamp": now}
+                for item in clicked
+            ]
+        },
+    )
+    assert response.status_code == 202 and response.json() == {"accepted": 5, "rejected": []}
+    after = [i["item_id"] for i in recommend(api, user, 10)["items"]]
+    share_before = shares.get(target, 0) / 10
+    share_after = Counter(catalog.loc[after, "category"]).get(target, 0) / 10
+    assert share_after > share_before, (target, share_before, share_after)
+    assert not set(after) & set(clicked)
+
+
+def test_bad_inputs_get_the_documented_4xx_over_http(api: httpx.Client) -> None:
+    def code(response: httpx.Response) -> tuple[int, str, str | None]:
+        body = response.json()
+        return response.status_code, body["error"]["code"], body["error"]["field"]
+
+    post = api.post
+    json_headers = {"Content-Type": "application/json"}
+    cases = {
+        "malformed json": (
+            post("/v1/recommendations", content=b'{"user_id": ', headers=json_headers),
+            (400, "malformed_json", None),
+        ),
+        "wrong type": (
+            post("/v1/recommendations", json={"user_id": ["u1"]}),
+            (422, "invalid_request", "user_id"),
+        ),
+        "unknown field": (
+            post("/v1/recommendations", json={"user_id": "u1", "limit": 3}),
+            (422, "invalid_request", "limit"),
+        ),
+        "k too large": (
+            post("/v1/recommendations", json={"user_id": "u1", "k": 500}),
+            (422, "invalid_request", "k"),
+        ),
+        "k zero": (
+            post("/v1/recommendations", json={"user_id": "u1", "k": 0}),
+            (422, "invalid_request", "k"),
+        ),
+        "bad id": (
+            post("/v1/recommendations", json={"user_id": "u1/../x"}),
+            (422, "invalid_request", "user_id"),
+        ),
+        "oversize": (
+            post(
+                "/v1/recommendations",
+                content=b'{"user_id": "' + b"u" * (1 << 20) + b'"}',
+                headers=json_headers,
+            ),
+            (413, "body_too_large", None),
+        ),
+        "too many events": (
+            post(
+                "/v1/events",
+                json={"events": [{"user_id": "u1", "item_id": "i1", "event_type": "view"}] * 1_001},
+            ),
+            (422, "too_many_events", "events"),
+        ),
+        "wrong media type": (
+            post("/v1/events", content=b"events", headers={"Content-Type": "text/plain"}),
+            (415, "unsupported_media_type", None),
+        ),
+        "unknown path": (api.get("/v2/recommendations"), (404, "not_found", None)),
+        "admin without key": (post("/v1/admin/reload"), (401, "unauthorized", "X-API-Key")),
+    }
+    got = {name: code(response) for name, (response, _) in cases.items()}
+    assert got == {name: expected for name, (_, expected) in cases.items()}
+
+
+def test_admin_reload_health_readiness_and_docs(api: httpx.Client, serving_app: ServingApp) -> None:
+    reload = api.post("/v1/admin/reload", headers={"X-API-Key": serving_app.admin_key})
+    assert reload.status_code == 200
+    assert reload.json()["current"] == serving_app.bundle.version
+    assert api.get("/healthz").json() == {"status": "ok"}
+    ready = api.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["model_version"] == serving_app.bundle.version
+    assert api.get("/docs").status_code == 200
+    assert "/v1/recommendations" in api.get("/openapi.json").json()["paths"]
+
+
+def test_with_redis_stopped_recommendations_degrade_and_events_get_503(
+    api: httpx.Client, serving_app: ServingApp, events: pd.DataFrame
+) -> None:
+    user = heavy_users(events, 10)[3]
+    serving_app.redis.stop()
+    try:
+        body = recommend(api, user, 10)
+        assert body["fallback"] == "degraded"
+        ids = [i["item_id"] for i in body["items"]]
+        assert len(set(ids)) == 10 and not set(ids) & positives(events, user)
+        cold = recommend(api, "stranger-during-outage", 5)
+        assert cold["fallback"] == "degraded" and len(cold["items"]) == 5
+        response = api.post(
+            "/v1/events",
+            json={"events": [{"user_id": user, "item_id": ids[0], "event_type": "click"}]},
+        )
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "feature_store_unavailable"
+    finally:
+        serving_app.redis.start()
+    # The breaker retries Redis after its cooldown (1 s): answers are whole again.
+    deadline = datetime.now(UTC).timestamp() + 15
+    while recommend(api, user, 10)["fallback"] is not None:
+        assert datetime.now(UTC).timestamp() < deadline, "still degraded after Redis came back"
+    response = api.post(
+        "/v1/events", json={"events": [{"user_id": user, "item_id": "i1", "event_type": "view"}]}
+    )
+    assert response.status_code == 202

@@ -1,0 +1,210 @@
+"""Bundle format round trip, and every way verification must refuse a bundle (no registry)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from serve_app.bundle import load_bundle, verify_bundle
+from serve_app.errors import BundleIntegrityError
+from serve_app.schemas import BUNDLE_FILES
+from tests.bundle_factory import (
+    HISTORY_LENGTH,
+    NUM_BUCKETS,
+    PROFILE_DIM,
+    build_tiny_tower,
+    make_tiny_bundle,
+    tiny_arrays,
+    train_tiny_ranker,
+)
+from training.registry import RegistryError, check_bundle, finalize_bundle, read_manifest
+
+N_ITEMS, DIM, SEED = 30, 8, 7
+
+
+@pytest.fixture
+def bundle_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "bundle"
+    make_tiny_bundle(directory, n_items=N_ITEMS, dim=DIM, seed=SEED)
+    return directory
+
+
+def test_finalize_lists_sha256_of_every_file_but_the_manifest(bundle_dir: Path) -> None:
+    manifest = read_manifest(bundle_dir)
+    expected = {
+        name: hashlib.sha256((bundle_dir / name).read_bytes()).hexdigest() for name in BUNDLE_FILES
+    }
+    assert manifest.files == expected
+    assert "manifest.json" not in manifest.files
+
+
+def test_round_trip_gives_identical_arrays_and_same_tower_output(bundle_dir: Path) -> None:
+    expected = tiny_arrays(N_ITEMS, DIM, SEED)
+    bundle = load_bundle(bundle_dir)
+
+    assert bundle.manifest.num_items == N_ITEMS and bundle.manifest.embedding_dim == DIM
+    np.testing.assert_array_equal(bundle.item_ids, expected.item_ids)
+    np.testing.assert_array_equal(bundle.item_embeddings, expected.item_embeddings)
+    np.testing.assert_array_equal(bundle.item_features, expected.item_features)
+    np.testing.assert_array_equal(bundle.item_categories, expected.item_categories)
+    assert bundle.item_embeddings.dtype == np.float32 and bundle.item_categories.dtype == np.int32
+    assert bundle.item_index["item_0000"] == 0 and bundle.item_index[f"item_{N_ITEMS - 1:04d}"] == (
+        N_ITEMS - 1
+    )
+    assert not bundle.item_embeddings.flags.writeable
+
+    # The scripted, saved and reloaded tower computes what the eager module computes.
+    eager = build_tiny_tower(expected.item_embeddings, SEED)
+    gen = torch.Generator().manual_seed(1)
+    user_bucket = torch.randint(0, NUM_BUCKETS, (4,), generator=gen)
+    profile = torch.randn(4, PROFILE_DIM, generator=gen)
+    recent = torch.tensor([[0, 3, -1, -1, -1], [5, 6, 7, 8, 9], [-1] * HISTORY_LENGTH, [2] * 5])
+    with torch.inference_mode():
+        loaded_out = bundle.user_tower(user_bucket, profile, recent)
+        eager_out = eager(user_bucket, profile, recent)
+    assert loaded_out.shape == (4, DIM)
+    torch.testing.assert_close(loaded_out, eager_out)
+    torch.testing.assert_close(loaded_out.norm(dim=1), torch.ones(4))
+
+    # Inner-product search over unit vectors: every item is its own nearest neighbour.
+    _, neighbours = bundle.index.search(expected.item_embeddings[[0, 11, 29]], 1)
+    assert neighbours[:, 0].tolist() == [0, 11, 29]
+
+    # The reloaded ranker scores like the booster the factory trained (same seed, nthread=1).
+    rows = np.random.default_rng(3).uniform(size=(6, 5)).astype(np.float32)
+    np.testing.assert_allclose(
+        bundle.ranker.inplace_predict(rows),
+        train_tiny_ranker(SEED).inplace_predict(rows),
+        rtol=1e-6,
+    )
+
+    # Popularity: the item with the highest popularity feature (column 1) comes first.
+    top = expected.item_ids[int(np.argmax(expected.item_features[:, 1]))]
+    assert bundle.popularity["global"][0] == top
+    assert sorted(bundle.popularity["by_category"]) == ["books", "games", "music"]
+
+
+def test_one_changed_byte_is_a_checksum_mismatch_naming_the_file(bundle_dir: Path) -> None:
+    path = bundle_dir / "item_embeddings.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # last byte of the last float: still a perfectly loadable array
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(BundleIntegrityError, match="checksum mismatch") as excinfo:
+        verify_bundle(bundle_dir)
+    assert excinfo.value.file == "item_embeddings.npy"
+    assert "item_embeddings.npy" in str(excinfo.value)
+    with pytest.raises(BundleIntegrityError):
+        load_bundle(bundle_dir)
+
+
+def test_missing_file_is_refused_naming_it(bundle_dir: Path) -> None:
+    (bundle_dir / "ranker.ubj").unlink()
+    with pytest.raises(BundleIntegrityError, match=r"ranker\.ubj: missing") as excinfo:
+        verify_bundle(bundle_dir)
+    assert excinfo.value.file == "ranker.ubj"
+
+
+def test_unknown_format_version_is_refused(bundle_dir: Path) -> None:
+    manifest_path = bundle_dir / "manifest.json"
+    raw = json.loads(manifest_path.read_text())
+    raw["format_version"] = 99
+    manifest_path.write_text(json.dumps(raw))
+    with pytest.raises(BundleIntegrityError, match="format_version 99") as excinfo:
+        verify_bundle(bundle_dir)
+    assert excinfo.value.file == "manifest.json"
+
+
+def test_unreadable_manifest_is_refused(bundle_dir: Path) -> None:
+    (bundle_dir / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleIntegrityError, match=r"manifest\.json: unreadable"):
+        verify_bundle(bundle_dir)
+
+
+def test_manifest_file_name_outside_the_bundle_is_refused(bundle_dir: Path) -> None:
+    manifest_path = bundle_dir / "manifest.json"
+    raw = json.loads(manifest_path.read_text())
+    raw["files"]["../escape.npy"] = "0" * 64
+    manifest_path.write_text(json.dumps(raw))
+    with pytest.raises(BundleIntegrityError, match="unsafe file name") as excinfo:
+        verify_bundle(bundle_dir)
+    assert excinfo.value.file == "../escape.npy"
+
+
+def test_unlisted_extra_file_is_ignored(bundle_dir: Path) -> None:
+    (bundle_dir / "notes.txt").write_text("left by a copy tool")
+    assert verify_bundle(bundle_dir).files.keys() == set(BUNDLE_FILES)
+
+
+class _Trap:
+    """Unpickling this object writes its marker file: proof that something unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (_spring, (str(self.marker),))
+
+
+def _spring(marker: str) -> None:
+    Path(marker).write_text("unpickled")
+
+
+def test_object_array_is_refused_without_unpickling(bundle_dir: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "sprung"
+    trap = np.empty(N_ITEMS, dtype=object)
+    trap[:] = [_Trap(marker) for _ in range(N_ITEMS)]
+    np.save(bundle_dir / "item_ids.npy", trap, allow_pickle=True)
+    finalize_bundle(
+        bundle_dir, read_manifest(bundle_dir)
+    )  # checksums match: only the loader can say no
+
+    verify_bundle(bundle_dir)
+    with pytest.raises(BundleIntegrityError, match=r"item_ids\.npy") as excinfo:
+        load_bundle(bundle_dir)
+    assert excinfo.value.file == "item_ids.npy"
+    assert not marker.exists()
+    # The trap is live: loading with pickle allowed does spring it.
+    np.load(bundle_dir / "item_ids.npy", allow_pickle=True)
+    assert marker.read_text() == "unpickled"
+
+
+def test_array_shape_disagreeing_with_manifest_is_refused(bundle_dir: Path) -> None:
+    np.save(bundle_dir / "item_categories.npy", np.zeros(N_ITEMS - 1, dtype=np.int32))
+    finalize_bundle(bundle_dir, read_manifest(bundle_dir))
+    with pytest.raises(
+        BundleIntegrityError, match=rf"shape \({N_ITEMS - 1},\), expected \({N_ITEMS},\)"
+    ):
+        load_bundle(bundle_dir)
+
+
+def test_index_search_params_from_manifest_are_applied(bundle_dir: Path) -> None:
+    hnsw = faiss.IndexHNSWFlat(DIM, 8, faiss.METRIC_INNER_PRODUCT)
+    hnsw.add(tiny_arrays(N_ITEMS, DIM, SEED).item_embeddings)
+    faiss.write_index(hnsw, str(bundle_dir / "index.faiss"))
+    manifest = read_manifest(bundle_dir)
+    manifest = manifest.model_copy(
+        update={
+            "index": manifest.index.model_copy(
+                update={"type": "hnsw", "params": {"M": 8, "efSearch": 77}}
+            )
+        }
+    )
+    finalize_bundle(bundle_dir, manifest)
+
+    bundle = load_bundle(bundle_dir)
+    index = faiss.downcast_index(bundle.index)
+    assert isinstance(index, faiss.IndexHNSWFlat)
+    assert index.hnsw.efSearch == 77
+
+
+def test_registry_refuses_to_register_a_tampered_bundle(bundle_dir: Path) -> None:
+    (bundle_dir / "popularity.json").write_text('{"global": []}')
+    with pytest.raises(RegistryError, match=r"checksum mismatch for 'popularity\.json'"):
+        check_bundle(bundle_dir)

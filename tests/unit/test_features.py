@@ -1,0 +1,80 @@
+"""Point-in-time user states and training rows, checked against a log worked out by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from training.data import normalize_events
+from training.features import encode_log, item_stats_at, training_rows, user_states_at
+
+T0 = pd.Timestamp("2026-01-01", tz="UTC")
+# items i0, i1 in category 0; i2, i3 in category 1
+ITEMS = pd.Index(["i0", "i1", "i2", "i3"])
+CATS = np.array([0, 0, 1, 1])
+
+
+def _log():
+    rows = [
+        ("u1", "i0", "view", 1),
+        ("u1", "i0", "click", 2),  # weight 1, category 0
+        ("u1", "i2", "purchase", 3),  # weight 3, category 1
+        ("u1", "i0", "click", 4),  # repeat of i0: counts, but is not a new first positive
+        ("u2", "i3", "click", 5),
+        ("u1", "i1", "click", 6),
+        ("u1", "gone", "click", 7),  # item not in the catalog: dropped
+    ]
+    frame = pd.DataFrame(
+        [
+            {"user_id": u, "item_id": i, "event_type": t, "timestamp": T0 + pd.Timedelta(days=d)}
+            for u, i, t, d in rows
+        ]
+    )
+    return encode_log(normalize_events(frame), ITEMS, CATS, 2)
+
+
+def test_user_state_counts_positives_and_lists_distinct_recent_items_newest_first() -> None:
+    log = _log()
+    states = user_states_at(log, np.array(["u1", "u2", "u9"]), T0 + pd.Timedelta(days=5.5), 3)
+    # u1 before day 5.5: click i0 (c0, w1), purchase i2 (c1, w3), click i0 (c0, w1)
+    assert states.event_count.tolist() == [3.0, 1.0, 0.0]
+    np.testing.assert_allclose(states.category_prefs[0], [2 / 5, 3 / 5])
+    np.testing.assert_allclose(states.category_prefs[1], [0.0, 1.0])
+    np.testing.assert_allclose(states.category_prefs[2], [0.0, 0.0])
+    assert states.recent_items.tolist() == [[3, 1, 0], [4, 0, 0], [0, 0, 0]]  # index + 1
+    assert states.seen.toarray().tolist() == [[1, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]]
+    np.testing.assert_allclose(states.profile()[0], [np.log1p(3), 0.4, 0.6], rtol=1e-6)
+
+
+def test_training_rows_see_only_the_past_of_each_event() -> None:
+    log = _log()
+    position = np.full(len(log.ts), -1)
+    rows = training_rows(log, position, np.ones(len(log.ts), dtype=bool), 3)
+    # first positives in time order: (u1,i0,d2) (u1,i2,d3) (u2,i3,d5) (u1,i1,d6)
+    assert rows.user_ids.tolist() == ["u1", "u1", "u2", "u1"]
+    assert rows.item.tolist() == [0, 2, 3, 1]
+    assert rows.recent.tolist() == [[0, 0, 0], [1, 0, 0], [0, 0, 0], [3, 1, 0]]
+    expected_counts = [0, 1, 0, 3]
+    np.testing.assert_allclose(rows.profile[:, 0], np.log1p(expected_counts), rtol=1e-6)
+    np.testing.assert_allclose(rows.profile[1, 1:], [1.0, 0.0])
+    np.testing.assert_allclose(rows.profile[3, 1:], [0.4, 0.6])
+    np.testing.assert_allclose(rows.weight, [1.0, 3.0, 1.0, 1.0])
+
+
+def test_the_state_before_an_event_equals_the_state_at_its_time() -> None:
+    """Training rows and evaluation states are the same definition: no train/eval skew."""
+    log = _log()
+    rows = training_rows(log, np.full(len(log.ts), -1), np.ones(len(log.ts), dtype=bool), 3)
+    at = user_states_at(log, np.array(["u1"]), T0 + pd.Timedelta(days=6), 3)
+    np.testing.assert_allclose(rows.profile[3], at.profile()[0], rtol=1e-6)
+    assert rows.recent[3].tolist() == at.recent_items[0].tolist()
+
+
+def test_item_stats_windows() -> None:
+    log = _log()
+    stats = item_stats_at(log, T0 + pd.Timedelta(days=5.5), np.full(4, T0.value))
+    assert stats.pop_all.tolist() == [2.0, 0.0, 3.0, 1.0]
+    # 1-day window: only the click on i3 at day 5
+    assert stats.pop_1d.tolist() == [0.0, 0.0, 0.0, 1.0]
+    assert stats.age_days.tolist() == pytest.approx([5.5] * 4)

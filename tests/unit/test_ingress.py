@@ -1,0 +1,314 @@
+"""The HTTP API's contract without Ray: validation, error shapes and status codes, response shape.
+
+`create_api` runs under FastAPI's TestClient over two small Backend implementations: one that must never
+be reached (every bad input is refused before the graph) and one answering a fixed, hand-made result.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serve_app.config import ApiConfig
+from serve_app.errors import FeatureStoreUnavailable, ModelUnavailable
+from serve_app.event_writer import EventWriteSummary
+from serve_app.ingress import create_api
+from serve_app.metrics import RequestMetrics
+from serve_app.models import SwapOutcome
+from serve_app.recommend import Query, Recommendations, RecommendedItem
+from serve_app.router import Readiness
+from serve_app.schemas import Event
+
+RESULT = Recommendations(
+    request_id="",
+    user_id="u1",
+    variant="champion",
+    model_version="3",
+    items=(
+        RecommendedItem("i9", 2.5, 1, "retrieval"),
+        RecommendedItem("i4", 1.0, 2, "popularity"),
+    ),
+    fallback=None,
+    timings=(("user_tower", 1.5), ("graph", 4.0)),
+)
+
+
+class Unreachable:
+    """A backend the API must not call: the request should have been refused before."""
+
+    async def recommend(self, query: Query) -> Recommendations:
+        raise AssertionError(f"invalid request reached the graph: {query}")
+
+    async def write_events(self, events: list[Event]) -> EventWriteSummary:
+        raise AssertionError(f"invalid events reached the writer: {events}")
+
+    async def readiness(self) -> Readiness:
+        return Readiness(False, None, "models:/recserve@champion", None, "no alias")
+
+    async def reload(self) -> SwapOutcome:
+        return SwapOutcome("3", "4", True)
+
+
+class Fixed(Unreachable):
+    """Answers RESULT (for the user asked) and records what reached it."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.queries: list[Query] = []
+        self.events: list[Event] = []
+        self.error = error
+
+    async def recommend(self, query: Query) -> Recommendations:
+        if self.error is not None:
+            raise self.error
+        self.queries.append(query)
+        return Recommendations(**{**RESULT.__dict__, "request_id": query.request_id})
+
+    async def write_events(self, events: list[Event]) -> EventWriteSummary:
+        if self.error is not None:
+            raise self.error
+        self.events.extend(events)
+        return EventWriteSummary(written=len(events), duplicates=0)
+
+
+def client(backend: Any, **config: Any) -> TestClient:
+    # With the real metrics: recording a request must never be what fails it.
+    api = create_api(backend, ApiConfig(**config), RequestMetrics())
+    return TestClient(api, raise_server_exceptions=False)
+
+
+def assert_error(response: Any, status: int, code: str, field: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field"}
+    assert body["error"]["code"] == code
+    assert body["error"]["field"] == field
+    assert "Traceback" not in response.text
+
+
+BAD_RECOMMENDATION_BODIES = [
+    ({"user_id": 5}, "user_id"),
+    ({"user_id": ""}, "user_id"),
+    ({"user_id": "has space"}, "user_id"),
+    ({"user_id": "x" * 129}, "user_id"),
+    ({"user_id": "été"}, "user_id"),
+    ({}, "user_id"),
+    ({"user_id": "u1", "k": 0}, "k"),
+    ({"user_id": "u1", "k": 201}, "k"),
+    ({"user_id": "u1", "k": -3}, "k"),
+    ({"user_id": "u1", "k": "10"}, "k"),
+    ({"user_id": "u1", "k": 2.5}, "k"),
+    ({"user_id": "u1", "k": True}, "k"),
+    ({"user_id": "u1", "colour": "red"}, "colour"),
+    (
+        {"user_id": "u1", "filters": {"exclude_item_ids": ["ok", "not ok"]}},
+        "filters.exclude_item_ids.1",
+    ),
+    ({"user_id": "u1", "filters": {"brands": ["x"]}}, "filters.brands"),
+    ({"user_id": "u1", "filters": "none"}, "filters"),
+    ({"user_id": "u1", "options": {"mmr_lambda": 1.5}}, "options.mmr_lambda"),
+    ({"user_id": "u1", "context": {"device": "d" * 33}}, "context.device"),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), BAD_RECOMMENDATION_BODIES)
+def test_invalid_recommendation_requests_get_422_naming_the_field(
+    body: dict[str, Any], field: str
+) -> None:
+    response = client(Unreachable()).post("/v1/recommendations", json=body)
+    assert_error(response, 422, "invalid_request", field)
+
+
+def test_malformed_json_empty_body_and_wrong_media_type_are_refused() -> None:
+    api = client(Unreachable())
+    headers = {"Content-Type": "application/json"}
+    assert_error(
+        api.post("/v1/recommendations", content=b'{"user_id": "u1",', headers=headers),
+        400,
+        "malformed_json",
+    )
+    assert_error(api.post("/v1/recommendations", content=b"", headers=headers), 400, "missing_body")
+    assert_error(
+        api.post("/v1/recommendations", content=b"[1, 2]", headers=headers), 422, "invalid_request"
+    )
+    assert_error(
+        api.post(
+            "/v1/recommendations",
+            content=b"user_id=u1",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        ),
+        415,
+        "unsupported_media_type",
+    )
+
+
+def test_bodies_over_the_limit_get_413_with_or_without_a_declared_length() -> None:
+    api = client(Unreachable(), max_body_bytes=2_048)
+    big = json.dumps({"user_id": "u1", "filters": {"exclude_item_ids": ["i1"] * 600}}).encode()
+    assert len(big) > 2_048
+    declared = api.post(
+        "/v1/recommendations", content=big, headers={"Content-Type": "application/json"}
+    )
+    assert_error(declared, 413, "body_too_large")
+
+    def chunks() -> Any:  # streamed: no Content-Length, the limit applies to the bytes read
+        for start in range(0, len(big), 512):
+            yield big[start : start + 512]
+
+    streamed = api.post(
+        "/v1/recommendations", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert "content-length" not in {k.lower() for k in streamed.request.headers}
+    assert_error(streamed, 413, "body_too_large")
+    default_limit = client(Unreachable()).post(
+        "/v1/events",
+        content=b'{"events": ["' + b"x" * (1 << 20) + b'"]}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert_error(default_limit, 413, "body_too_large")
+
+
+def test_unknown_routes_and_methods_get_json_errors() -> None:
+    api = client(Unreachable())
+    assert_error(api.get("/v1/nothing"), 404, "not_found")
+    assert_error(api.get("/v1/recommendations"), 405, "method_not_allowed")
+
+
+def test_a_valid_request_reaches_the_graph_and_gets_the_documented_shape() -> None:
+    backend = Fixed()
+    api = client(backend)
+    response = api.post(
+        "/v1/recommendations",
+        json={
+            "user_id": "u1",
+            "k": 2,
+            "context": {"segment": "books", "device": "ios"},
+            "filters": {"exclude_categories": ["toys"], "exclude_item_ids": ["i7"]},
+            "options": {"mmr_lambda": 1, "category_cap": False},
+        },
+        headers={"X-Request-ID": "req-42"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Request-ID"] == "req-42"
+    assert response.json() == {
+        "request_id": "req-42",
+        "user_id": "u1",
+        "variant": "champion",
+        "model_version": "3",
+        "items": [
+            {"item_id": "i9", "score": 2.5, "rank": 1, "source": "retrieval"},
+            {"item_id": "i4", "score": 1.0, "rank": 2, "source": "popularity"},
+        ],
+        "fallback": None,
+    }
+    (query,) = backend.queries
+    assert (query.user_id, query.k, query.segment, query.mmr_lambda, query.category_cap) == (
+        "u1",
+        2,
+        "books",
+        1.0,
+        False,
+    )
+    assert query.filters.exclude_categories == frozenset({"toys"})
+    assert query.filters.exclude_item_ids == frozenset({"i7"})
+    debug = api.post("/v1/recommendations?debug=1", json={"user_id": "u1"}).json()
+    assert debug["debug"]["timings_ms"] == {"user_tower": 1.5, "graph": 4.0}
+    generated = api.post(
+        "/v1/recommendations", json={"user_id": "u1"}, headers={"X-Request-ID": "bad id!"}
+    )
+    assert generated.json()["request_id"] != "bad id!" and len(generated.json()["request_id"]) == 32
+
+
+def test_graph_failures_become_503_and_never_500_with_a_trace() -> None:
+    assert_error(
+        client(Fixed(ModelUnavailable("no version yet"))).post(
+            "/v1/recommendations", json={"user_id": "u1"}
+        ),
+        503,
+        "model_unavailable",
+    )
+    down = client(Fixed(FeatureStoreUnavailable("redis down"))).post(
+        "/v1/events", json={"events": [{"user_id": "u1", "item_id": "i1", "event_type": "click"}]}
+    )
+    assert_error(down, 503, "feature_store_unavailable")
+    assert down.headers["Retry-After"] == "1"
+    crash = client(Fixed(ZeroDivisionError("boom"))).post(
+        "/v1/recommendations", json={"user_id": "u1"}
+    )
+    assert_error(crash, 500, "internal_error")
+    assert "boom" not in crash.text
+
+
+def test_events_are_validated_one_by_one_and_valid_ones_written() -> None:
+    backend = Fixed()
+    response = client(backend).post(
+        "/v1/events",
+        json={
+            "events": [
+                {"user_id": "u1", "item_id": "i1", "event_type": "click"},
+                {"user_id": "u1", "item_id": "i2", "event_type": "teleport"},
+                {"user_id": "u 1", "item_id": "i3", "event_type": "view"},
+                "not an object",
+                {"user_id": "u2", "item_id": "i4", "event_type": "purchase", "position": 3},
+            ]
+        },
+    )
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["accepted"] == 2
+    assert [r["index"] for r in body["rejected"]] == [1, 2, 3]
+    assert "event_type" in body["rejected"][0]["error"]
+    assert "user_id" in body["rejected"][1]["error"]
+    assert [(e.user_id, e.item_id) for e in backend.events] == [("u1", "i1"), ("u2", "i4")]
+
+
+def test_event_batches_over_the_limit_empty_or_misshapen_get_422() -> None:
+    api = client(Unreachable(), max_events_per_batch=3)
+    event = {"user_id": "u1", "item_id": "i1", "event_type": "click"}
+    assert_error(
+        api.post("/v1/events", json={"events": [event] * 4}), 422, "too_many_events", "events"
+    )
+    assert_error(api.post("/v1/events", json={"events": []}), 422, "invalid_request", "events")
+    assert_error(api.post("/v1/events", json={"events": event}), 422, "invalid_request", "events")
+    assert_error(
+        api.post("/v1/events", json={"events": [event], "source": "x"}),
+        422,
+        "invalid_request",
+        "source",
+    )
+    assert client(Fixed()).post("/v1/events", json={"events": [event] * 1_000}).status_code == 202
+    assert_error(
+        client(Unreachable()).post("/v1/events", json={"events": [event] * 1_001}),
+        422,
+        "too_many_events",
+        "events",
+    )
+
+
+def test_admin_reload_needs_the_configured_key() -> None:
+    assert_error(client(Unreachable()).post("/v1/admin/reload"), 403, "admin_disabled")
+    api = client(Unreachable(), admin_api_key="s3cret")
+    assert_error(api.post("/v1/admin/reload"), 401, "unauthorized", "X-API-Key")
+    assert_error(
+        api.post("/v1/admin/reload", headers={"X-API-Key": "guess"}),
+        401,
+        "unauthorized",
+        "X-API-Key",
+    )
+    ok = api.post("/v1/admin/reload", headers={"X-API-Key": "s3cret"})
+    assert ok.status_code == 200
+    assert ok.json() == {"previous": "3", "current": "4", "changed": True, "error": None}
+
+
+def test_health_readiness_and_docs() -> None:
+    api = client(Unreachable())
+    assert api.get("/healthz").json() == {"status": "ok"}
+    ready = api.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["ready"] is False
+    assert api.get("/docs").status_code == 200
+    paths = api.get("/openapi.json").json()["paths"]
+    assert {"/v1/recommendations", "/v1/events", "/healthz", "/readyz", "/v1/admin/reload"} <= set(
+        paths
+    )

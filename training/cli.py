@@ -1,0 +1,362 @@
+"""`recserve` command line: generate data, train and register a bundle, promote or roll back.
+
+Thin: parses flags into `TrainingSettings` and calls the pipeline and registry functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from rich.console import Console
+from rich.logging import RichHandler
+
+from training.config import TrainingSettings, load_settings
+from training.data import Dataset, read_dataset, write_dataset
+from training.job_metrics import (
+    MaterializationMetrics,
+    TrainingMetrics,
+    add_metrics_arguments,
+    metrics_output,
+)
+
+# Wide enough for the metrics table even when stdout is a pipe or a CI log.
+console = Console(width=160) if not Console().is_terminal else Console()
+
+
+def _settings(args: argparse.Namespace) -> TrainingSettings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "data_dir", None):
+        overrides["data_dir"] = args.data_dir
+    if getattr(args, "dataset", None):
+        overrides["dataset"] = args.dataset
+    if getattr(args, "dataset_path", None):
+        overrides["dataset_path"] = args.dataset_path
+    if getattr(args, "redis_url", None):
+        overrides["redis_url"] = args.redis_url
+    if getattr(args, "tracking_uri", None):
+        overrides["mlflow_tracking_uri"] = args.tracking_uri
+    if getattr(args, "no_register", False):
+        overrides["register_bundle"] = False
+    settings = load_settings(args.config, **overrides)
+    size = getattr(args, "size", None)
+    if size:
+        settings.synthetic = settings.synthetic.model_copy(update=SIZES[size])
+    if getattr(args, "epochs", None):
+        settings.two_tower = settings.two_tower.model_copy(update={"epochs": args.epochs})
+    return settings
+
+
+# Named sizes of the generated data set: tiny for tests, default for the demo, large for benchmarks.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"n_users": 300, "n_items": 200, "n_events": 12_000, "n_categories": 8},
+    "default": {"n_users": 5_000, "n_items": 2_000, "n_events": 300_000, "n_categories": 20},
+    "large": {"n_users": 200_000, "n_items": 100_000, "n_events": 3_000_000, "n_categories": 100},
+    "xl": {"n_users": 1_000_000, "n_items": 1_000_000, "n_events": 10_000_000, "n_categories": 500},
+}
+
+
+def load_dataset(settings: TrainingSettings, progress: bool = True) -> Dataset:
+    """The data set named by settings; generated data is written under data_dir/datasets."""
+    if settings.dataset == "synthetic":
+        from training.synthetic import generate
+
+        dataset = generate(settings.synthetic, progress=progress)
+        write_dataset(dataset, settings.data_dir / "datasets" / dataset.name)
+        return dataset
+    if settings.dataset_path is None:
+        raise SystemExit(f"--dataset {settings.dataset} needs --dataset-path")
+    if settings.dataset == "movielens":
+        from training.movielens import load_movielens
+
+        return load_movielens(settings.dataset_path)
+    if settings.dataset == "online-retail":
+        from training.online_retail import load_online_retail
+
+        dataset, _report = load_online_retail(settings.dataset_path)
+        return dataset
+    return read_dataset(settings.dataset_path)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from training.synthetic import generate
+
+    settings = _settings(args)
+    dataset = generate(settings.synthetic)
+    out = args.out or settings.data_dir / "datasets" / dataset.name
+    paths = write_dataset(dataset, out)
+    console.print(f"wrote {len(dataset.events):,} events, {len(dataset.catalog):,} items to {out}")
+    for name, path in paths.items():
+        console.print(f"  {name}: {path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.evaluate import print_metrics_table
+    from training.pipeline import FINAL_SYSTEM, run_pipeline
+
+    settings = _settings(args)
+    dataset = load_dataset(settings)
+    console.print(
+        f"data set [bold]{dataset.name}[/]: {len(dataset.events):,} events, "
+        f"{dataset.events['user_id'].nunique():,} users, {len(dataset.catalog):,} items"
+    )
+    result = run_pipeline(
+        settings,
+        dataset,
+        on_table=lambda m: print_metrics_table(
+            m, "Offline evaluation (held-out time window)", console
+        ),
+    )
+    console.print(f"index recall@100 vs exact: {result.index_report['recall@100']:.4f}")
+    console.print(f"timings (s): {result.timings}  total {sum(result.timings.values()):.1f}")
+    console.print(f"bundle: {result.bundle_dir}")
+    if result.registered:
+        console.print(
+            f"registered [bold]{settings.model_name}[/] version {result.registered.version} "
+            f"(alias challenger) at {settings.tracking_uri}"
+        )
+    final = result.metrics[FINAL_SYSTEM]
+    console.print(
+        f"{FINAL_SYSTEM}: ndcg@10 {final['ndcg@10']:.4f}, recall@50 {final['recall@50']:.4f}"
+    )
+    _publish_training_metrics(
+        args, result.timings, final, result.registered.version if result.registered else None
+    )
+    if args.promote and result.registered:
+        # Not winning the promotion gate is an outcome, not a failure of the training run.
+        _promote(settings, force=False, version=result.registered.version)
+    return 0
+
+
+def _publish_training_metrics(
+    args: argparse.Namespace,
+    timings: dict[str, float],
+    final: dict[str, float],
+    version: str | None,
+) -> None:
+    registry = CollectorRegistry()
+    TrainingMetrics(registry).succeeded(timings, final, version, time.time())
+    metrics_output(args, job="recserve-training").publish(registry)
+
+
+def _promote(settings: TrainingSettings, force: bool, version: str | None) -> int:
+    from training.registry import promote
+
+    decision = promote(
+        tracking_uri=settings.tracking_uri,
+        model_name=settings.model_name,
+        margin=settings.promotion_margin,
+        force=force,
+        version=version,
+    )
+    for line in decision.evidence:
+        console.print(f"  {line}")
+    console.print(
+        ("[green]promoted[/] " if decision.promoted else "[yellow]not promoted[/] ")
+        + decision.reason
+    )
+    return 0 if decision.promoted else 3
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.margin is not None:
+        settings.promotion_margin = args.margin
+    return _promote(settings, args.force, args.version)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from training.registry import rollback
+
+    settings = _settings(args)
+    decision = rollback(tracking_uri=settings.tracking_uri, model_name=settings.model_name)
+    for line in decision.evidence:
+        console.print(f"  {line}")
+    console.print(decision.reason)
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from feature_repo.store import apply, materialize_incremental
+
+    settings = _settings(args)
+    config = settings.feature_store
+    if args.action in ("apply", "all"):
+        apply(config)
+        console.print(f"feast apply: project {config.project} ({config.resolved_profile} profile)")
+    if args.action in ("materialize", "all"):
+        end = datetime.now(UTC)
+        started = time.monotonic()
+        materialize_incremental(config, end=end)
+        console.print(f"feast materialize-incremental up to {end.isoformat()}")
+        registry = CollectorRegistry()
+        MaterializationMetrics(registry).succeeded(
+            time.monotonic() - started, end.timestamp(), time.time()
+        )
+        metrics_output(args, job="recserve-materialization").publish(registry)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate, train, register and promote, then hand over to the serving CLI (features + serve).
+
+    Serving runs in its own process (`python -m serve_app.cli demo`): training never imports the
+    serving graph. It applies and materializes the features, serves, answers one request and one
+    event, prints curl commands and stops on Ctrl-C.
+    """
+    import subprocess
+
+    args.promote = True
+    code = cmd_train(args)
+    if code:
+        return code
+    settings = _settings(args)
+    serve = [sys.executable, "-m", "serve_app.cli", "demo", "--data-dir", str(settings.data_dir)]
+    if getattr(args, "tracking_uri", None):
+        serve += ["--tracking-uri", args.tracking_uri]
+    if args.port:
+        serve += ["--port", str(args.port)]
+    try:
+        return subprocess.call(serve)
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """The fixed evaluation protocol (per-customer last 20%) against popularity, item-kNN and EASE."""
+    import json
+    import math
+
+    import mlflow
+
+    from training.evaluate import print_metrics_table, write_metrics_json
+    from training.protocol import run_protocol
+
+    settings = _settings(args)
+    dataset = load_dataset(settings)
+    metrics = run_protocol(dataset, settings)
+    print_metrics_table(metrics, f"Evaluation protocol on {dataset.name} (test pairs)", console)
+    out = args.json_out or settings.data_dir / "evaluations" / f"{dataset.name}.json"
+    write_metrics_json(metrics, out)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_experiment(f"{settings.experiment}-evaluation")
+    with mlflow.start_run(run_name=f"protocol-{dataset.name}"):
+        mlflow.log_metrics(
+            {
+                f"{system.replace(' ', '_').replace('+', 'plus')}.{name.replace('@', '_at_')}": value
+                for system, values in metrics.items()
+                for name, value in values.items()
+                if isinstance(value, int | float) and math.isfinite(value)
+            }
+        )
+        mlflow.log_dict(json.loads(out.read_text()), "protocol_metrics.json")
+    console.print(f"written {out}; logged to MLflow at {settings.tracking_uri}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recserve",
+        description="recserve: train, evaluate, register and promote recommendation bundles.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, help="YAML settings file (env: RECSERVE_CONFIG)")
+        p.add_argument(
+            "--data-dir", type=Path, help="data, bundles and local MLflow (default: data)"
+        )
+        p.add_argument(
+            "--tracking-uri", help="MLflow tracking URI (default: sqlite under data dir)"
+        )
+
+    g = sub.add_parser("generate", help="write a synthetic data set with planted structure")
+    common(g)
+    g.add_argument("--size", choices=sorted(SIZES), help="named size (default: settings)")
+    g.add_argument("--out", type=Path, help="output directory")
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="run the offline pipeline and register a bundle as challenger")
+    common(t)
+    t.add_argument(
+        "--dataset",
+        choices=["synthetic", "movielens", "online-retail", "parquet"],
+        help="input kind",
+    )
+    t.add_argument(
+        "--dataset-path", type=Path, help="input path for movielens/online-retail/parquet"
+    )
+    t.add_argument("--size", choices=sorted(SIZES), help="size of the generated data set")
+    t.add_argument("--epochs", type=int, help="two-tower epochs (upper bound; early stopping)")
+    t.add_argument("--no-register", action="store_true", help="do not register in MLflow")
+    t.add_argument("--promote", action="store_true", help="promote to champion if it wins")
+    add_metrics_arguments(t)
+    t.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("promote", help="move alias champion to the challenger if it wins")
+    common(p)
+    p.add_argument("--margin", type=float, help="relative NDCG@10 gain required (default 0.02)")
+    p.add_argument("--force", action="store_true", help="promote regardless of metrics")
+    p.add_argument("--version", help="promote this version instead of the challenger")
+    p.set_defaults(func=cmd_promote)
+
+    d = sub.add_parser(
+        "demo", help="train on generated data, register, promote, then serve and answer a request"
+    )
+    common(d)
+    d.add_argument("--size", choices=sorted(SIZES), help="size of the generated data set")
+    d.add_argument("--epochs", type=int, help="two-tower epochs (upper bound; early stopping)")
+    d.add_argument("--port", type=int, help="HTTP port of the served graph (default 8000)")
+    add_metrics_arguments(d)
+    d.set_defaults(func=cmd_demo, no_register=False, dataset=None, dataset_path=None)
+
+    e = sub.add_parser(
+        "evaluate", help="the fixed per-customer evaluation protocol against strong baselines"
+    )
+    common(e)
+    e.add_argument(
+        "--dataset",
+        choices=["synthetic", "movielens", "online-retail", "parquet"],
+        help="input kind",
+    )
+    e.add_argument(
+        "--dataset-path", type=Path, help="input path for movielens/online-retail/parquet"
+    )
+    e.add_argument("--json-out", type=Path, help="where to write the table as JSON")
+    e.set_defaults(func=cmd_evaluate)
+
+    f = sub.add_parser("features", help="feast apply and/or incremental materialization")
+    common(f)
+    f.add_argument("action", choices=["apply", "materialize", "all"], help="what to run")
+    add_metrics_arguments(f)
+    f.set_defaults(func=cmd_features)
+
+    r = sub.add_parser("rollback", help="move alias champion back to the previous champion")
+    common(r)
+    r.set_defaults(func=cmd_rollback)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+    )
+    for noisy in ("mlflow", "alembic", "urllib3", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Training settings: the one place the offline pipeline's defaults live.
+
+Sources, highest first: explicit arguments (CLI flags), environment variables (`RECSERVE_*`, nested with
+`__`, e.g. `RECSERVE_TWO_TOWER__EPOCHS=3`), a YAML file (`RECSERVE_CONFIG` or `--config`), the defaults here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from feature_repo.config import FeatureStoreConfig
+
+
+class SyntheticConfig(BaseModel):
+    """Sizes and strength of the planted structure of the generated data set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_users: int = Field(5_000, ge=1, description="users")
+    n_items: int = Field(2_000, ge=2, description="items")
+    n_events: int = Field(300_000, ge=1, description="approximate number of events")
+    n_categories: int = Field(20, ge=1, description="item categories")
+    latent_dim: int = Field(16, ge=2, description="dimension of the planted preference space")
+    days: int = Field(60, ge=1, description="time span of the log")
+    zipf_exponent: float = Field(0.7, ge=0.0, description="item popularity skew (Zipf exponent)")
+    seed: int = 0
+
+
+class TwoTowerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    embedding_dim: int = Field(64, ge=4)
+    hidden_dim: int = Field(128, ge=4)
+    user_buckets: int = Field(50_000, ge=1, description="hash buckets for user ids")
+    item_buckets: int = Field(100_000, ge=1, description="hash buckets for item ids")
+    token_buckets: int = Field(20_000, ge=1, description="hash buckets for title tokens")
+    max_title_tokens: int = Field(8, ge=1)
+    history_length: int = Field(20, ge=1, description="recent items fed to the user tower")
+    user_id_dropout: float = Field(
+        0.5, ge=0.0, le=1.0, description="share of rows trained without the user id (cold users)"
+    )
+    temperature: float = Field(0.2, gt=0.0, description="softmax temperature of the InfoNCE loss")
+    logq_strength: float = Field(
+        1.0, ge=0.0, le=1.0, description="share of the sampled-softmax log-Q correction applied"
+    )
+    batch_size: int = Field(1024, ge=2)
+    learning_rate: float = Field(3e-3, gt=0.0)
+    weight_decay: float = Field(1e-6, ge=0.0)
+    epochs: int = Field(8, ge=1)
+    patience: int = Field(2, ge=1, description="epochs without validation gain before stopping")
+    min_weight: float = Field(
+        0.5, ge=0.0, description="events below this weight (views) are not training positives"
+    )
+    position_bias_power: float = Field(
+        1.0, ge=0.0, description="inverse-propensity exponent for clicks at known positions"
+    )
+    max_ipw: float = Field(5.0, ge=1.0, description="cap on the position-bias correction weight")
+    threads: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class IndexSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    exact_threshold: int = Field(50_000, ge=1, description="below this many items: exact search")
+    kind: Literal["hnsw", "ivf"] = "hnsw"
+
+
+class RankerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    candidates: int = Field(100, ge=10, description="retrieval candidates per user to rank")
+    max_rounds: int = Field(600, ge=1)
+    early_stopping_rounds: int = Field(50, ge=1)
+    learning_rate: float = Field(0.05, gt=0.0)
+    max_depth: int = Field(4, ge=1)
+    validation_share: float = Field(0.2, gt=0.0, lt=1.0, description="share of groups held out")
+    threads: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class SplitConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ranker_fraction: float = Field(
+        0.75, gt=0.0, lt=1.0, description="time quantile where the ranker's label window starts"
+    )
+    test_fraction: float = Field(
+        0.9, gt=0.0, lt=1.0, description="time quantile where the test window starts"
+    )
+    cold_user_max_events: int = Field(5, ge=0, description="users with at most this many: cold")
+
+
+class TrainingSettings(BaseSettings):
+    """Everything the offline pipeline needs; create it once at the edge (CLI) and pass it down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RECSERVE_", env_nested_delimiter="__", extra="forbid", yaml_file=None
+    )
+
+    data_dir: Path = Field(Path("data"), description="where data sets, bundles and MLflow live")
+    dataset: Literal["synthetic", "movielens", "online-retail", "parquet"] = "synthetic"
+    dataset_path: Path | None = Field(None, description="input for movielens/online-retail/parquet")
+    model_name: str = Field("recserve", description="registered model name")
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "mlflow_tracking_uri", "MLFLOW_TRACKING_URI", "RECSERVE_MLFLOW_TRACKING_URI"
+        ),
+        description="MLflow tracking URI (also MLFLOW_TRACKING_URI); default sqlite:///<data_dir>/mlflow.db",
+    )
+    experiment: str = "recserve"
+    register_bundle: bool = Field(True, description="register the bundle in MLflow")
+    promotion_margin: float = Field(0.02, ge=0.0, description="relative NDCG@10 gain to promote")
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("redis_url", "REDIS_URL", "RECSERVE_REDIS_URL"),
+        description="Redis for Feast's online store (redis profile); None: embedded SQLite",
+    )
+    feature_store: FeatureStoreConfig = Field(default_factory=FeatureStoreConfig)
+    synthetic: SyntheticConfig = SyntheticConfig()
+    split: SplitConfig = SplitConfig()
+    two_tower: TwoTowerConfig = TwoTowerConfig()
+    index: IndexSettings = IndexSettings()
+    ranker: RankerConfig = RankerConfig()
+
+    @model_validator(mode="after")
+    def _feature_store_defaults(self) -> TrainingSettings:
+        # The feature store lives under the same data dir, and REDIS_URL selects its redis profile.
+        update: dict[str, Any] = {"data_dir": self.data_dir}
+        if self.redis_url and not self.feature_store.redis_url:
+            update["redis_url"] = self.redis_url
+        self.feature_store = FeatureStoreConfig.model_validate(
+            {**self.feature_store.model_dump(), **update}
+        )
+        return self
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{(self.data_dir / 'mlflow.db').resolve()}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_file = settings_cls.model_config.get("yaml_file")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> TrainingSettings:
+    """Settings from defaults <- YAML file <- environment <- explicit overrides."""
+    import os
+
+    path = config_file or (
+        Path(os.environ["RECSERVE_CONFIG"]) if "RECSERVE_CONFIG" in os.environ else None
+    )
+
+    class _Settings(TrainingSettings):
+        model_config = SettingsConfigDict(yaml_file=path)
+
+    return TrainingSettings.model_validate(_Settings(**overrides).model_dump())

@@ -1,0 +1,147 @@
+"""XGBoost learning-to-rank ranker over the two-tower's top-N candidates.
+
+Trained on a later time window than the towers (labels: graded positive interactions in that window),
+grouped by user (one group per simulated request), `rank:ndcg`, early stopping on held-out groups.
+The feature matrix comes from `serve_app.contract.ranker_features`, the same code serving runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import xgboost as xgb
+
+from serve_app.contract import RANKER_FEATURE_NAMES, ranker_features
+from training.config import RankerConfig
+from training.features import UserStates
+
+log = logging.getLogger(__name__)
+
+
+def exact_candidates(
+    user_vecs: np.ndarray, item_vecs: np.ndarray, seen: sp.csr_matrix, n: int, chunk: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-n items by dot product per user, seen items excluded; (items [B, n], scores [B, n])."""
+    n = min(n, item_vecs.shape[0])
+    items = np.empty((len(user_vecs), n), dtype=np.int64)
+    scores = np.empty((len(user_vecs), n), dtype=np.float32)
+    for s in range(0, len(user_vecs), chunk):
+        sc = user_vecs[s : s + chunk] @ item_vecs.T
+        coo = seen[s : s + chunk].tocoo()
+        sc[coo.row, coo.col] = -np.inf
+        top = np.argpartition(-sc, n - 1, axis=1)[:, :n]
+        top_scores = np.take_along_axis(sc, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        items[s : s + chunk] = np.take_along_axis(top, order, axis=1)
+        scores[s : s + chunk] = np.take_along_axis(top_scores, order, axis=1)
+    # A user who has seen nearly everything gets -inf scores: mark those slots as padding.
+    items[~np.isfinite(scores)] = -1
+    scores[~np.isfinite(scores)] = 0.0
+    return items, scores
+
+
+def candidate_matrix(
+    candidates: np.ndarray,
+    scores: np.ndarray,
+    states: UserStates,
+    item_features: np.ndarray,
+    item_categories: np.ndarray,
+) -> np.ndarray:
+    return ranker_features(
+        candidates,
+        scores,
+        item_features,
+        item_categories,
+        states.category_prefs,
+        states.event_count,
+        states.recent_items,
+    )
+
+
+def graded_labels(candidates: np.ndarray, labels: sp.csr_matrix) -> np.ndarray:
+    """Relevance grade of each candidate ([B, N]) from a [B, n_items] grade matrix."""
+    rows = np.repeat(np.arange(candidates.shape[0]), candidates.shape[1])
+    cols = np.where(candidates >= 0, candidates, 0).ravel()
+    grades = np.asarray(labels[rows, cols]).ravel().reshape(candidates.shape)
+    return np.where(candidates >= 0, grades, 0).astype(np.float32)
+
+
+def fit_lambdarank(
+    train: xgb.DMatrix, valid: xgb.DMatrix, config: RankerConfig, max_depth: int
+) -> tuple[xgb.Booster, int, float]:
+    """`rank:ndcg` with early stopping on `valid`; returns (booster cut at its best iteration,
+    best iteration, valid NDCG@10). Cutting the trees means serving needs no iteration_range."""
+    params = {
+        "objective": "rank:ndcg",
+        "eval_metric": "ndcg@10",
+        "eta": config.learning_rate,
+        "max_depth": max_depth,
+        "min_child_weight": 1.0,
+        "subsample": 0.9,
+        "colsample_bytree": 0.9,
+        "lambdarank_pair_method": "topk",
+        "lambdarank_num_pair_per_sample": 10,
+        "tree_method": "hist",
+        "nthread": config.threads,
+        "seed": config.seed,
+    }
+    evals_result: dict[str, dict[str, list[float]]] = {}
+    booster = xgb.train(
+        params,
+        train,
+        num_boost_round=config.max_rounds,
+        evals=[(valid, "valid")],
+        early_stopping_rounds=config.early_stopping_rounds,
+        evals_result=evals_result,
+        verbose_eval=False,
+    )
+    best = int(booster.best_iteration)
+    return booster[: best + 1], best, float(evals_result["valid"]["ndcg@10"][best])
+
+
+@dataclass(frozen=True)
+class RankerResult:
+    booster: xgb.Booster
+    best_iteration: int
+    valid_ndcg10: float
+    train_groups: int
+
+
+def train_ranker(
+    features: np.ndarray, grades: np.ndarray, n_candidates: int, config: RankerConfig
+) -> RankerResult:
+    """Train `rank:ndcg` on groups of `n_candidates` rows; groups without a positive are dropped."""
+    x = features.reshape(-1, n_candidates, features.shape[1])
+    y = grades.reshape(-1, n_candidates)
+    useful = y.max(axis=1) > 0
+    x, y = x[useful], y[useful]
+    if len(x) < 4:
+        raise ValueError(f"only {len(x)} ranker groups have a positive candidate: need at least 4")
+    rng = np.random.default_rng(config.seed)
+    is_valid = rng.random(len(x)) < config.validation_share
+    is_valid[0], is_valid[-1] = False, True  # both sides non-empty
+
+    def dmatrix(mask: np.ndarray) -> xgb.DMatrix:
+        d = xgb.DMatrix(
+            x[mask].reshape(-1, x.shape[2]),
+            label=y[mask].ravel(),
+            feature_names=list(RANKER_FEATURE_NAMES),
+        )
+        d.set_group(np.full(int(mask.sum()), n_candidates))
+        return d
+
+    train, valid = dmatrix(~is_valid), dmatrix(is_valid)
+    booster, best, ndcg = fit_lambdarank(train, valid, config, config.max_depth)
+    log.info("ranker: %d groups, best iteration %d, valid ndcg@10 %.4f", len(x), best, ndcg)
+    return RankerResult(booster, best, ndcg, int((~is_valid).sum()))
+
+
+def rerank(booster: xgb.Booster, features: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Candidates reordered by ranker score ([B, N]); padding stays last."""
+    scores = booster.inplace_predict(features).reshape(candidates.shape)
+    scores = np.where(candidates >= 0, scores, -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(candidates, order, axis=1)
