@@ -151,6 +151,18 @@ def resolve_alias(tracking_uri: str, model_name: str, alias: str) -> str:
     return str(version)
 
 
+def resolve_ref(tracking_uri: str, model_name: str, ref: str) -> str:
+    """A version number (checked to exist) or an alias, as a version; ModelUnavailable if neither."""
+    if not ref.isdigit():
+        return resolve_alias(tracking_uri, model_name, ref)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client(tracking_uri).get_model_version(model_name, ref).version)
+    except MlflowException as exc:
+        raise ModelUnavailable(f"model '{model_name}' has no version {ref}: {exc}") from exc
+
+
 def fetch_bundle(tracking_uri: str, model_name: str, version: str, cache_dir: str | Path) -> Path:
     """Local, verified copy of a registered version at `cache_dir/<model_name>/<version>/`.
 

@@ -144,7 +144,9 @@ def init_ray(num_cpus: int | None, metrics_export_port: int | None = None) -> No
     )
 
 
-def deploy(settings: dict[str, Any], config: dict[str, Any], name: str = APP_NAME) -> None:
+def deploy(
+    settings: dict[str, Any], config: dict[str, Any], name: str = APP_NAME, route_prefix: str = "/"
+) -> None:
     """Run the graph as application `name` on the current Serve instance (not blocking)."""
     from ray import serve
 
@@ -154,7 +156,7 @@ def deploy(settings: dict[str, Any], config: dict[str, Any], name: str = APP_NAM
     serve.run(
         app,
         name=name,
-        route_prefix="/",
+        route_prefix=route_prefix,
         blocking=False,
         logging_config=config.get("logging_config"),
     )
@@ -333,6 +335,61 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shadow_report(args: argparse.Namespace) -> int:
+    """Read the shadow log (Redis stream) and print how the shadow version compares."""
+    from serve_app.config import ServeSettings
+    from serve_app.experiments import ExperimentLog, ShadowSummary
+    from serve_app.redis_client import connect_redis
+
+    overrides: dict[str, Any] = {}
+    if args.redis_url:
+        overrides["redis_url"] = args.redis_url
+    settings = ServeSettings(**overrides)
+    experiment = settings.experiment
+    log = ExperimentLog(
+        connect_redis(settings.event_redis_url, 2.0),
+        experiment.key_prefix,
+        args.experiment or experiment.name,
+        experiment.attribution_window_seconds,
+    )
+    entries = log.shadow_log(args.last)
+    summary = ShadowSummary.of(entries)
+    by_pair: dict[tuple[str, str, str], list[Any]] = {}
+    for entry in entries:
+        by_pair.setdefault((entry.variant, entry.served_version, entry.shadow_version), []).append(
+            entry
+        )
+    rows = [
+        {
+            "variant": variant,
+            "served_version": served,
+            "shadow_version": shadow or "-",
+            **ShadowSummary.of(group).__dict__,
+        }
+        for (variant, served, shadow), group in sorted(by_pair.items())
+    ]
+    report = {"stream": log.shadow_stream, "total": summary.__dict__, "by_version": rows}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=dict) + "\n", encoding="utf-8")
+    print(f"shadow log {log.shadow_stream}: {summary.mirrored} comparisons")
+    header = f"{'variant':<12} {'served':>6} {'shadow':>6} {'n':>6} {'errors':<24} "
+    header += f"{'jaccard':>7} {'rbo':>6} {'p50 served ms':>13} {'p50 shadow ms':>13}"
+    print(header)
+
+    def fmt(value: float | None, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for row in rows:
+        errors = ",".join(f"{k}={v}" for k, v in sorted(row["errors"].items())) or "0"
+        print(
+            f"{row['variant']:<12} {row['served_version']:>6} {row['shadow_version']:>6} "
+            f"{row['mirrored']:>6} {errors:<24} {fmt(row['mean_jaccard']):>7} "
+            f"{fmt(row['mean_rbo']):>6} {fmt(row['median_served_ms'], 1):>13} "
+            f"{fmt(row['median_shadow_ms'], 1):>13}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recserve-serve", description="recserve online graph on Ray Serve."
@@ -371,6 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
     c = sub.add_parser("config", help="print the effective Serve config (file + env overrides)")
     c.set_defaults(func=cmd_config)
+    r = sub.add_parser(
+        "shadow-report",
+        help="compare served and shadow lists from the shadow log (top-k Jaccard, RBO, latency)",
+    )
+    r.add_argument("--redis-url", help="Redis holding the log (default: REDIS_URL / settings)")
+    r.add_argument("--experiment", help="experiment name (default: settings, 'default')")
+    r.add_argument("--last", type=int, default=100_000, help="read the latest N comparisons")
+    r.add_argument("--json", type=Path, help="also write the report as JSON")
+    r.set_defaults(func=cmd_shadow_report)
     return parser
 
 

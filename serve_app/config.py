@@ -216,7 +216,84 @@ class ApiConfig(BaseModel):
     request_timeout_seconds: float = Field(
         2.0, gt=0.0, description="a recommendation not done by then answers 503"
     )
-    variant: str = Field("champion", min_length=1, description="variant name reported in responses")
+
+
+_LABEL = r"^[A-Za-z0-9_.\-]{1,64}$"
+_MODEL_REF = r"^([0-9]+|[A-Za-z0-9_.\-]{1,128})$"
+
+
+class VariantConfig(BaseModel):
+    """One arm of the A/B split: a registry alias (followed, hot-swapped) or a fixed version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=_LABEL, description="variant name in responses, metrics and counts")
+    model: str | None = Field(
+        None,
+        pattern=_MODEL_REF,
+        description="registry alias (e.g. challenger) or version number of models.uri's registered "
+        "model; None: the alias of models.uri",
+    )
+    weight: float = Field(1.0, ge=0.0, description="relative share of users (0: none)")
+
+
+class ShadowConfig(BaseModel):
+    """Mirror a share of requests to a shadow version, after the response is built, off the
+    critical path: its errors and timeouts are counted and logged, never seen by users."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(
+        None, pattern=_MODEL_REF, description="alias or version mirrored to; None: no shadow"
+    )
+    share: float = Field(0.0, ge=0.0, le=1.0, description="share of requests mirrored")
+    timeout_seconds: float = Field(1.0, gt=0.0, description="a slower shadow counts as timeout")
+    max_in_flight: int = Field(
+        4,
+        ge=1,
+        description="mirrored requests running at once per router replica; beyond it a request "
+        "is not mirrored (counted as skipped), so a slow shadow cannot pile up work",
+    )
+    log_max_entries: int = Field(
+        100_000, ge=100, description="comparisons kept in the shadow log stream (approximate cap)"
+    )
+
+
+class ExperimentConfig(BaseModel):
+    """The A/B split, the shadow mirror and attribution (GET /v1/experiments reports them).
+
+    A user's variant is a pure function of (salt, user_id) and the weights: weighted rendezvous
+    hashing, sticky across requests, replicas and restarts; raising one weight only moves users into
+    that variant. Changing the salt reshuffles everyone (a new experiment)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("default", pattern=_LABEL, description="experiment name (Redis keys)")
+    salt: str = Field("recserve", min_length=1, max_length=128, description="bucketing salt")
+    variants: tuple[VariantConfig, ...] = Field(
+        (VariantConfig(name="champion"),), min_length=1, description="the arms and their weights"
+    )
+    shadow: ShadowConfig = Field(default_factory=ShadowConfig)
+    attribution_window_seconds: float = Field(
+        1800.0,
+        gt=0.0,
+        description="an event is credited to the request it names, or without one to the user's "
+        "latest request, if that request was served at most this long ago",
+    )
+    key_prefix: str = Field("recserve:exp", min_length=1, description="Redis key prefix")
+
+    @model_validator(mode="after")
+    def _check_variants(self) -> ExperimentConfig:
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique: {names}")
+        if not any(v.weight > 0 for v in self.variants):
+            raise ValueError("at least one variant needs a positive weight")
+        return self
+
+    @property
+    def weights(self) -> tuple[tuple[str, float], ...]:
+        return tuple((v.name, v.weight) for v in self.variants)
 
 
 class MonitoringConfig(BaseModel):
@@ -267,6 +344,7 @@ class ServeSettings(BaseSettings):
     ranking: RankingConfig = Field(default_factory=RankingConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 
     @model_validator(mode="before")

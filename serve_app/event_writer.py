@@ -1,16 +1,20 @@
-"""EventWriter deployment: appends events to the Redis Stream and updates real-time features.
+"""EventWriter deployment: appends events to the Redis Stream, updates real-time features, attributes.
 
-A thin shell over `serve_app.events.EventLogWriter`. Delta embeddings are built from the item vectors
-of the version the router serves (followed every polling interval); a failure of Redis raises
+A thin shell over `serve_app.events.EventLogWriter`. A user's delta embedding is built from the item
+vectors of the version their A/B variant serves (the router's versions, followed every polling
+interval), so each arm's user tower reads a delta in its own space. A failure of Redis raises
 `FeatureStoreUnavailable`, which the ingress answers with 503: events are never dropped silently.
+Newly logged events (not retries) are then credited to the variant that served them
+(`ExperimentLog.attribute`); an attribution failure is logged and does not fail the write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,6 +23,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import ServeSettings
 from serve_app.errors import RecserveError
+from serve_app.experiments import ExperimentLog, assign_variant
 from serve_app.metrics import EventLogMetrics
 from serve_app.models import ModelSource
 from serve_app.schemas import Event
@@ -31,10 +36,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EventWriteSummary:
-    """What the ingress needs back: events logged (new) and recognised as retries."""
+    """What the ingress needs back: events logged (new), recognised as retries, and the new clicks
+    by variant (the variant that served the clicked list, else the user's bucket)."""
 
     written: int
     duplicates: int
+    clicks: dict[str, int] = field(default_factory=dict)
+    attributed: int = 0
 
 
 def load_item_embeddings(source: ModelSource, version: str) -> ItemEmbeddings:
@@ -52,14 +60,29 @@ def load_item_embeddings(source: ModelSource, version: str) -> ItemEmbeddings:
 class EventWriter:
     def __init__(self, settings: ServeSettings, router: DeploymentHandle) -> None:
         from serve_app.events import EventLogWriter
+        from serve_app.redis_client import connect_redis
 
         self._writer: EventLogWriter = EventLogWriter.from_settings(settings)
         self._source = ModelSource.from_settings(settings)
         self._router = router
         self._interval = settings.models.poll_interval_seconds
-        self._embeddings: ItemEmbeddings | None = None
+        experiment = settings.experiment
+        self._salt, self._weights = experiment.salt, experiment.weights
+        self._log = ExperimentLog(
+            connect_redis(settings.event_redis_url, settings.redis_timeout_seconds),
+            experiment.key_prefix,
+            experiment.name,
+            experiment.attribution_window_seconds,
+        )
+        # Item vectors per served version; the first variant's version for users of a variant
+        # without one (and before the router answers).
+        self._embeddings: dict[str, ItemEmbeddings] = {}
+        self._variant_versions: dict[str, str | None] = {}
+        self._default_version: str | None = None
         try:
-            self._embeddings = load_item_embeddings(self._source, self._source.resolve())
+            version = self._source.resolve()
+            self._embeddings[version] = load_item_embeddings(self._source, version)
+            self._default_version = version
         except RecserveError as exc:
             # Events are still logged; delta embeddings start once a version is served.
             logger.warning("no bundle at start (%s): events logged without delta", exc.message)
@@ -85,26 +108,71 @@ class EventWriter:
             await asyncio.sleep(interval)
 
     async def _follow_router(self) -> None:
-        """Use the item vectors of the version the router serves (never a refused one)."""
+        """Use the item vectors of the versions the router serves (never a refused one)."""
         while True:
             try:
                 state = await self._router.readiness.remote()
-                version = state.model_version
-                current = self._embeddings.model_version if self._embeddings else None
-                if version is not None and version != current:
-                    self._embeddings = await asyncio.to_thread(
+                wanted = {v for v in state.variants.values() if v is not None}
+                for version in sorted(wanted - set(self._embeddings)):
+                    self._embeddings[version] = await asyncio.to_thread(
                         load_item_embeddings, self._source, version
                     )
-                    logger.info("delta embeddings now from version %s", version)
+                    logger.info("delta embeddings of version %s loaded", version)
+                self._variant_versions = dict(state.variants)
+                if state.model_version is not None:
+                    self._default_version = state.model_version
+                keep = wanted | {self._default_version}
+                for version in set(self._embeddings) - keep:
+                    del self._embeddings[version]
             except Exception as exc:  # the router restarting must not stop the loop
-                logger.warning("could not follow the served version: %s", exc)
+                logger.warning("could not follow the served versions: %s", exc)
             await asyncio.sleep(self._interval)
+
+    def _embeddings_for(self, user_id: str) -> ItemEmbeddings | None:
+        variant = assign_variant(self._salt, user_id, self._weights)
+        version = self._variant_versions.get(variant) or self._default_version
+        found = self._embeddings.get(version) if version else None
+        if found is None and self._default_version:
+            found = self._embeddings.get(self._default_version)
+        return found
+
+    def _write(self, events: list[Event]) -> EventWriteSummary:
+        # Grouped by the space of the user's variant; a user's events stay in order (one group).
+        groups: dict[str, list[int]] = defaultdict(list)
+        spaces: dict[str, ItemEmbeddings | None] = {}
+        for row, event in enumerate(events):
+            emb = self._embeddings_for(event.user_id)
+            key = emb.model_version if emb is not None else ""
+            spaces[key] = emb
+            groups[key].append(row)
+        applied = [False] * len(events)
+        for key, rows in groups.items():
+            result = self._writer.write([events[r] for r in rows], spaces[key])
+            for row, ok in zip(rows, result.applied, strict=True):
+                applied[row] = ok
+        new = [e for e, ok in zip(events, applied, strict=True) if ok]
+        credited: list[str | None] = [None] * len(new)
+        try:
+            credited = self._log.attribute(
+                [(e.request_id, e.user_id, e.event_type.value) for e in new]
+            )
+        except Exception as exc:  # logged and applied already: attribution is best effort
+            logger.warning("attribution unavailable for %d events: %s", len(new), exc)
+        clicks: Counter[str] = Counter()
+        for event, variant in zip(new, credited, strict=True):
+            if event.event_type.value == "click":
+                clicks[variant or assign_variant(self._salt, event.user_id, self._weights)] += 1
+        return EventWriteSummary(
+            written=len(new),
+            duplicates=len(events) - len(new),
+            clicks=dict(clicks),
+            attributed=sum(v is not None for v in credited),
+        )
 
     async def write(self, events: Sequence[Event]) -> EventWriteSummary:
         """Log and apply `events` in order; FeatureStoreUnavailable when Redis fails."""
-        # In a thread: one pipelined round trip, and other batches may be written meanwhile.
-        result = await asyncio.to_thread(self._writer.write, list(events), self._embeddings)
-        return EventWriteSummary(written=result.accepted, duplicates=result.duplicates)
+        # In a thread: pipelined round trips, and other batches may be written meanwhile.
+        return await asyncio.to_thread(self._write, list(events))
 
     def __del__(self) -> None:
         for name in ("_task", "_sampler"):

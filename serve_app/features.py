@@ -27,13 +27,12 @@ from typing import Any
 import numpy as np
 import redis
 from feast import FeatureStore
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from feature_repo.services import feature_refs, user_tower_v1
 from feature_repo.store import build_store
 from feature_repo.views import BATCH_VIEWS
 from serve_app.config import ServeSettings
+from serve_app.redis_client import connect_redis
 
 logger = logging.getLogger(__name__)
 
@@ -61,18 +60,6 @@ def item_state_key(prefix: str, item_id: str) -> str:
 # (space-separated, newest first; ids never contain spaces), t = latest event time (µs since epoch),
 # s<slot> = minute held by a counter slot, c<slot> = events in that minute.
 # Item hash fields: s<slot>, c<slot> = positive events, v<slot> = views.
-
-
-def connect_redis(url: str, timeout_seconds: float) -> redis.Redis:
-    """A client that fails fast: short socket timeouts and a single immediate retry (a stale
-    pooled connection), never redis-py's default backoff of ten retries."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=timeout_seconds,
-        socket_connect_timeout=timeout_seconds,
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=30,
-    )
 
 
 # --- pure logic -------------------------------------------------------------------------------

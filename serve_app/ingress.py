@@ -29,9 +29,10 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from serve_app.config import ApiConfig, ServeSettings
+from serve_app.config import ApiConfig, ExperimentConfig, ServeSettings
 from serve_app.errors import BadRequest, FeatureStoreUnavailable, ModelUnavailable, RecserveError
 from serve_app.event_writer import EventWriteSummary
+from serve_app.experiments import assign_variant, difference_interval
 from serve_app.metrics import RequestMetrics
 from serve_app.models import SwapOutcome
 from serve_app.recommend import Filters, Query, Recommendations
@@ -100,7 +101,7 @@ class RecommendationResponse(BaseModel):
     variant: str
     model_version: str
     items: list[RecommendedItemOut]
-    fallback: Literal["cold_start", "degraded"] | None
+    fallback: Literal["cold_start", "degraded", "model_missing"] | None
     debug: dict[str, Any] | None = Field(None, description="only with ?debug=1: stage timings")
 
 
@@ -142,6 +143,8 @@ class Backend(Protocol):
 
     async def reload(self) -> SwapOutcome: ...
 
+    async def experiments(self) -> dict[str, Any]: ...
+
 
 class ServeBackend:
     """The Backend over deployment handles."""
@@ -165,6 +168,36 @@ class ServeBackend:
     async def reload(self) -> SwapOutcome:
         result: SwapOutcome = await self._router.reload.remote()
         return result
+
+    async def experiments(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._router.experiments.remote()
+        return result
+
+
+def compare_variants(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """CTR of every other variant against the first (the control): difference and its 95% interval
+    (Newcombe's hybrid score interval), and whether the interval excludes 0."""
+    control = variants[0]
+    base = control.get("counts") or {}
+    out = []
+    for other in variants[1:]:
+        counts = other.get("counts") or {}
+        diff, low, high = difference_interval(
+            int(base.get("clicked_requests", 0)),
+            int(base.get("impressions", 0)),
+            int(counts.get("clicked_requests", 0)),
+            int(counts.get("impressions", 0)),
+        )
+        out.append(
+            {
+                "control": control["name"],
+                "treatment": other["name"],
+                "ctr_difference": diff,
+                "ctr_difference_ci95": [low, high],
+                "significant": low > 0 or high < 0,
+            }
+        )
+    return out
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -349,9 +382,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def create_api(
-    backend: Backend, config: ApiConfig, metrics: RequestMetrics | None = None
+    backend: Backend,
+    config: ApiConfig,
+    metrics: RequestMetrics | None = None,
+    experiment: ExperimentConfig | None = None,
 ) -> FastAPI:
     """The HTTP API over `backend` (FastAPI app with /docs)."""
+    experiment = experiment or ExperimentConfig()
     app = FastAPI(
         title="recserve",
         version="1",
@@ -360,7 +397,7 @@ def create_api(
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
 
     if metrics is not None:
-        metrics.start(config.variant)
+        metrics.start(name for name, _ in experiment.weights)
 
     def observe(route: str, status: int, start: float) -> None:
         if metrics is not None:
@@ -409,7 +446,8 @@ def create_api(
         except Exception as exc:
             response = _backend_error(exc)
             if metrics is not None and isinstance(root_cause(exc), ModelUnavailable):
-                metrics.fallback("model_missing", config.variant)
+                variant = assign_variant(experiment.salt, query.user_id, experiment.weights)
+                metrics.fallback("model_missing", variant)
             observe("recommendations", response.status_code, start)
             return response
         if metrics is not None:
@@ -426,7 +464,7 @@ def create_api(
         start = time.perf_counter()
         if len(body.events) > config.max_events_per_batch:
             if metrics is not None:
-                metrics.events(config.variant, {}, {"too_many_events": len(body.events)})
+                metrics.events({}, {"too_many_events": len(body.events)})
             observe("events", 422, start)
             return error_response(
                 422,
@@ -443,20 +481,20 @@ def create_api(
             except ValidationError as exc:
                 rejected.append(EventRejection(index=index, error=event_error(exc)))
                 reasons[str(exc.errors()[0]["type"])] += 1  # pydantic's error types: a closed set
-        duplicates = 0
+        duplicates, clicks = 0, {}
         if valid:
             try:
                 summary = await backend.write_events(valid)
             except Exception as exc:
                 response = _backend_error(exc)
                 if metrics is not None:
-                    metrics.events(config.variant, {}, reasons + Counter(unavailable=len(valid)))
+                    metrics.events({}, reasons + Counter(unavailable=len(valid)))
                 observe("events", response.status_code, start)
                 return response
-            duplicates = summary.duplicates
+            duplicates, clicks = summary.duplicates, summary.clicks
         if metrics is not None:
             accepted = Counter(e.event_type.value for e in valid)
-            metrics.events(config.variant, accepted, reasons, duplicates)
+            metrics.events(accepted, reasons, duplicates, clicks)
         observe("events", 202, start)
         return EventsResponse(accepted=len(valid), rejected=rejected)
 
@@ -474,6 +512,20 @@ def create_api(
                 status_code=503,
             )
         return JSONResponse(asdict(state), status_code=200 if state.ready else 503)
+
+    @app.get("/v1/experiments")
+    async def experiments() -> Any:
+        """The A/B split (variants, weights, served versions), live per-variant counts with CTR and
+        its 95% Wilson interval (CTR = served lists with a click / served lists), and the shadow."""
+        try:
+            report = await asyncio.wait_for(
+                backend.experiments(), timeout=config.request_timeout_seconds
+            )
+        except Exception as exc:
+            return _backend_error(exc)
+        if len(report["variants"]) >= 2:
+            report["comparisons"] = compare_variants(report["variants"])
+        return report
 
     @app.post(
         "/v1/admin/reload",
@@ -507,6 +559,7 @@ class Ingress:
     ) -> None:
         self._backend = ServeBackend(router, events)
         self._config = settings.api
+        self._experiment = settings.experiment
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self._backend, self._config, RequestMetrics())
+        return create_api(self._backend, self._config, RequestMetrics(), self._experiment)

@@ -5,9 +5,9 @@ Created in replica constructors (Ray Serve's metrics need a replica context); Se
 `recserve_http_requests_total` is scraped as `ray_recserve_http_requests_total` from the metrics port of
 every Ray node. `CATALOG` lists every metric: the Grafana dashboards and alert rules in `monitoring/`
 are checked against it. Counters with known label values start at 0 (`zero`), so that a rate or a ratio
-is 0 rather than absent before the first event. Variant-tagged metrics carry the router's variant
-(`api.variant`, one value until the A/B split lands); the shadow metrics have series from the start
-but observations only once a shadow version is mirrored.
+is 0 rather than absent before the first event. Variant-tagged metrics carry the A/B variant that
+served the request (`experiment.variants`); the shadow metrics are tagged with the served variant whose
+requests were mirrored and get observations once a shadow version is mirrored.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ OVERLAP_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 Kind = Literal["counter", "gauge", "histogram"]
 FALLBACK_REASONS = ("cold_start", "degraded", "model_missing")
-SHADOW_ERROR_REASONS = ("error", "timeout")
+SHADOW_ERROR_REASONS = ("error", "timeout", "unavailable")
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,10 @@ IMPRESSIONS = _spec(
     "variant",
 )
 CLICKS = _spec(
-    "recserve_clicks_total", "counter", "Click events accepted, by the user's variant.", "variant"
+    "recserve_clicks_total",
+    "counter",
+    "New click events, by the variant that served the clicked list (else the user's variant).",
+    "variant",
 )
 FALLBACKS = _spec(
     "recserve_fallbacks_total",
@@ -175,16 +178,30 @@ SHADOW_REQUESTS = _spec(
 SHADOW_ERRORS = _spec(
     "recserve_shadow_errors_total",
     "counter",
-    "Mirrored requests the shadow version failed (error, timeout); never seen by users.",
+    "Mirrored requests the shadow version failed (error, timeout, unavailable: no loaded shadow version); never seen by users.",
     "variant",
     "reason",
 )
 SHADOW_OVERLAP = _spec(
     "recserve_shadow_overlap",
     "histogram",
-    "Share of the served list the shadow version's list also holds (0..1).",
+    "Top-k overlap (Jaccard) of the shadow version's list with the served list (0..1).",
     "variant",
     boundaries=OVERLAP_BUCKETS,
+)
+SHADOW_RBO = _spec(
+    "recserve_shadow_rbo",
+    "histogram",
+    "Rank-biased overlap (p = 0.9) of the shadow version's list with the served list (0..1).",
+    "variant",
+    boundaries=OVERLAP_BUCKETS,
+)
+SHADOW_LATENCY = _spec(
+    "recserve_shadow_latency_ms",
+    "histogram",
+    "Time the shadow version took for a mirrored request (the served time is stage=graph).",
+    "variant",
+    boundaries=LATENCY_BUCKETS_MS,
 )
 STAGE_LATENCY = _spec(
     "recserve_stage_latency_ms",
@@ -265,6 +282,8 @@ CATALOG: tuple[MetricSpec, ...] = (
     SHADOW_REQUESTS,
     SHADOW_ERRORS,
     SHADOW_OVERLAP,
+    SHADOW_RBO,
+    SHADOW_LATENCY,
     STAGE_LATENCY,
     STAGE_ERRORS,
     STAGE_BATCH_SIZE,
@@ -339,11 +358,12 @@ class RequestMetrics:
         self.events_duplicate = create(EVENTS_DUPLICATE)
         self.events_rejected = create(EVENTS_REJECTED)
 
-    def start(self, variant: str) -> None:
-        """Series of the known label values at 0 (the variant requests get when nothing failed)."""
-        for reason in FALLBACK_REASONS:
-            zero(self.fallbacks, {"variant": variant, "reason": reason})
-        zero(self.clicks, {"variant": variant})
+    def start(self, variants: Iterable[str]) -> None:
+        """Series of the known label values at 0 (every variant of the experiment)."""
+        for variant in variants:
+            for reason in FALLBACK_REASONS:
+                zero(self.fallbacks, {"variant": variant, "reason": reason})
+            zero(self.clicks, {"variant": variant})
         zero(self.events_duplicate)
 
     def observe(self, route: str, status: int, milliseconds: float) -> None:
@@ -367,18 +387,19 @@ class RequestMetrics:
 
     def events(
         self,
-        variant: str,
         accepted: Mapping[str, int],
         rejected: Mapping[str, int],
         duplicates: int = 0,
+        clicks: Mapping[str, int] | None = None,
     ) -> None:
-        """One events request: accepted per event type, rejected per reason, retries among them."""
+        """One events request: accepted per event type, rejected per reason, retries among them,
+        new clicks per variant (the one that served the clicked list, else the user's)."""
         for event_type, count in accepted.items():
             if count:
                 self.events_accepted.inc(count, tags={"event_type": event_type})
-        clicks = accepted.get("click", 0)
-        if clicks:
-            self.clicks.inc(clicks, tags={"variant": variant})
+        for variant, count in (clicks or {}).items():
+            if count:
+                self.clicks.inc(count, tags={"variant": variant})
         for reason, count in rejected.items():
             if count:
                 self.events_rejected.inc(count, tags={"reason": reason})
@@ -402,6 +423,8 @@ class ModelMetrics:
         self.shadow_requests = create(SHADOW_REQUESTS)
         self.shadow_errors = create(SHADOW_ERRORS)
         self.shadow_overlap = create(SHADOW_OVERLAP)
+        self.shadow_rbo = create(SHADOW_RBO)
+        self.shadow_latency = create(SHADOW_LATENCY)
         self._served: str | None = None
         tags = {"variant": variant}
         zero(self.refused, tags)
@@ -428,9 +451,12 @@ class ModelMetrics:
     def refused_version(self) -> None:
         self.refused.inc(tags={"variant": self.variant})
 
-    def shadow_compared(self, overlap: float) -> None:
-        self.shadow_requests.inc(tags={"variant": self.variant})
-        self.shadow_overlap.observe(overlap, tags={"variant": self.variant})
+    def shadow_compared(self, jaccard: float, rbo: float, milliseconds: float) -> None:
+        tags = {"variant": self.variant}
+        self.shadow_requests.inc(tags=tags)
+        self.shadow_overlap.observe(jaccard, tags=tags)
+        self.shadow_rbo.observe(rbo, tags=tags)
+        self.shadow_latency.observe(milliseconds, tags=tags)
 
     def shadow_failed(self, reason: str) -> None:
         self.shadow_requests.inc(tags={"variant": self.variant})

@@ -27,8 +27,8 @@ if TYPE_CHECKING:  # loading needs torch/FAISS/XGBoost; the router only resolves
 
 logger = logging.getLogger(__name__)
 
-# Versions one replica keeps loaded: the served one, an A/B or shadow one, and the next during a swap.
-MAX_VERSIONS_PER_REPLICA = 3
+# Versions one replica keeps loaded: two A/B arms, a shadow, and the next one during a swap.
+MAX_VERSIONS_PER_REPLICA = 4
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,12 @@ class ModelSource:
             cache_dir=settings.bundle_cache_dir,
         )
 
-    def resolve(self) -> str:
-        """The version the alias points at now (ModelUnavailable if none)."""
-        from serve_app.bundle import resolve_alias
+    def resolve(self, ref: str | None = None) -> str:
+        """The version `ref` (an alias or a version number; default: the configured alias) names
+        now (ModelUnavailable if none)."""
+        from serve_app.bundle import resolve_ref
 
-        return resolve_alias(self.tracking_uri, self.model_name, self.alias)
+        return resolve_ref(self.tracking_uri, self.model_name, ref or self.alias)
 
     def fetch(self, version: str) -> Path:
         """A verified local copy of `version` (downloaded at most once per cache directory)."""
@@ -158,12 +159,18 @@ class VersionedStage:
         self._ranking = settings.ranking
         self._source = ModelSource.from_settings(settings)
         self._preloaded = {}
-        try:
-            version = self._source.resolve()
-            self._preloaded[version] = self._source.load(version)
-        except RecserveError as exc:
-            # Start without a model: /readyz stays false until the router activates a version.
-            logger.warning("no bundle at start (%s); waiting for the router", exc.message)
+        experiment = settings.experiment
+        refs = [v.model or settings.models.alias for v in experiment.variants if v.weight > 0]
+        if experiment.shadow.model is not None and experiment.shadow.share > 0:
+            refs.append(experiment.shadow.model)
+        for ref in dict.fromkeys(refs):  # every A/B arm and the shadow, loaded and warmed now
+            try:
+                version = self._source.resolve(ref)
+                if version not in self._preloaded:
+                    self._preloaded[version] = self._source.load(version)
+            except RecserveError as exc:
+                # Start without it: the router activates a version once it can be loaded.
+                logger.warning("no bundle for %s at start (%s)", ref, exc.message)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Ray Serve `user_config`: overrides of RankingConfig fields, applied without restart."""

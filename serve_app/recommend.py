@@ -38,7 +38,8 @@ if TYPE_CHECKING:  # serve_app.features imports Feast (seconds): only the user t
     from serve_app.features import UserFeatures
 
 Source = Literal["retrieval", "popularity"]
-Fallback = Literal["cold_start", "degraded"]
+# model_missing: the user's variant had no loaded version; another variant's version answered.
+Fallback = Literal["cold_start", "degraded", "model_missing"]
 Timings = tuple[tuple[str, float], ...]
 
 DEFAULT_CANDIDATES = 100  # a bundle that does not record its training value

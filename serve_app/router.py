@@ -1,9 +1,17 @@
-"""Router deployment: binds each request to a bundle version and runs the stages, response to response.
+"""Router deployment: assigns each request a variant, binds it to that variant's bundle version, runs
+the stages, and mirrors a share of requests to a shadow version off the critical path.
 
-Single variant for now (the A/B split and the shadow mirror come with the experiments issue): the
-version is the alias's, polled by an `AliasWatcher`; a new version is served only after every stage has
-loaded it (`warm`), so a swap never fails an in-flight request and a bad bundle is refused while the
-previous version keeps serving. Handles are kept per version: two versions can serve side by side.
+Variants and the shadow name registry refs (an alias, followed, or a fixed version); one `AliasWatcher`
+per distinct ref. A new version is served only after every stage has loaded it (`warm`), so a swap
+never fails an in-flight request and a bad bundle is refused while the previous version keeps
+serving. Handles are kept per version (model multiplexing): the A/B arms and the shadow serve side by
+side in the same deployments. A user's variant is `assign_variant(salt, user_id, weights)`; a variant
+without a loaded version is answered by the first one that has one, flagged `model_missing`.
+
+After the response is built (a task, not awaited by the request) the router records the response for
+attribution (batched into Redis every few tens of ms) and, when sampled, runs the same query on the
+shadow version: overlap, latency and errors go to metrics and to the shadow log. A shadow failure or
+timeout never reaches the user; at most `shadow.max_in_flight` mirrors run at once per replica.
 """
 
 from __future__ import annotations
@@ -11,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from ray import serve
@@ -19,6 +29,16 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import ServeSettings
 from serve_app.errors import ModelUnavailable
+from serve_app.experiments import (
+    ExperimentLog,
+    Served,
+    ShadowComparison,
+    ShadowSummary,
+    assign_variant,
+    jaccard,
+    rank_biased_overlap,
+    shadow_sampled,
+)
 from serve_app.metrics import ModelMetrics, StageMetrics
 from serve_app.models import AliasWatcher, ModelSource, SwapOutcome
 from serve_app.recommend import Query, Recommendations, stamp, with_timing
@@ -46,7 +66,9 @@ class StageHandles:
 
 @dataclass(frozen=True)
 class Readiness:
-    """What /readyz reports: ready once every stage has loaded the served version."""
+    """What /readyz reports: ready once every stage has loaded a version of at least one variant
+    with a positive weight (a variant without one is answered by another, flagged model_missing).
+    `model_version` is the first variant's version (the space of the real-time delta embeddings)."""
 
     ready: bool
     model_version: str | None
@@ -54,6 +76,8 @@ class Readiness:
     last_check: float | None
     error: str | None
     refused: dict[str, str] = field(default_factory=dict)
+    variants: dict[str, str | None] = field(default_factory=dict)
+    shadow_version: str | None = None
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -68,6 +92,15 @@ def describe(exc: BaseException) -> str:
     return str(message) if message else f"{type(cause).__name__}: {cause}"
 
 
+@dataclass
+class _Arm:
+    """A registry ref (alias or version) the router follows, and the variants that use it."""
+
+    ref: str
+    watcher: AliasWatcher
+    variants: list[str]
+
+
 @serve.deployment
 class Router:
     def __init__(
@@ -78,28 +111,60 @@ class Router:
         ranker: DeploymentHandle,
         reranker: DeploymentHandle,
     ) -> None:
+        from serve_app.redis_client import connect_redis
+
         self._settings = settings
+        self._experiment = experiment = settings.experiment
         self._stages = StageHandles(user_tower, retriever, ranker, reranker)
         self._bound: dict[str, StageHandles] = {}
-        self._variant = settings.api.variant
         self._source = ModelSource.from_settings(settings)
-        self._metrics = ModelMetrics(self._variant)
+        self._weights = experiment.weights
+        self._metrics = {v.name: ModelMetrics(v.name) for v in experiment.variants}
         self._graph = StageMetrics("graph")
-        self._watcher = AliasWatcher(
-            resolve=self._source.resolve,
-            activate=self._activate,
-            interval_seconds=settings.models.poll_interval_seconds,
+        self._arms: dict[str, _Arm] = {}
+        for variant in experiment.variants:
+            self._arm(variant.model or settings.models.alias).variants.append(variant.name)
+        self._variant_ref = {v.name: v.model or settings.models.alias for v in experiment.variants}
+        shadow = experiment.shadow
+        self._shadow_ref = shadow.model if shadow.share > 0 else None
+        if self._shadow_ref is not None:
+            self._arm(self._shadow_ref)
+        self._log = ExperimentLog(
+            connect_redis(settings.event_redis_url, settings.redis_timeout_seconds),
+            experiment.key_prefix,
+            experiment.name,
+            experiment.attribution_window_seconds,
+            shadow.log_max_entries,
         )
-        # The replica's event loop runs the constructor: the watcher lives as long as the replica.
-        self._task = asyncio.get_running_loop().create_task(self._watcher.run())
-        self._keeper = asyncio.get_running_loop().create_task(
-            self._refresh_metrics(settings.monitoring.sample_interval_seconds)
+        self._served: list[Served] = []
+        self._comparisons: list[ShadowComparison] = []
+        self._shadow_in_flight = 0
+        self._shadow_skipped = 0
+        self._background: set[asyncio.Task[Any]] = set()
+        loop = asyncio.get_running_loop()
+        # The replica's event loop runs the constructor: these live as long as the replica.
+        self._tasks = [loop.create_task(arm.watcher.run()) for arm in self._arms.values()]
+        self._tasks.append(
+            loop.create_task(self._refresh_metrics(settings.monitoring.sample_interval_seconds))
         )
+        self._tasks.append(loop.create_task(self._flush_forever(0.05)))
+
+    def _arm(self, ref: str) -> _Arm:
+        arm = self._arms.get(ref)
+        if arm is None:
+            watcher = AliasWatcher(
+                resolve=partial(self._source.resolve, ref),
+                activate=partial(self._activate, ref),
+                interval_seconds=self._settings.models.poll_interval_seconds,
+            )
+            arm = self._arms[ref] = _Arm(ref, watcher, [])
+        return arm
 
     async def _refresh_metrics(self, interval: float) -> None:
         # Ray forgets gauge values not set for two export intervals: set them again.
         while True:
-            self._metrics.refresh()
+            for metrics in self._metrics.values():
+                metrics.refresh()
             await asyncio.sleep(interval)
 
     def _bind(self, version: str) -> StageHandles:
@@ -114,8 +179,9 @@ class Router:
             self._bound[version] = bound
         return bound
 
-    async def _activate(self, version: str) -> None:
+    async def _activate(self, ref: str, version: str) -> None:
         """Have every stage load `version`; raise (refusing it) if any stage cannot."""
+        arm = self._arms[ref]
         stages = self._bind(version).named()
         calls = {name: handle.warm.remote() for name, handle in stages.items()}
         results = await asyncio.wait_for(
@@ -128,47 +194,237 @@ class Router:
             if isinstance(result, BaseException)
         ]
         if failures:
-            self._metrics.refused_version()
-            self._bound.pop(version, None)
+            for variant in arm.variants:
+                self._metrics[variant].refused_version()
+            if version not in self._versions_in_use():
+                self._bound.pop(version, None)
             raise ModelUnavailable("; ".join(failures))
-        self._metrics.swapped(self._watcher.current, version)
+        for variant in arm.variants:
+            self._metrics[variant].swapped(arm.watcher.current, version)
 
-    async def recommend(self, query: Query) -> Recommendations:
-        version = self._watcher.current
-        if version is None:
-            raise ModelUnavailable(
-                f"no version of {self._settings.models.uri} is loaded yet"
-                + (f" ({self._watcher.last_error})" if self._watcher.last_error else "")
-            )
-        stages = self._bind(version)
-        start = time.perf_counter()
+    def _versions_in_use(self) -> set[str]:
+        return {a.watcher.current for a in self._arms.values() if a.watcher.current is not None}
+
+    def _version_of(self, variant: str) -> str | None:
+        return self._arms[self._variant_ref[variant]].watcher.current
+
+    def _choose(self, user_id: str) -> tuple[str, str, bool]:
+        """(variant, version, substituted): the user's variant, or the first one with a version."""
+        variant = assign_variant(self._experiment.salt, user_id, self._weights)
+        version = self._version_of(variant)
+        if version is not None:
+            return variant, version, False
+        for name, weight in self._weights:
+            other = self._version_of(name)
+            if weight > 0 and other is not None:
+                return name, other, True
+        errors = "; ".join(
+            f"{arm.ref}: {arm.watcher.last_error}"
+            for arm in self._arms.values()
+            if arm.watcher.last_error
+        )
+        raise ModelUnavailable(
+            f"no version of {self._settings.models.model_name} is loaded yet"
+            + (f" ({errors})" if errors else "")
+        )
+
+    async def _run(self, query: Query) -> Recommendations:
+        stages = self._bind(query.model_version)
         # Each response goes straight into the next call: Serve hands the value over between the
         # stages' replicas; only the final result comes back here.
-        user = stages.user_tower.embed.remote(stamp(query, version, self._variant))
+        user = stages.user_tower.embed.remote(query)
         candidates = stages.retriever.retrieve.remote(user)
         scored = stages.ranker.rank.remote(candidates)
         result: Recommendations = await stages.reranker.rerank.remote(scored)
-        end = time.perf_counter()
-        self._graph.observe((end - start) * 1000.0)
-        return replace(result, timings=with_timing(result.timings, "graph", start, end))
+        return result
 
-    async def readiness(self) -> Readiness:
-        watcher = self._watcher
-        return Readiness(
-            ready=watcher.current is not None,
-            model_version=watcher.current,
-            model_uri=self._settings.models.uri,
-            last_check=watcher.last_check,
-            error=watcher.last_error,
-            refused=dict(watcher.refused),
+    async def recommend(self, query: Query) -> Recommendations:
+        variant, version, substituted = self._choose(query.user_id)
+        start = time.perf_counter()
+        result = await self._run(stamp(query, version, variant))
+        end = time.perf_counter()
+        served_ms = (end - start) * 1000.0
+        self._graph.observe(served_ms)
+        result = replace(result, timings=with_timing(result.timings, "graph", start, end))
+        if substituted and result.fallback is None:
+            result = replace(result, fallback="model_missing")
+        self._served.append(Served(query.request_id, query.user_id, variant, version))
+        self._maybe_mirror(query, result, served_ms)
+        return result
+
+    # --- shadow ----------------------------------------------------------------------------------
+
+    def _maybe_mirror(self, query: Query, served: Recommendations, served_ms: float) -> None:
+        shadow = self._experiment.shadow
+        if self._shadow_ref is None:
+            return
+        if not shadow_sampled(self._experiment.salt, query.request_id, shadow.share):
+            return
+        if self._shadow_in_flight >= shadow.max_in_flight:
+            self._shadow_skipped += 1
+            return
+        self._spawn(self._mirror(query, served, served_ms))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _mirror(self, query: Query, served: Recommendations, served_ms: float) -> None:
+        """Run `query` on the shadow version and compare; never raises."""
+        assert self._shadow_ref is not None
+        metrics = self._metrics[served.variant]
+        version = self._arms[self._shadow_ref].watcher.current
+        self._shadow_in_flight += 1
+        start = time.perf_counter()
+        error: str | None = None
+        shadow: Recommendations | None = None
+        try:
+            if version is None:
+                error = "unavailable"
+            else:
+                shadow = await asyncio.wait_for(
+                    self._run(stamp(query, version, served.variant)),
+                    timeout=self._experiment.shadow.timeout_seconds,
+                )
+        except TimeoutError:
+            error = "timeout"
+        except Exception as exc:  # the shadow's failure is data, not the user's problem
+            error = "error"
+            logger.warning("shadow version %s failed: %s", version, describe(exc))
+        finally:
+            self._shadow_in_flight -= 1
+        shadow_ms = (time.perf_counter() - start) * 1000.0
+        served_ids = [item.item_id for item in served.items]
+        overlap: float | None = None
+        rbo: float | None = None
+        if shadow is not None:
+            shadow_ids = [item.item_id for item in shadow.items]
+            overlap = jaccard(served_ids, shadow_ids)
+            rbo = rank_biased_overlap(served_ids, shadow_ids)
+            metrics.shadow_compared(overlap, rbo, shadow_ms)
+        else:
+            metrics.shadow_failed(error or "error")
+        self._comparisons.append(
+            ShadowComparison(
+                request_id=query.request_id,
+                variant=served.variant,
+                served_version=served.model_version,
+                shadow_version=version or "",
+                k=query.k,
+                served_ms=served_ms,
+                shadow_ms=shadow_ms if shadow is not None else None,
+                jaccard=overlap,
+                rbo=rbo,
+                error=error,
+            )
         )
 
+    # --- the shared record -----------------------------------------------------------------------
+
+    async def _flush_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write the buffered responses (attribution) and shadow comparisons to Redis."""
+        served, self._served = self._served, []
+        comparisons, self._comparisons = self._comparisons, []
+        if not served and not comparisons:
+            return
+        try:
+            await asyncio.to_thread(self._write, served, comparisons)
+        except Exception as exc:  # Redis down: attribution pauses, serving goes on
+            logger.warning(
+                "experiment record unavailable, %d responses not attributed: %s", len(served), exc
+            )
+
+    def _write(self, served: list[Served], comparisons: list[ShadowComparison]) -> None:
+        if served:
+            self._log.served(served)
+        if comparisons:
+            self._log.log_shadow(comparisons)
+
+    # --- reports ---------------------------------------------------------------------------------
+
+    async def readiness(self) -> Readiness:
+        first = self._experiment.variants[0].name
+        variants = {name: self._version_of(name) for name, _ in self._weights}
+        ready = any(variants[name] is not None for name, weight in self._weights if weight > 0)
+        checks = [a.watcher.last_check for a in self._arms.values() if a.watcher.last_check]
+        errors = [
+            f"{arm.ref}: {arm.watcher.last_error}"
+            for arm in self._arms.values()
+            if arm.watcher.last_error
+        ]
+        refused = {v: m for arm in self._arms.values() for v, m in arm.watcher.refused.items()}
+        return Readiness(
+            ready=ready,
+            model_version=variants[first]
+            or next((v for v in variants.values() if v is not None), None),
+            model_uri=self._settings.models.uri,
+            last_check=max(checks) if checks else None,
+            error="; ".join(errors) or None,
+            refused=refused,
+            variants=variants,
+            shadow_version=(
+                self._arms[self._shadow_ref].watcher.current if self._shadow_ref else None
+            ),
+        )
+
+    async def experiments(self) -> dict[str, Any]:
+        """GET /v1/experiments: the split, versions, live counts with CTR intervals, the shadow."""
+        experiment = self._experiment
+        await self.flush()
+        total = sum(w for _, w in self._weights) or 1.0
+        try:
+            counts: dict[str, Any] = await asyncio.to_thread(
+                self._log.counts, [name for name, _ in self._weights]
+            )
+            counts_error = None
+        except Exception as exc:
+            counts, counts_error = {}, f"counts unavailable: {exc}"
+        variants = []
+        for v in experiment.variants:
+            entry: dict[str, Any] = {
+                "name": v.name,
+                "model": v.model or self._settings.models.alias,
+                "version": self._version_of(v.name),
+                "weight": v.weight,
+                "share": v.weight / total,
+            }
+            if v.name in counts:
+                entry["counts"] = counts[v.name].as_dict()
+            variants.append(entry)
+        shadow = experiment.shadow
+        return {
+            "experiment": experiment.name,
+            "model": self._settings.models.model_name,
+            "attribution_window_seconds": experiment.attribution_window_seconds,
+            "variants": variants,
+            "shadow": {
+                "model": shadow.model,
+                "version": (
+                    self._arms[self._shadow_ref].watcher.current if self._shadow_ref else None
+                ),
+                "share": shadow.share if self._shadow_ref else 0.0,
+                "skipped_busy": self._shadow_skipped,
+            },
+            "error": counts_error,
+        }
+
+    async def shadow_summary(self) -> ShadowSummary:
+        await self.flush()
+        log = await asyncio.to_thread(self._log.shadow_log)
+        return ShadowSummary.of(log)
+
     async def reload(self) -> SwapOutcome:
-        """Re-resolve the alias now (admin), retrying a previously refused version."""
-        return await self._watcher.check(force=True)
+        """Re-resolve every ref now (admin), retrying previously refused versions; the outcome of
+        the first variant's ref (the others are in /readyz)."""
+        outcomes = [await arm.watcher.check(force=True) for arm in self._arms.values()]
+        return outcomes[0]
 
     def __del__(self) -> None:
-        for name in ("_task", "_keeper"):
-            task: Any = getattr(self, name, None)
-            if task is not None:
-                task.cancel()
+        for task in getattr(self, "_tasks", []):
+            task.cancel()

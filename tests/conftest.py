@@ -144,6 +144,7 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 SERVING_ADMIN_KEY = "test-admin-key"
 SERVING_POLL_SECONDS = 1.0
+SERVING_SHADOW_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,9 @@ def serving_app(
             "poll_interval_seconds": SERVING_POLL_SECONDS,
         },
         "api": {"admin_api_key": SERVING_ADMIN_KEY},
+        # A quarter of the requests mirrored to the served version itself: the shadow path and its
+        # metrics run in every serving test (and must never change a response).
+        "experiment": {"shadow": {"model": "champion", "share": SERVING_SHADOW_SHARE}},
     }
     deploy(settings, serve_config({}), name="recserve")
     try:

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.logging import RichHandler
 
-from training.config import TrainingSettings, load_settings
+from training.config import OnlineGateConfig, TrainingSettings, load_settings
 from training.data import Dataset, read_dataset, write_dataset
 from training.job_metrics import (
     MaterializationMetrics,
@@ -130,7 +130,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if args.promote and result.registered:
         # Not winning the promotion gate is an outcome, not a failure of the training run.
-        _promote(settings, force=False, version=result.registered.version)
+        # The version just registered has served no traffic: the A/B counts belong to others.
+        _promote(settings, force=False, version=result.registered.version, online=False)
     return 0
 
 
@@ -145,18 +146,28 @@ def _publish_training_metrics(
     metrics_output(args, job="recserve-training").publish(registry)
 
 
-def _promote(settings: TrainingSettings, force: bool, version: str | None) -> int:
+def _promote(
+    settings: TrainingSettings, force: bool, version: str | None, online: bool = True
+) -> int:
+    from training.online_gate import OnlineEvidence, print_online_evidence, read_online_evidence
     from training.registry import promote
 
+    evidence = (
+        read_online_evidence(settings.redis_url, settings.online_gate)
+        if online
+        else OnlineEvidence.none(settings.online_gate, "a version trained just now has no traffic")
+    )
     decision = promote(
         tracking_uri=settings.tracking_uri,
         model_name=settings.model_name,
         margin=settings.promotion_margin,
         force=force,
         version=version,
+        online=evidence,
     )
     for line in decision.evidence:
         console.print(f"  {line}")
+    print_online_evidence(evidence, console)
     console.print(
         ("[green]promoted[/] " if decision.promoted else "[yellow]not promoted[/] ")
         + decision.reason
@@ -164,22 +175,64 @@ def _promote(settings: TrainingSettings, force: bool, version: str | None) -> in
     return 0 if decision.promoted else 3
 
 
+def _with_online_options(settings: TrainingSettings, args: argparse.Namespace) -> None:
+    """Flags of the online gate over the settings' `online_gate` section (validated again)."""
+    flags = {
+        "experiment": args.experiment,
+        "key_prefix": args.key_prefix,
+        "control": args.control,
+        "treatment": args.treatment,
+        "min_impressions": args.min_impressions,
+    }
+    given = {key: value for key, value in flags.items() if value is not None}
+    settings.online_gate = type(settings.online_gate).model_validate(
+        {**settings.online_gate.model_dump(), **given}
+    )
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.margin is not None:
         settings.promotion_margin = args.margin
+    _with_online_options(settings, args)
     return _promote(settings, args.force, args.version)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    from training.online_gate import print_online_evidence, read_online_evidence
     from training.registry import rollback
 
     settings = _settings(args)
-    decision = rollback(tracking_uri=settings.tracking_uri, model_name=settings.model_name)
+    _with_online_options(settings, args)
+    evidence = read_online_evidence(settings.redis_url, settings.online_gate)
+    decision = rollback(
+        tracking_uri=settings.tracking_uri, model_name=settings.model_name, online=evidence
+    )
     for line in decision.evidence:
         console.print(f"  {line}")
+    print_online_evidence(evidence, console)
     console.print(decision.reason)
     return 0
+
+
+def add_online_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the online A/B evidence is read (defaults: TrainingSettings.online_gate)."""
+    defaults = OnlineGateConfig()
+    p.add_argument(
+        "--redis-url", help="Redis holding the A/B record (default: REDIS_URL; none: no evidence)"
+    )
+    p.add_argument("--experiment", help=f"serving experiment name (default: {defaults.experiment})")
+    p.add_argument("--key-prefix", help=f"its Redis key prefix (default: {defaults.key_prefix})")
+    p.add_argument("--control", help=f"variant serving the champion (default: {defaults.control})")
+    p.add_argument(
+        "--treatment", help=f"variant serving the candidate (default: {defaults.treatment})"
+    )
+    p.add_argument(
+        "--min-impressions",
+        type=int,
+        help="served lists per variant before the online gate applies "
+        f"(default: {defaults.min_impressions})",
+    )
 
 
 def cmd_features(args: argparse.Namespace) -> int:
@@ -262,6 +315,61 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Replay simulated users against two registered versions through the serving pipeline."""
+    from serve_app.config import RankingConfig
+    from serve_app.errors import RecserveError
+    from serve_app.models import ModelSource
+    from serve_app.recommend import limit_threads
+    from training.simulate import (
+        SimulationError,
+        generated_dataset,
+        load_variant,
+        print_report,
+        simulate,
+        write_report_json,
+    )
+
+    settings = _settings(args)
+    limit_threads()  # as one serving replica: results and timing do not depend on the host's cores
+    source = ModelSource(
+        tracking_uri=settings.tracking_uri,
+        model_name=settings.model_name,
+        alias=args.champion,
+        cache_dir=settings.data_dir / "bundle_cache",
+    )
+    try:
+        champion = load_variant(source, args.champion)
+        challenger = (
+            champion
+            if source.resolve(args.challenger) == champion.version
+            else load_variant(source, args.challenger)
+        )
+        dataset = generated_dataset([champion, challenger], settings, args.dataset_dir)
+    except (RecserveError, SimulationError) as exc:
+        console.print(f"[red]cannot simulate:[/] {getattr(exc, 'message', None) or exc}")
+        return 2
+    console.print(
+        f"champion v{champion.version} ({args.champion}) vs challenger v{challenger.version} "
+        f"({args.challenger}) on {dataset.name}"
+    )
+    report = simulate(
+        champion,
+        challenger,
+        dataset,
+        RankingConfig(),
+        runs=args.runs,
+        users=args.users,
+        k=args.k,
+        seed=args.seed,
+        bootstrap=args.bootstrap,
+    )
+    print_report(report, console)
+    if args.json:
+        console.print(f"written {write_report_json(report, args.json)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recserve",
@@ -302,11 +410,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_metrics_arguments(t)
     t.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("promote", help="move alias champion to the challenger if it wins")
+    p = sub.add_parser(
+        "promote",
+        help="move alias champion to the challenger if it wins offline and is not significantly "
+        "worse online (A/B CTR, when both variants have enough impressions)",
+    )
     common(p)
     p.add_argument("--margin", type=float, help="relative NDCG@10 gain required (default 0.02)")
-    p.add_argument("--force", action="store_true", help="promote regardless of metrics")
+    p.add_argument(
+        "--force", action="store_true", help="promote regardless of offline and online metrics"
+    )
     p.add_argument("--version", help="promote this version instead of the challenger")
+    add_online_arguments(p)
     p.set_defaults(func=cmd_promote)
 
     d = sub.add_parser(
@@ -340,8 +455,41 @@ def build_parser() -> argparse.ArgumentParser:
     add_metrics_arguments(f)
     f.set_defaults(func=cmd_features)
 
+    s = sub.add_parser(
+        "simulate",
+        help="offline A/B: two registered versions served to simulated users of the generated "
+        "data set, clicked by its planted click model",
+    )
+    common(s)
+    s.add_argument(
+        "--champion", default="champion", help="alias or version number (default: champion)"
+    )
+    s.add_argument(
+        "--challenger", default="challenger", help="alias or version number (default: challenger)"
+    )
+    s.add_argument(
+        "--runs", type=int, default=5, help="independent runs, own seed each (default 5)"
+    )
+    s.add_argument("--users", type=int, default=1000, help="users sampled per run (default 1000)")
+    s.add_argument("--k", type=int, default=10, help="list length shown to each user (default 10)")
+    s.add_argument("--seed", type=int, default=0, help="seed of user samples and clicks")
+    s.add_argument(
+        "--bootstrap", type=int, default=2000, help="paired bootstrap resamples (default 2000)"
+    )
+    s.add_argument(
+        "--size", choices=sorted(SIZES), help="generated data size, if it must be regenerated"
+    )
+    s.add_argument(
+        "--dataset-dir",
+        type=Path,
+        help="the generated data set with truth (default: data_dir/datasets/<manifest name>)",
+    )
+    s.add_argument("--json", type=Path, help="write the report as JSON to this path")
+    s.set_defaults(func=cmd_simulate)
+
     r = sub.add_parser("rollback", help="move alias champion back to the previous champion")
     common(r)
+    add_online_arguments(r)
     r.set_defaults(func=cmd_rollback)
     return parser
 

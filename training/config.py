@@ -100,6 +100,25 @@ class SplitConfig(BaseModel):
     cold_user_max_events: int = Field(5, ge=0, description="users with at most this many: cold")
 
 
+class OnlineGateConfig(BaseModel):
+    """The online A/B evidence `recserve promote` reads from the serving experiment's Redis record.
+
+    Names must match the serving `ExperimentConfig` (serve_app/config.py): its `name`, `key_prefix`
+    and the variant names of the current champion and the challenger.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: str = Field("default", min_length=1, description="serving experiment name")
+    key_prefix: str = Field("recserve:exp", min_length=1, description="its Redis key prefix")
+    control: str = Field("champion", min_length=1, description="variant serving the champion")
+    treatment: str = Field("challenger", min_length=1, description="variant serving the candidate")
+    min_impressions: int = Field(
+        1000, ge=1, description="served lists per variant before the online gate applies"
+    )
+    redis_timeout_seconds: float = Field(2.0, gt=0.0, description="Redis connect/read timeout")
+
+
 class TrainingSettings(BaseSettings):
     """Everything the offline pipeline needs; create it once at the edge (CLI) and pass it down."""
 
@@ -121,10 +140,14 @@ class TrainingSettings(BaseSettings):
     experiment: str = "recserve"
     register_bundle: bool = Field(True, description="register the bundle in MLflow")
     promotion_margin: float = Field(0.02, ge=0.0, description="relative NDCG@10 gain to promote")
+    online_gate: OnlineGateConfig = Field(
+        default_factory=OnlineGateConfig, description="online A/B evidence for promote"
+    )
     redis_url: str | None = Field(
         None,
         validation_alias=AliasChoices("redis_url", "REDIS_URL", "RECSERVE_REDIS_URL"),
-        description="Redis for Feast's online store (redis profile); None: embedded SQLite",
+        description="Redis for Feast's online store (redis profile) and the A/B record `promote` "
+        "reads; None: embedded SQLite, no online evidence",
     )
     feature_store: FeatureStoreConfig = Field(default_factory=FeatureStoreConfig)
     synthetic: SyntheticConfig = SyntheticConfig()

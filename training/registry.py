@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow.artifacts
 from mlflow import MlflowClient
@@ -24,6 +24,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from serve_app.schemas import BUNDLE_FILES, BUNDLE_FORMAT_VERSION, BundleManifest
+
+if TYPE_CHECKING:
+    from training.online_gate import OnlineEvidence
 
 DEFAULT_MODEL_NAME = "recserve"
 DEFAULT_EXPERIMENT = "recserve"
@@ -56,7 +59,8 @@ class RegisteredBundle:
 
 @dataclass(frozen=True)
 class PromotionDecision:
-    """Outcome of `promote`/`rollback`, with the numbers behind it as printable `evidence` lines."""
+    """Outcome of `promote`/`rollback`, with the numbers behind it as printable `evidence` lines
+    (offline) and the online A/B comparison it was given, if any."""
 
     promoted: bool
     action: str  # "promote" or "rollback"
@@ -67,6 +71,7 @@ class PromotionDecision:
     to_value: float | None
     reason: str
     evidence: tuple[str, ...]
+    online: OnlineEvidence | None = None
 
 
 # --- bundle files -----------------------------------------------------------------------------
@@ -341,12 +346,15 @@ def promote(
     margin: float = 0.02,
     force: bool = False,
     version: str | None = None,
+    online: OnlineEvidence | None = None,
 ) -> PromotionDecision:
     """Move `champion` to the challenger (or `version`) if its metric beats the champion's.
 
     The gate is relative and assumes higher is better: candidate > champion and candidate >=
     champion * (1 + margin). With no champion yet the candidate is promoted; a missing metric on
-    either side refuses unless `force`. The replaced champion is kept as `previous_champion`.
+    either side refuses unless `force`. `online` evidence that applies and did not pass (the
+    treatment's CTR is significantly worse) refuses as well, unless `force`. The replaced champion
+    is kept as `previous_champion`.
     """
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
@@ -382,6 +390,7 @@ def promote(
             to_value=to_value,
             reason=reason,
             evidence=tuple(evidence),
+            online=online,
         )
 
     if champion == candidate:
@@ -399,6 +408,9 @@ def promote(
         evidence.append(f"relative change: {change:+.2%}")
         passed = to_value > from_value and to_value >= required
         why = f"{metric} {to_value:.4f} {'meets' if passed else 'is below'} required {required:.4f}"
+    if online is not None and online.applies:
+        passed = passed and online.passed
+        why = f"{why}; online {online.reason}"
 
     if not passed and not force:
         return decide(False, f"refused: {why}")
@@ -418,11 +430,13 @@ def rollback(
     tracking_uri: str,
     model_name: str = DEFAULT_MODEL_NAME,
     metric: str = DEFAULT_METRIC,
+    online: OnlineEvidence | None = None,
 ) -> PromotionDecision:
     """Move `champion` back to `previous_champion` (one level of undo: the alias is then removed).
 
     The demoted version is tagged `recserve.rolled_back` so it can be told apart in the registry UI.
-    Raises RegistryError when no previous champion is recorded.
+    `online` is carried as evidence only: a rollback is never gated. Raises RegistryError when no
+    previous champion is recorded.
     """
     client = _client(tracking_uri)
     aliases = _aliases(client, model_name)
@@ -457,4 +471,5 @@ def rollback(
         to_value=to_value,
         reason=f"rolled back champion to v{previous}",
         evidence=evidence,
+        online=online,
     )

@@ -352,3 +352,43 @@ def test_every_ray_container_gets_the_same_environment(helm: Path) -> None:
         if where.startswith("ray-")
     ]
     assert len(envs) == 3 and len(set(envs)) == 1
+
+
+EXPERIMENT = {
+    "name": "ranker-v2",
+    "salt": "exp-2026-11",
+    "variants": [
+        {"name": "control", "model": "champion", "weight": 0.9},
+        {"name": "treatment", "model": "challenger", "weight": 0.1},
+    ],
+    "shadow": {"model": "7", "share": 0.05},
+}
+
+
+def test_the_experiment_values_reach_the_serving_settings(
+    helm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert "RECSERVE_EXPERIMENT" not in resolved_env(
+        _ray_head_container(chart.render_profile("default")), SECRETS
+    )
+    docs = chart.render(set_json={"experiment": EXPERIMENT})
+    env = resolved_env(_ray_head_container(docs), SECRETS)
+    experiment = serve_settings_from(env, monkeypatch).experiment
+    assert experiment.weights == (("control", 0.9), ("treatment", 0.1))
+    assert (experiment.name, experiment.salt) == ("ranker-v2", "exp-2026-11")
+    assert (experiment.shadow.model, experiment.shadow.share) == ("7", 0.05)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"variants": [{"name": "a b"}]},
+        {"variants": [{"model": "champion"}]},
+        {"shadow": {"share": 2}},
+        {"salt": 3},
+        {"colour": "blue"},
+    ],
+)
+def test_the_schema_refuses_a_malformed_experiment(helm: Path, bad: dict[str, Any]) -> None:
+    with pytest.raises(chart.HelmError, match="experiment"):
+        chart.render(set_json={"experiment": bad})

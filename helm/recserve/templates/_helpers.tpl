@@ -196,6 +196,10 @@ imagePullSecrets:
 {{ include "recserve.apiKeyEnv" . | trim }}
 - name: RECSERVE_MODELS__URI
   value: {{ printf "models:/%s@%s" .Values.model.name .Values.model.alias | quote }}
+{{- with .Values.experiment }}
+- name: RECSERVE_EXPERIMENT
+  value: {{ toJson . | quote }}
+{{- end }}
 # Feast's local files and the bundle cache (<data_dir>/bundle_cache) on the /tmp emptyDir.
 - name: RECSERVE_FEATURE_STORE__DATA_DIR
   value: /tmp/recserve

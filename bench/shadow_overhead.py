@@ -1,0 +1,181 @@
+"""What does the shadow mirror cost the served requests? Open-loop load with shadow at 0% and 100%.
+
+The same graph as bench/serving_load.py (Ray with 2 CPUs, serve_config.yaml, the registry's champion,
+a private Redis), deployed alternately with `experiment.shadow.share` 0 and 1 (the shadow is the
+champion itself: a mirror costs as much as the served request, the worst case of a same-size
+challenger). Each round redeploys, warms up, then runs every rate; rounds alternate off/on so that drift
+of the machine hits both. Reported per rate: the median over rounds of each run's p50/p99 and the
+on - off difference of the p50 (the issue's budget: under 1 ms), plus how many requests were mirrored
+and how many were skipped because `max_in_flight` mirrors were already running.
+
+Prerequisite: as bench/serving_load.py (a registered champion and materialized features in --data-dir).
+Run:
+    .venv/bin/python bench/shadow_overhead.py --data-dir /tmp/bench10k --rates 25,50 --rounds 2
+Prints a table and writes bench/results/shadow_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import serving_load  # noqa: E402  (apply_ray_env ran on import, before Ray Serve)
+
+
+def settings_with_shadow(data_dir: Path, redis_url: str, share: float) -> dict[str, Any]:
+    settings = serving_load.settings_for(data_dir, redis_url)
+    settings["experiment"] = {
+        "name": f"bench-{int(time.time())}",
+        "shadow": {"model": "champion", "share": share},
+    }
+    return settings
+
+
+def experiments(url: str) -> dict[str, Any]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/v1/experiments", timeout=10) as response:
+        report: dict[str, Any] = json.load(response)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--rates", default="25,50")
+    parser.add_argument("--rounds", type=int, default=2, help="off/on pairs")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per rate")
+    parser.add_argument("--warmup", type=float, default=8.0, help="seconds after each deploy")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--users", type=int, default=2_000)
+    parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument(
+        "--json-out", type=Path, default=ROOT / "bench/results/shadow_overhead.json"
+    )
+    args = parser.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from serve_app.cli import deploy, init_ray, wait_ready
+    from serve_app.config import serve_config
+
+    rates = [float(r) for r in args.rates.split(",")]
+    users = serving_load.sample_users(args.data_dir, args.users, 0.1, seed=0)
+    runs: list[dict[str, Any]] = []
+    with serving_load.private_redis() as redis_url:
+        init_ray(args.num_cpus)
+        port = serving_load.free_port()
+        config = serve_config(dict(os.environ))
+        serve.start(
+            http_options={**config.get("http_options", {}), "host": "127.0.0.1", "port": port},
+            logging_config=config.get("logging_config"),
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for round_ in range(args.rounds):
+                for share in (0.0, 1.0):
+                    deploy(settings_with_shadow(args.data_dir, redis_url, share), config)
+                    time.sleep(2.0)  # the update starts replacing replicas
+                    wait_ready(url, 300)
+                    asyncio.run(
+                        serving_load.open_loop(url, rates[0], args.warmup, 10_000, users, args.k)
+                    )
+                    for rate in rates:
+                        before = experiments(url)["shadow"]["skipped_busy"]
+                        result = asyncio.run(
+                            serving_load.open_loop(url, rate, args.duration, 10_000, users, args.k)
+                        )
+                        skipped = experiments(url)["shadow"]["skipped_busy"] - before
+                        runs.append(
+                            {
+                                "round": round_,
+                                "share": share,
+                                "rate": rate,
+                                "ok": result.ok,
+                                "errors": result.errors,
+                                "latency_ms": result.latency_ms,
+                                "server_ms": result.server_ms,
+                                "skipped_busy": skipped,
+                            }
+                        )
+                        print(
+                            f"round {round_} shadow {share:.0%} rate {rate:.0f}: "
+                            f"p50 {result.latency_ms['p50']} p99 {result.latency_ms['p99']} "
+                            f"errors {result.errors} skipped {skipped}",
+                            flush=True,
+                        )
+                        time.sleep(2.0)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+    by: dict[tuple[float, float], list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        by[(run["rate"], run["share"])].append(run)
+
+    def median(rate: float, share: float, key: str, q: str) -> float:
+        return round(statistics.median(r[key][q] for r in by[(rate, share)]), 2)
+
+    table = []
+    print(
+        f"\n{'rate':>5} {'p50 off':>8} {'p50 on':>8} {'Δp50 ms':>8} {'p99 off':>8} {'p99 on':>8} "
+        f"{'err on':>6} {'skipped':>7}"
+    )
+    for rate in rates:
+        row = {
+            "rate": rate,
+            "p50_off_ms": median(rate, 0.0, "latency_ms", "p50"),
+            "p50_on_ms": median(rate, 1.0, "latency_ms", "p50"),
+            "p99_off_ms": median(rate, 0.0, "latency_ms", "p99"),
+            "p99_on_ms": median(rate, 1.0, "latency_ms", "p99"),
+            "server_p50_off_ms": median(rate, 0.0, "server_ms", "p50"),
+            "server_p50_on_ms": median(rate, 1.0, "server_ms", "p50"),
+            "errors_on": sum(sum(r["errors"].values()) for r in by[(rate, 1.0)]),
+            "skipped_busy_on": sum(r["skipped_busy"] for r in by[(rate, 1.0)]),
+            "requests_on": sum(r["ok"] for r in by[(rate, 1.0)]),
+        }
+        row["p50_increase_ms"] = round(row["p50_on_ms"] - row["p50_off_ms"], 2)
+        row["p50_ratio_on_over_off"] = round(row["p50_on_ms"] / row["p50_off_ms"], 3)
+        table.append(row)
+        print(
+            f"{rate:>5.0f} {row['p50_off_ms']:>8} {row['p50_on_ms']:>8} "
+            f"{row['p50_increase_ms']:>8} {row['p99_off_ms']:>8} {row['p99_on_ms']:>8} "
+            f"{row['errors_on']:>6} {row['skipped_busy_on']:>7}"
+        )
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(
+        json.dumps(
+            {
+                "command": "python bench/shadow_overhead.py " + " ".join(argv or sys.argv[1:]),
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+                },
+                "summary": table,
+                "runs": runs,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
