@@ -1,16 +1,16 @@
-"""What does the shadow mirror cost the served requests? Open-loop load with shadow at 0% and 100%.
+"""What does the shadow mirror cost the served requests? Open-loop load at several shadow shares.
 
 The same graph as bench/serving_load.py (Ray with 2 CPUs, serve_config.yaml, the registry's champion,
-a private Redis), deployed alternately with `experiment.shadow.share` 0 and 1 (the shadow is the
+a private Redis), deployed with `experiment.shadow.share` 0 and each of --shares (the shadow is the
 champion itself: a mirror costs as much as the served request, the worst case of a same-size
-challenger). Each round redeploys, warms up, then runs every rate; rounds alternate off/on so that drift
-of the machine hits both. Reported per rate: the median over rounds of each run's p50/p99 and the
-on - off difference of the p50 (the issue's budget: under 1 ms), plus how many requests were mirrored
-and how many were skipped because `max_in_flight` mirrors were already running.
+challenger). Each pass redeploys per share, warms up, then runs every rate; passes repeat the shares in
+order so that drift of the machine hits all of them. Reported per rate and share: the median over
+passes of each run's p50/p99, the p50's difference to share 0 (the issue's budget: under 1 ms), CPU
+per request, and how many mirrors were skipped because `max_in_flight` were already running.
 
 Prerequisite: as bench/serving_load.py (a registered champion and materialized features in --data-dir).
 Run:
-    .venv/bin/python bench/shadow_overhead.py --data-dir /tmp/bench10k --rates 25,50 --rounds 2
+    .venv/bin/python bench/shadow_overhead.py --data-dir /tmp/bench10k --rates 25,50 --shares 0,0.1,1
 Prints a table and writes bench/results/shadow_overhead.json.
 """
 
@@ -44,6 +44,30 @@ def settings_with_shadow(data_dir: Path, redis_url: str, share: float) -> dict[s
     return settings
 
 
+def ray_process_rss_mb() -> dict[str, float]:
+    """Resident memory of each Serve replica / Ray process of this machine, by role (max if several)."""
+    out: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        if cmdline.startswith("ray::ServeReplica:"):
+            role = cmdline.split(":")[-1].strip()
+        elif cmdline.startswith("ray::"):
+            role = cmdline[5:].split(".")[0].split()[0]
+        else:
+            continue
+        rss = next(
+            (line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")), "0"
+        )
+        out[role] = max(out.get(role, 0.0), round(int(rss) / 1024, 1))
+    return dict(sorted(out.items()))
+
+
 def experiments(url: str) -> dict[str, Any]:
     import urllib.request
 
@@ -56,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--rates", default="25,50")
-    parser.add_argument("--rounds", type=int, default=2, help="off/on pairs")
+    parser.add_argument("--rounds", type=int, default=2, help="passes over the shares")
+    parser.add_argument(
+        "--shares", default="0,1", help="shadow shares, 0 first (the baseline), e.g. 0,0.1,1"
+    )
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per rate")
     parser.add_argument("--warmup", type=float, default=8.0, help="seconds after each deploy")
     parser.add_argument("--k", type=int, default=10)
@@ -74,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     from serve_app.config import serve_config
 
     rates = [float(r) for r in args.rates.split(",")]
+    shares = [float(x) for x in args.shares.split(",")]
+    if shares[0] != 0.0:
+        raise SystemExit("--shares must start with 0 (the baseline)")
     users = serving_load.sample_users(args.data_dir, args.users, 0.1, seed=0)
     runs: list[dict[str, Any]] = []
     with serving_load.private_redis() as redis_url:
@@ -87,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{port}"
         try:
             for round_ in range(args.rounds):
-                for share in (0.0, 1.0):
+                for share in shares:
                     deploy(settings_with_shadow(args.data_dir, redis_url, share), config)
                     time.sleep(2.0)  # the update starts replacing replicas
                     wait_ready(url, 300)
@@ -96,10 +126,14 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     for rate in rates:
                         before = experiments(url)["shadow"]["skipped_busy"]
+                        cpu_before = serving_load.ray_process_cpu()
                         result = asyncio.run(
                             serving_load.open_loop(url, rate, args.duration, 10_000, users, args.k)
                         )
                         skipped = experiments(url)["shadow"]["skipped_busy"] - before
+                        cpu = serving_load.cpu_per_request(
+                            cpu_before, serving_load.ray_process_cpu(), result.ok
+                        )
                         runs.append(
                             {
                                 "round": round_,
@@ -110,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "latency_ms": result.latency_ms,
                                 "server_ms": result.server_ms,
                                 "skipped_busy": skipped,
+                                "cpu_ms_per_request": cpu,
+                                "rss_mb": ray_process_rss_mb(),
                             }
                         )
                         print(
@@ -132,30 +168,34 @@ def main(argv: list[str] | None = None) -> int:
 
     table = []
     print(
-        f"\n{'rate':>5} {'p50 off':>8} {'p50 on':>8} {'Δp50 ms':>8} {'p99 off':>8} {'p99 on':>8} "
-        f"{'err on':>6} {'skipped':>7}"
+        f"\n{'rate':>5} {'share':>6} {'p50':>8} {'Δp50 ms':>8} {'p99':>8} {'errors':>6} "
+        f"{'skipped':>7} {'cpu ms/req':>10}"
     )
     for rate in rates:
-        row = {
-            "rate": rate,
-            "p50_off_ms": median(rate, 0.0, "latency_ms", "p50"),
-            "p50_on_ms": median(rate, 1.0, "latency_ms", "p50"),
-            "p99_off_ms": median(rate, 0.0, "latency_ms", "p99"),
-            "p99_on_ms": median(rate, 1.0, "latency_ms", "p99"),
-            "server_p50_off_ms": median(rate, 0.0, "server_ms", "p50"),
-            "server_p50_on_ms": median(rate, 1.0, "server_ms", "p50"),
-            "errors_on": sum(sum(r["errors"].values()) for r in by[(rate, 1.0)]),
-            "skipped_busy_on": sum(r["skipped_busy"] for r in by[(rate, 1.0)]),
-            "requests_on": sum(r["ok"] for r in by[(rate, 1.0)]),
-        }
-        row["p50_increase_ms"] = round(row["p50_on_ms"] - row["p50_off_ms"], 2)
-        row["p50_ratio_on_over_off"] = round(row["p50_on_ms"] / row["p50_off_ms"], 3)
-        table.append(row)
-        print(
-            f"{rate:>5.0f} {row['p50_off_ms']:>8} {row['p50_on_ms']:>8} "
-            f"{row['p50_increase_ms']:>8} {row['p99_off_ms']:>8} {row['p99_on_ms']:>8} "
-            f"{row['errors_on']:>6} {row['skipped_busy_on']:>7}"
-        )
+        base = median(rate, 0.0, "latency_ms", "p50")
+        for share in shares:
+            runs_here = by[(rate, share)]
+            row = {
+                "rate": rate,
+                "share": share,
+                "p50_ms": median(rate, share, "latency_ms", "p50"),
+                "p99_ms": median(rate, share, "latency_ms", "p99"),
+                "server_p50_ms": median(rate, share, "server_ms", "p50"),
+                "errors": sum(sum(r["errors"].values()) for r in runs_here),
+                "skipped_busy": sum(r["skipped_busy"] for r in runs_here),
+                "requests": sum(r["ok"] for r in runs_here),
+                "cpu_ms_per_request": round(
+                    statistics.median(r["cpu_ms_per_request"]["total"] for r in runs_here), 2
+                ),
+            }
+            row["p50_increase_ms"] = round(row["p50_ms"] - base, 2)
+            row["p50_ratio_over_share_0"] = round(row["p50_ms"] / base, 3)
+            table.append(row)
+            print(
+                f"{rate:>5.0f} {share:>6.2f} {row['p50_ms']:>8} {row['p50_increase_ms']:>8} "
+                f"{row['p99_ms']:>8} {row['errors']:>6} {row['skipped_busy']:>7} "
+                f"{row['cpu_ms_per_request']:>10}"
+            )
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(
         json.dumps(
