@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 # Search-time knobs a manifest may carry in `index.params`; build-time ones (nlist, M) are ignored.
-SEARCH_PARAMS = ("nprobe", "efSearch")
+# Manifest index params (training.index.index_params) -> FAISS ParameterSpace names.
+SEARCH_PARAMS = {"nprobe": "nprobe", "ef_search": "efSearch", "efSearch": "efSearch"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -249,10 +250,10 @@ def _expect(array: np.ndarray, name: str, dtype: str, shape: tuple[int, ...]) ->
 
 def _apply_search_params(index: faiss.Index, params: dict[str, float | int | str]) -> None:
     space = faiss.ParameterSpace()
-    for key in SEARCH_PARAMS:
+    for key, name in SEARCH_PARAMS.items():
         if key in params:
             try:
-                space.set_index_parameter(index, key, float(params[key]))
+                space.set_index_parameter(index, name, float(params[key]))
             except RuntimeError as exc:
                 raise BundleIntegrityError(
                     f"index param {key}={params[key]} not applicable: {exc}", file="index.faiss"

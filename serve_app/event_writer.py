@@ -42,7 +42,7 @@ class EventWriteSummary:
     written: int
     duplicates: int
     clicks: dict[str, int] = field(default_factory=dict)
-    attributed: int = 0
+    attributed: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def load_item_embeddings(source: ModelSource, version: str) -> ItemEmbeddings:
@@ -159,14 +159,18 @@ class EventWriter:
         except Exception as exc:  # logged and applied already: attribution is best effort
             logger.warning("attribution unavailable for %d events: %s", len(new), exc)
         clicks: Counter[str] = Counter()
+        attributed: Counter[tuple[str, str]] = Counter()
         for event, variant in zip(new, credited, strict=True):
-            if event.event_type.value == "click":
+            kind = event.event_type.value
+            if kind == "click":
                 clicks[variant or assign_variant(self._salt, event.user_id, self._weights)] += 1
+            if variant is not None:
+                attributed[(variant, kind)] += 1
         return EventWriteSummary(
             written=len(new),
             duplicates=len(events) - len(new),
             clicks=dict(clicks),
-            attributed=sum(v is not None for v in credited),
+            attributed=dict(attributed),
         )
 
     async def write(self, events: Sequence[Event]) -> EventWriteSummary:

@@ -481,7 +481,7 @@ def create_api(
             except ValidationError as exc:
                 rejected.append(EventRejection(index=index, error=event_error(exc)))
                 reasons[str(exc.errors()[0]["type"])] += 1  # pydantic's error types: a closed set
-        duplicates, clicks = 0, {}
+        duplicates, clicks, attributed = 0, {}, {}
         if valid:
             try:
                 summary = await backend.write_events(valid)
@@ -491,10 +491,10 @@ def create_api(
                     metrics.events({}, reasons + Counter(unavailable=len(valid)))
                 observe("events", response.status_code, start)
                 return response
-            duplicates, clicks = summary.duplicates, summary.clicks
+            duplicates, clicks, attributed = summary.duplicates, summary.clicks, summary.attributed
         if metrics is not None:
             accepted = Counter(e.event_type.value for e in valid)
-            metrics.events(accepted, reasons, duplicates, clicks)
+            metrics.events(accepted, reasons, duplicates, clicks, attributed)
         observe("events", 202, start)
         return EventsResponse(accepted=len(valid), rejected=rejected)
 

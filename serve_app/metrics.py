@@ -51,6 +51,7 @@ OVERLAP_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 Kind = Literal["counter", "gauge", "histogram"]
 FALLBACK_REASONS = ("cold_start", "degraded", "model_missing")
+ATTRIBUTED_TYPES = ("click", "add_to_cart", "purchase")
 SHADOW_ERROR_REASONS = ("error", "timeout", "unavailable")
 
 
@@ -117,6 +118,14 @@ CLICKS = _spec(
     "counter",
     "New click events, by the variant that served the clicked list (else the user's variant).",
     "variant",
+)
+ATTRIBUTED_EVENTS = _spec(
+    "recserve_attributed_events_total",
+    "counter",
+    "New events credited to the A/B variant whose response they follow (by request id, or the user's "
+    "latest response within the attribution window), by event type.",
+    "variant",
+    "event_type",
 )
 FALLBACKS = _spec(
     "recserve_fallbacks_total",
@@ -271,6 +280,7 @@ CATALOG: tuple[MetricSpec, ...] = (
     RECOMMENDATIONS,
     IMPRESSIONS,
     CLICKS,
+    ATTRIBUTED_EVENTS,
     FALLBACKS,
     EVENTS_ACCEPTED,
     EVENTS_DUPLICATE,
@@ -353,6 +363,7 @@ class RequestMetrics:
         self.recommendations = create(RECOMMENDATIONS)
         self.impressions = create(IMPRESSIONS)
         self.clicks = create(CLICKS)
+        self.attributed = create(ATTRIBUTED_EVENTS)
         self.fallbacks = create(FALLBACKS)
         self.events_accepted = create(EVENTS_ACCEPTED)
         self.events_duplicate = create(EVENTS_DUPLICATE)
@@ -364,6 +375,8 @@ class RequestMetrics:
             for reason in FALLBACK_REASONS:
                 zero(self.fallbacks, {"variant": variant, "reason": reason})
             zero(self.clicks, {"variant": variant})
+            for event_type in ATTRIBUTED_TYPES:
+                zero(self.attributed, {"variant": variant, "event_type": event_type})
         zero(self.events_duplicate)
 
     def observe(self, route: str, status: int, milliseconds: float) -> None:
@@ -391,6 +404,7 @@ class RequestMetrics:
         rejected: Mapping[str, int],
         duplicates: int = 0,
         clicks: Mapping[str, int] | None = None,
+        attributed: Mapping[tuple[str, str], int] | None = None,
     ) -> None:
         """One events request: accepted per event type, rejected per reason, retries among them,
         new clicks per variant (the one that served the clicked list, else the user's)."""
@@ -400,6 +414,9 @@ class RequestMetrics:
         for variant, count in (clicks or {}).items():
             if count:
                 self.clicks.inc(count, tags={"variant": variant})
+        for (variant, event_type), count in (attributed or {}).items():
+            if count:
+                self.attributed.inc(count, tags={"variant": variant, "event_type": event_type})
         for reason, count in rejected.items():
             if count:
                 self.events_rejected.inc(count, tags={"reason": reason})

@@ -246,7 +246,7 @@ class Router:
         served_ms = (end - start) * 1000.0
         self._graph.observe(served_ms)
         result = replace(result, timings=with_timing(result.timings, "graph", start, end))
-        if substituted and result.fallback is None:
+        if substituted:  # precedence over cold_start/degraded: the variant itself is missing
             result = replace(result, fallback="model_missing")
         self._served.append(Served(query.request_id, query.user_id, variant, version))
         self._maybe_mirror(query, result, served_ms)

@@ -1,9 +1,10 @@
 """A/B split and shadow mirror on the real graph: sticky variants, attribution, shadow failure injection.
 
 A second application (`/ab`) runs beside the session's graph on the same Ray Serve instance, Redis and
-registry, with two variants — control on `champion` (the trained version) and treatment on a fixed second
-version (the same bundle registered again, so both arms must give identical lists) — and every request
-mirrored to the alias `shadow`. The shadow alias first points at a bundle the stages refuse (a foreign
+registry, with three variants — control on `champion` (the trained version), treatment on a fixed second
+version (the same bundle registered again, so both arms must give identical lists), and ghost on an
+alias that does not exist (its users are answered by control, flagged model_missing) — and every
+request mirrored to the alias `shadow`. The shadow alias first points at a bundle the stages refuse (a foreign
 contract: every mirror fails), then at the good second version (every mirror compares equal).
 """
 
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 APP, PREFIX, EXPERIMENT, SALT = "recserve-ab", "/ab", "e2e", "e2e-salt"
-WEIGHTS = (("control", 0.5), ("treatment", 0.5))
+WEIGHTS = (("control", 0.4), ("treatment", 0.4), ("ghost", 0.2))
+MODELS = ("champion", None, "no-such-alias")  # None: the treatment version, fixed by number
 
 
 class AB:
@@ -79,8 +81,8 @@ def ab(serving_app: ServingApp, tmp_path_factory: pytest.TempPathFactory) -> Ite
             "name": EXPERIMENT,
             "salt": SALT,
             "variants": [
-                {"name": name, "model": model, "weight": weight}
-                for (name, weight), model in zip(WEIGHTS, ["champion", treatment], strict=True)
+                {"name": name, "model": model or treatment, "weight": weight}
+                for (name, weight), model in zip(WEIGHTS, MODELS, strict=True)
             ],
             "shadow": {"model": "shadow", "share": 1.0, "timeout_seconds": 5.0},
         },
@@ -115,21 +117,28 @@ def wait_for(condition: Any, timeout: float) -> bool:
 
 
 def test_each_user_always_sees_one_variant_and_its_version(ab: AB) -> None:
-    seen: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    seen: dict[str, set[tuple[str, str, str | None]]] = defaultdict(set)
     for _ in range(3):
         for user in ab.users:
             body = recommend(ab.url, user)
-            seen[user].add((body["variant"], body["model_version"]))
+            seen[user].add((body["variant"], body["model_version"], body["fallback"]))
     versions = {"control": ab.serving.bundle.version, "treatment": ab.treatment_version}
-    for user, pairs in seen.items():
-        assert len(pairs) == 1, (user, pairs)
-        ((variant, version),) = pairs
-        assert variant == assign_variant(SALT, user, WEIGHTS)
-        assert version == versions[variant]
-    assert {next(iter(p))[0] for p in seen.values()} == {"control", "treatment"}
+    assigned = {user: assign_variant(SALT, user, WEIGHTS) for user in ab.users}
+    assert set(assigned.values()) == {"control", "treatment", "ghost"}
+    for user, answers in seen.items():
+        assert len(answers) == 1, (user, answers)
+        ((variant, version, fallback),) = answers
+        if assigned[user] == "ghost":  # no version: the first variant answers, and says so
+            assert (variant, version, fallback) == ("control", versions["control"], "model_missing")
+        else:
+            assert variant == assigned[user]
+            assert version == versions[variant]
+            assert fallback != "model_missing"
     state = httpx.get(f"{ab.url}/readyz").json()
-    assert state["variants"] == versions
+    assert state["ready"] is True
+    assert state["variants"] == {**versions, "ghost": None}
     assert ab.broken_version in state["refused"] and state["shadow_version"] is None
+    assert "no-such-alias" in state["error"]
 
 
 def test_a_failing_shadow_never_changes_a_response(ab: AB) -> None:
@@ -138,7 +147,8 @@ def test_a_failing_shadow_never_changes_a_response(ab: AB) -> None:
         mirrored = recommend(ab.url, user)
         plain = recommend(ab.serving.url, user)  # the session graph: no shadow
         assert items(mirrored) == items(plain), user
-        assert mirrored["fallback"] == plain["fallback"]
+        if mirrored["fallback"] != "model_missing":  # ghost users: see the test above
+            assert mirrored["fallback"] == plain["fallback"]
     assert wait_for(lambda: len(ab.log.shadow_log()) >= before + 30, 10)
     failed = ab.log.shadow_log()[before:]
     assert {c.error for c in failed} == {"unavailable"}
@@ -181,13 +191,16 @@ def test_events_are_attributed_to_the_variant_that_served_them(ab: AB) -> None:
     # A retry of the same batch is recognised and credits nothing twice.
     httpx.post(f"{ab.url}/v1/events", json={"events": events}, timeout=10)
     after = counts()
-    for variant in ("control", "treatment"):
+    for variant in ("control", "treatment", "ghost"):
         for key in ("impressions", "clicks", "clicked_requests", "purchases"):
             got = after[variant][key] - before[variant][key]
             assert got == expected[variant][key], (variant, key, got)
     report = httpx.get(f"{ab.url}/v1/experiments").json()
-    (comparison,) = report["comparisons"]
-    assert (comparison["control"], comparison["treatment"]) == ("control", "treatment")
+    comparisons = {c["treatment"]: c for c in report["comparisons"]}
+    assert set(comparisons) == {"treatment", "ghost"}
+    comparison = comparisons["treatment"]
+    assert comparison["control"] == "control"
+    assert after["ghost"]["impressions"] == before["ghost"]["impressions"]  # served as control
     low, high = comparison["ctr_difference_ci95"]
     assert low <= comparison["ctr_difference"] <= high
 

@@ -208,3 +208,17 @@ def test_registry_refuses_to_register_a_tampered_bundle(bundle_dir: Path) -> Non
     (bundle_dir / "popularity.json").write_text('{"global": []}')
     with pytest.raises(RegistryError, match=r"checksum mismatch for 'popularity\.json'"):
         check_bundle(bundle_dir)
+
+
+def test_the_manifests_search_params_are_set_on_the_index() -> None:
+    from serve_app.bundle import _apply_search_params
+
+    vectors = np.random.default_rng(0).random((500, 8), dtype=np.float32)
+    hnsw = faiss.IndexHNSWFlat(8, 8)
+    hnsw.add(vectors)
+    # training.index.index_params writes `ef_search`; FAISS calls it efSearch.
+    _apply_search_params(hnsw, {"ef_search": 77, "m": 8})
+    assert hnsw.hnsw.efSearch == 77
+    flat = faiss.IndexFlatIP(8)
+    with pytest.raises(BundleIntegrityError, match="ef_search"):
+        _apply_search_params(flat, {"ef_search": 77})
