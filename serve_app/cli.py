@@ -215,7 +215,8 @@ def curl_examples(base_url: str, user_id: str, item_id: str) -> str:
     return (
         f"curl -s -X POST {base_url}/v1/recommendations -H 'Content-Type: application/json' "
         f"-d '{rec}'\n"
-        f"curl -s -X POST {base_url}/v1/events -H 'Content-Type: application/json' -d '{event}'"
+        f"curl -s -X POST {base_url}/v1/events -H 'Content-Type: application/json' -d '{event}'\n"
+        f"curl -s {base_url}/v1/experiments   # variants, versions, live counts and CTR"
     )
 
 
