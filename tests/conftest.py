@@ -254,7 +254,15 @@ def serving_app(
         "api": {"admin_api_key": SERVING_ADMIN_KEY},
         # A quarter of the requests mirrored to the served version itself: the shadow path and its
         # metrics run in every serving test (and must never change a response).
-        "experiment": {"shadow": {"model": "champion", "share": SERVING_SHADOW_SHARE}},
+        # Generous limits: the live scrape test counts every mirror (none skipped or cut short).
+        "experiment": {
+            "shadow": {
+                "model": "champion",
+                "share": SERVING_SHADOW_SHARE,
+                "timeout_seconds": 10.0,
+                "max_in_flight": 64,
+            }
+        },
     }
     deploy(settings, serve_config({}), name="recserve")
     try:

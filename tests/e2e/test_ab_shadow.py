@@ -84,12 +84,25 @@ def ab(serving_app: ServingApp, tmp_path_factory: pytest.TempPathFactory) -> Ite
                 {"name": name, "model": model or treatment, "weight": weight}
                 for (name, weight), model in zip(WEIGHTS, MODELS, strict=True)
             ],
-            "shadow": {"model": "shadow", "share": 1.0, "timeout_seconds": 5.0},
+            "shadow": {
+                "model": "shadow",
+                "share": 1.0,
+                "timeout_seconds": 10.0,
+                "max_in_flight": 64,  # every request is mirrored and logged: none skipped
+            },
         },
     }
     deploy(settings, config, name=APP, route_prefix=PREFIX)
     try:
         wait_ready(serving_app.url + PREFIX, 300)
+        # Ready means one arm serves; wait for the treatment arm too (ghost never loads).
+        assert wait_for(
+            lambda: (
+                httpx.get(f"{serving_app.url}{PREFIX}/readyz").json()["variants"]["treatment"]
+                == treatment
+            ),
+            120,
+        )
         yield AB(serving_app, treatment, broken)
     finally:
         serve.delete(APP)
@@ -149,7 +162,7 @@ def test_a_failing_shadow_never_changes_a_response(ab: AB) -> None:
         assert items(mirrored) == items(plain), user
         if mirrored["fallback"] != "model_missing":  # ghost users: see the test above
             assert mirrored["fallback"] == plain["fallback"]
-    assert wait_for(lambda: len(ab.log.shadow_log()) >= before + 30, 10)
+    assert wait_for(lambda: len(ab.log.shadow_log()) >= before + 30, 30)
     failed = ab.log.shadow_log()[before:]
     assert {c.error for c in failed} == {"unavailable"}
     assert all(c.jaccard is None for c in failed)
@@ -217,7 +230,7 @@ def test_a_working_shadow_is_compared_and_reported(ab: AB, tmp_path: Path) -> No
     before = len(ab.log.shadow_log())
     for user in ab.users[:20]:
         recommend(ab.url, user)
-    assert wait_for(lambda: len(ab.log.shadow_log()) >= before + 20, 10)
+    assert wait_for(lambda: len(ab.log.shadow_log()) >= before + 20, 30)
     compared = [c for c in ab.log.shadow_log()[before:] if c.shadow_version]
     assert len(compared) >= 20
     assert all(c.error is None and c.jaccard is not None and c.rbo is not None for c in compared)
