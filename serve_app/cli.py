@@ -27,8 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-from serve_app.config import DEFAULT_REDIS_URL, deployment_options, serve_config
+from serve_app.config import (
+    DEFAULT_REDIS_URL,
+    ServeSettings,
+    deployment_options,
+    serve_config,
+)
 
 logger = logging.getLogger("recserve.serve")
 
@@ -38,8 +44,40 @@ APP_NAME = "recserve"
 # --- argument handling ---------------------------------------------------------------------------
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def settings_file(path: Path | None) -> dict[str, Any]:
+    """ServeSettings fields from a YAML file (e.g. an `experiment:` section); SystemExit naming the
+    file and the field when it is not valid."""
+    if path is None:
+        return {}
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SystemExit(f"--settings {path}: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise SystemExit(f"--settings {path}: expected a mapping of ServeSettings fields")
+    try:
+        ServeSettings(**loaded)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise SystemExit(f"--settings {path}: {where}: {first['msg']}") from None
+    return loaded
+
+
 def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """ServeSettings fields set by flags (everything else comes from RECSERVE_* variables)."""
+    """ServeSettings fields from --settings FILE, then flags over it (everything else comes from
+    RECSERVE_* variables, which these override)."""
     out: dict[str, Any] = {}
     if args.data_dir is not None:
         out["feature_store"] = {"data_dir": str(args.data_dir)}
@@ -54,7 +92,7 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["models"] = models
     if args.redis_url:
         out["redis_url"] = args.redis_url
-    return out
+    return _merge(settings_file(getattr(args, "settings", None)), out)
 
 
 def _free_to_bind(host: str, port: int) -> bool:
@@ -338,7 +376,6 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_shadow_report(args: argparse.Namespace) -> int:
     """Read the shadow log (Redis stream) and print how the shadow version compares."""
-    from serve_app.config import ServeSettings
     from serve_app.experiments import ExperimentLog, ShadowSummary
     from serve_app.redis_client import connect_redis
 
@@ -399,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--settings",
+            type=Path,
+            help="YAML file of ServeSettings fields (experiment, ranking, api, ...); flags win",
+        )
         p.add_argument("--data-dir", type=Path, help="data dir of training (default: data)")
         p.add_argument(
             "--model-uri", help="models:/<name>@<alias> (default models:/recserve@champion)"

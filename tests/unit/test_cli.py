@@ -16,6 +16,7 @@ COMMANDS = [
     ["features"],
     ["promote"],
     ["rollback"],
+    ["simulate"],
 ]
 
 
