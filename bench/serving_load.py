@@ -219,28 +219,51 @@ async def open_loop(
 # --- where the CPU goes --------------------------------------------------------------------------
 
 
-def ray_process_cpu() -> dict[str, float]:
-    """CPU seconds used so far by each Ray process of this machine, by role (Linux /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = defaultdict(float)
+def ray_processes() -> Iterator[tuple[str, Path]]:
+    """(role, /proc/<pid>) of every Ray process of this machine: a Serve replica's deployment name,
+    a Ray actor's class, or the Ray core daemons."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         if cmdline.startswith("ray::ServeReplica:"):
-            role = cmdline.split(":")[-1].strip()
+            yield cmdline.split(":")[-1].strip(), entry
         elif cmdline.startswith("ray::"):
-            role = cmdline[5:].split(".")[0].split()[0]
+            yield cmdline[5:].split(".")[0].split()[0], entry
         elif "raylet" in cmdline or "gcs_server" in cmdline:
-            role = "ray core (raylet, gcs)"
-        else:
+            yield "ray core (raylet, gcs)", entry
+
+
+def ray_process_cpu() -> dict[str, float]:
+    """CPU seconds used so far by each Ray process of this machine, by role (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = defaultdict(float)
+    for role, entry in ray_processes():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
             continue
         out[role] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
     return dict(out)
+
+
+def write_results(path: Path, script: str, argv: Sequence[str], results: dict[str, Any]) -> None:
+    """A benchmark's JSON: the command, the machine, then `results`."""
+    document = {
+        "command": f"python bench/{script} " + " ".join(argv),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        },
+        **results,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def cpu_per_request(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
@@ -394,25 +417,12 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     print(json.dumps(summary, indent=2))
-    load = os.getloadavg()
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(
-        json.dumps(
-            {
-                "command": "python bench/serving_load.py " + " ".join(argv or sys.argv[1:]),
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "loadavg_at_end": [round(x, 2) for x in load],
-                },
-                "in_process": in_proc,
-                "runs": [asdict(r) for r in runs],
-                "summary": summary,
-            },
-            indent=2,
-        )
+    write_results(
+        args.json_out,
+        "serving_load.py",
+        argv or sys.argv[1:],
+        {"in_process": in_proc, "runs": [asdict(r) for r in runs], "summary": summary},
     )
-    print(f"wrote {args.json_out}")
     return 0
 
 

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -47,19 +46,10 @@ def settings_with_shadow(data_dir: Path, redis_url: str, share: float) -> dict[s
 def ray_process_rss_mb() -> dict[str, float]:
     """Resident memory of each Serve replica / Ray process of this machine, by role (max if several)."""
     out: dict[str, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for role, entry in serving_load.ray_processes():
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             status = (entry / "status").read_text()
         except OSError:
-            continue
-        if cmdline.startswith("ray::ServeReplica:"):
-            role = cmdline.split(":")[-1].strip()
-        elif cmdline.startswith("ray::"):
-            role = cmdline[5:].split(".")[0].split()[0]
-        else:
             continue
         rss = next(
             (line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")), "0"
@@ -196,24 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['p99_ms']:>8} {row['errors']:>6} {row['skipped_busy']:>7} "
                 f"{row['cpu_ms_per_request']:>10}"
             )
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(
-        json.dumps(
-            {
-                "command": "python bench/shadow_overhead.py " + " ".join(argv or sys.argv[1:]),
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-                },
-                "summary": table,
-                "runs": runs,
-            },
-            indent=2,
-        )
-        + "\n"
+    serving_load.write_results(
+        args.json_out, "shadow_overhead.py", argv or sys.argv[1:], {"summary": table, "runs": runs}
     )
-    print(f"wrote {args.json_out}")
     return 0
 
 

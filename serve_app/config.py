@@ -295,6 +295,26 @@ class ExperimentConfig(BaseModel):
     def weights(self) -> tuple[tuple[str, float], ...]:
         return tuple((v.name, v.weight) for v in self.variants)
 
+    def variant_refs(self, default_alias: str) -> dict[str, str]:
+        """Registry ref (alias or version) of each variant; `default_alias` where none is named."""
+        return {v.name: v.model or default_alias for v in self.variants}
+
+    @property
+    def shadow_ref(self) -> str | None:
+        """The shadow's registry ref when requests are mirrored at all, else None."""
+        return self.shadow.model if self.shadow.share > 0 else None
+
+    def served_refs(self, default_alias: str) -> list[str]:
+        """Every ref a stage must hold: the variants with a positive weight, then the shadow."""
+        refs = [
+            ref
+            for v, ref in zip(self.variants, self.variant_refs(default_alias).values(), strict=True)
+            if v.weight > 0
+        ]
+        if self.shadow_ref is not None:
+            refs.append(self.shadow_ref)
+        return list(dict.fromkeys(refs))
+
 
 class MonitoringConfig(BaseModel):
     """What deployments measure on their own schedule rather than per request."""

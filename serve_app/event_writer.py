@@ -128,20 +128,22 @@ class EventWriter:
                 logger.warning("could not follow the served versions: %s", exc)
             await asyncio.sleep(self._interval)
 
-    def _embeddings_for(self, user_id: str) -> ItemEmbeddings | None:
-        variant = assign_variant(self._salt, user_id, self._weights)
-        version = self._variant_versions.get(variant) or self._default_version
-        found = self._embeddings.get(version) if version else None
-        if found is None and self._default_version:
-            found = self._embeddings.get(self._default_version)
-        return found
+    def _embeddings_for(self, variant: str) -> ItemEmbeddings | None:
+        """The item vectors of the variant's version, else of the default version (not loaded yet)."""
+        for version in (self._variant_versions.get(variant), self._default_version):
+            if version is not None and version in self._embeddings:
+                return self._embeddings[version]
+        return None
 
     def _write(self, events: list[Event]) -> EventWriteSummary:
         # Grouped by the space of the user's variant; a user's events stay in order (one group).
         groups: dict[str, list[int]] = defaultdict(list)
         spaces: dict[str, ItemEmbeddings | None] = {}
-        for row, event in enumerate(events):
-            emb = self._embeddings_for(event.user_id)
+        # A user's variant: the space of their delta embedding, and whom a click not attributed
+        # to a request is counted for.
+        variants = [assign_variant(self._salt, e.user_id, self._weights) for e in events]
+        for row, variant in enumerate(variants):
+            emb = self._embeddings_for(variant)
             key = emb.model_version if emb is not None else ""
             spaces[key] = emb
             groups[key].append(row)
@@ -151,6 +153,7 @@ class EventWriter:
             for row, ok in zip(rows, result.applied, strict=True):
                 applied[row] = ok
         new = [e for e, ok in zip(events, applied, strict=True) if ok]
+        bucket = [v for v, ok in zip(variants, applied, strict=True) if ok]
         credited: list[str | None] = [None] * len(new)
         try:
             credited = self._log.attribute(
@@ -160,12 +163,12 @@ class EventWriter:
             logger.warning("attribution unavailable for %d events: %s", len(new), exc)
         clicks: Counter[str] = Counter()
         attributed: Counter[tuple[str, str]] = Counter()
-        for event, variant in zip(new, credited, strict=True):
+        for event, credit, own in zip(new, credited, bucket, strict=True):
             kind = event.event_type.value
             if kind == "click":
-                clicks[variant or assign_variant(self._salt, event.user_id, self._weights)] += 1
-            if variant is not None:
-                attributed[(variant, kind)] += 1
+                clicks[credit or own] += 1
+            if credit is not None:
+                attributed[(credit, kind)] += 1
         return EventWriteSummary(
             written=len(new),
             duplicates=len(events) - len(new),

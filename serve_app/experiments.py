@@ -162,6 +162,16 @@ class VariantCounts:
     def ctr_interval(self) -> tuple[float, float]:
         return wilson_interval(self.clicked_requests, self.impressions)
 
+    def ctr_difference(self, treatment: VariantCounts) -> tuple[float, float, float]:
+        """CTR of `treatment` minus this (control) variant's: (difference, low, high), the bounds of
+        Newcombe's 95% hybrid score interval."""
+        return difference_interval(
+            self.clicked_requests,
+            self.impressions,
+            treatment.clicked_requests,
+            treatment.impressions,
+        )
+
     def as_dict(self) -> dict[str, Any]:
         low, high = self.ctr_interval
         return {

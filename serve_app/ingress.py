@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 from serve_app.config import ApiConfig, ExperimentConfig, ServeSettings
 from serve_app.errors import BadRequest, FeatureStoreUnavailable, ModelUnavailable, RecserveError
 from serve_app.event_writer import EventWriteSummary
-from serve_app.experiments import assign_variant, difference_interval
+from serve_app.experiments import assign_variant
 from serve_app.metrics import RequestMetrics
 from serve_app.models import SwapOutcome
 from serve_app.recommend import Filters, Query, Recommendations
@@ -172,32 +172,6 @@ class ServeBackend:
     async def experiments(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._router.experiments.remote()
         return result
-
-
-def compare_variants(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """CTR of every other variant against the first (the control): difference and its 95% interval
-    (Newcombe's hybrid score interval), and whether the interval excludes 0."""
-    control = variants[0]
-    base = control.get("counts") or {}
-    out = []
-    for other in variants[1:]:
-        counts = other.get("counts") or {}
-        diff, low, high = difference_interval(
-            int(base.get("clicked_requests", 0)),
-            int(base.get("impressions", 0)),
-            int(counts.get("clicked_requests", 0)),
-            int(counts.get("impressions", 0)),
-        )
-        out.append(
-            {
-                "control": control["name"],
-                "treatment": other["name"],
-                "ctr_difference": diff,
-                "ctr_difference_ci95": [low, high],
-                "significant": low > 0 or high < 0,
-            }
-        )
-    return out
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -523,8 +497,6 @@ def create_api(
             )
         except Exception as exc:
             return _backend_error(exc)
-        if len(report["variants"]) >= 2:
-            report["comparisons"] = compare_variants(report["variants"])
         return report
 
     @app.post(

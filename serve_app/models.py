@@ -159,11 +159,8 @@ class VersionedStage:
         self._ranking = settings.ranking
         self._source = ModelSource.from_settings(settings)
         self._preloaded = {}
-        experiment = settings.experiment
-        refs = [v.model or settings.models.alias for v in experiment.variants if v.weight > 0]
-        if experiment.shadow.model is not None and experiment.shadow.share > 0:
-            refs.append(experiment.shadow.model)
-        for ref in dict.fromkeys(refs):  # every A/B arm and the shadow, loaded and warmed now
+        # Every A/B arm and the shadow, loaded and warmed now.
+        for ref in settings.experiment.served_refs(settings.models.alias):
             try:
                 version = self._source.resolve(ref)
                 if version not in self._preloaded:

@@ -33,7 +33,7 @@ from serve_app.experiments import (
     ExperimentLog,
     Served,
     ShadowComparison,
-    ShadowSummary,
+    VariantCounts,
     assign_variant,
     jaccard,
     rank_biased_overlap,
@@ -80,6 +80,25 @@ class Readiness:
     shadow_version: str | None = None
 
 
+def compare_variants(counts: list[tuple[str, VariantCounts]]) -> list[dict[str, Any]]:
+    """CTR of every other variant against the first (the control): difference and its 95% interval
+    (Newcombe's hybrid score interval), and whether the interval excludes 0."""
+    (control, base), others = counts[0], counts[1:]
+    out = []
+    for name, treatment in others:
+        diff, low, high = base.ctr_difference(treatment)
+        out.append(
+            {
+                "control": control,
+                "treatment": name,
+                "ctr_difference": diff,
+                "ctr_difference_ci95": [low, high],
+                "significant": low > 0 or high < 0,
+            }
+        )
+    return out
+
+
 def root_cause(exc: BaseException) -> BaseException:
     """The exception a remote stage raised (Ray wraps it in a RayTaskError with `.cause`)."""
     cause = getattr(exc, "cause", None)
@@ -122,11 +141,11 @@ class Router:
         self._metrics = {v.name: ModelMetrics(v.name) for v in experiment.variants}
         self._graph = StageMetrics("graph")
         self._arms: dict[str, _Arm] = {}
-        for variant in experiment.variants:
-            self._arm(variant.model or settings.models.alias).variants.append(variant.name)
-        self._variant_ref = {v.name: v.model or settings.models.alias for v in experiment.variants}
+        self._variant_ref = experiment.variant_refs(settings.models.alias)
+        for name, ref in self._variant_ref.items():
+            self._arm(ref).variants.append(name)
         shadow = experiment.shadow
-        self._shadow_ref = shadow.model if shadow.share > 0 else None
+        self._shadow_ref = experiment.shadow_ref
         if self._shadow_ref is not None:
             self._arm(self._shadow_ref)
         self._log = ExperimentLog(
@@ -205,6 +224,9 @@ class Router:
     def _versions_in_use(self) -> set[str]:
         return {a.watcher.current for a in self._arms.values() if a.watcher.current is not None}
 
+    def _shadow_version(self) -> str | None:
+        return self._arms[self._shadow_ref].watcher.current if self._shadow_ref else None
+
     def _version_of(self, variant: str) -> str | None:
         return self._arms[self._variant_ref[variant]].watcher.current
 
@@ -218,15 +240,18 @@ class Router:
             other = self._version_of(name)
             if weight > 0 and other is not None:
                 return name, other, True
-        errors = "; ".join(
-            f"{arm.ref}: {arm.watcher.last_error}"
-            for arm in self._arms.values()
-            if arm.watcher.last_error
-        )
+        errors = self._arm_errors()
         raise ModelUnavailable(
             f"no version of {self._settings.models.model_name} is loaded yet"
             + (f" ({errors})" if errors else "")
         )
+
+    def _arm_errors(self) -> str | None:
+        """The last alias-check error of every arm that has one, or None."""
+        errors = [
+            f"{a.ref}: {a.watcher.last_error}" for a in self._arms.values() if a.watcher.last_error
+        ]
+        return "; ".join(errors) or None
 
     async def _run(self, query: Query) -> Recommendations:
         stages = self._bind(query.model_version)
@@ -274,7 +299,7 @@ class Router:
         """Run `query` on the shadow version and compare; never raises."""
         assert self._shadow_ref is not None
         metrics = self._metrics[served.variant]
-        version = self._arms[self._shadow_ref].watcher.current
+        version = self._shadow_version()
         self._shadow_in_flight += 1
         start = time.perf_counter()
         error: str | None = None
@@ -353,11 +378,6 @@ class Router:
         variants = {name: self._version_of(name) for name, _ in self._weights}
         ready = any(variants[name] is not None for name, weight in self._weights if weight > 0)
         checks = [a.watcher.last_check for a in self._arms.values() if a.watcher.last_check]
-        errors = [
-            f"{arm.ref}: {arm.watcher.last_error}"
-            for arm in self._arms.values()
-            if arm.watcher.last_error
-        ]
         refused = {v: m for arm in self._arms.values() for v, m in arm.watcher.refused.items()}
         return Readiness(
             ready=ready,
@@ -365,12 +385,10 @@ class Router:
             or next((v for v in variants.values() if v is not None), None),
             model_uri=self._settings.models.uri,
             last_check=max(checks) if checks else None,
-            error="; ".join(errors) or None,
+            error=self._arm_errors(),
             refused=refused,
             variants=variants,
-            shadow_version=(
-                self._arms[self._shadow_ref].watcher.current if self._shadow_ref else None
-            ),
+            shadow_version=self._shadow_version(),
         )
 
     async def experiments(self) -> dict[str, Any]:
@@ -389,7 +407,7 @@ class Router:
         for v in experiment.variants:
             entry: dict[str, Any] = {
                 "name": v.name,
-                "model": v.model or self._settings.models.alias,
+                "model": self._variant_ref[v.name],
                 "version": self._version_of(v.name),
                 "weight": v.weight,
                 "share": v.weight / total,
@@ -398,26 +416,24 @@ class Router:
                 entry["counts"] = counts[v.name].as_dict()
             variants.append(entry)
         shadow = experiment.shadow
-        return {
+        report: dict[str, Any] = {
             "experiment": experiment.name,
             "model": self._settings.models.model_name,
             "attribution_window_seconds": experiment.attribution_window_seconds,
             "variants": variants,
             "shadow": {
                 "model": shadow.model,
-                "version": (
-                    self._arms[self._shadow_ref].watcher.current if self._shadow_ref else None
-                ),
+                "version": self._shadow_version(),
                 "share": shadow.share if self._shadow_ref else 0.0,
                 "skipped_busy": self._shadow_skipped,
             },
             "error": counts_error,
         }
-
-    async def shadow_summary(self) -> ShadowSummary:
-        await self.flush()
-        log = await asyncio.to_thread(self._log.shadow_log)
-        return ShadowSummary.of(log)
+        if counts and len(variants) >= 2:
+            report["comparisons"] = compare_variants(
+                [(v.name, counts[v.name]) for v in experiment.variants]
+            )
+        return report
 
     async def reload(self) -> SwapOutcome:
         """Re-resolve every ref now (admin), retrying previously refused versions; the outcome of

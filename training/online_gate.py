@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
 from rich.console import Console
 from rich.table import Table
 
-from serve_app.experiments import ExperimentLog, VariantCounts, difference_interval
+from serve_app.experiments import ExperimentLog, VariantCounts
 from serve_app.redis_client import connect_redis
 from training.config import OnlineGateConfig
 
@@ -86,34 +86,22 @@ def online_gate(
             control,
             treatment,
         )
-    diff, low, high = difference_interval(
-        control.clicked_requests,
-        control.impressions,
-        treatment.clicked_requests,
-        treatment.impressions,
-    )
+    diff, low, high = control.ctr_difference(treatment)
     if high < 0:
         verdict = "significantly worse"
     elif low > 0:
         verdict = "significantly better"
     else:
         verdict = "inconclusive"
-    passed = high >= 0
     reason = (
         f"{config.treatment} CTR {treatment.ctr:.2%} vs {config.control} {control.ctr:.2%}: "
         f"{_pp(diff)} (95% CI {_pp(low)} to {_pp(high)}), {verdict}"
     )
-    return OnlineEvidence(
-        experiment=config.experiment,
-        control=config.control,
-        treatment=config.treatment,
-        min_impressions=config.min_impressions,
+    return replace(
+        OnlineEvidence.none(config, reason, control, treatment),
         applies=True,
-        passed=passed,
+        passed=high >= 0,
         verdict=verdict,
-        reason=reason,
-        control_counts=control,
-        treatment_counts=treatment,
         difference=(diff, low, high),
     )
 
