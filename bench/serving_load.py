@@ -144,6 +144,7 @@ class RunResult:
     hops_ms: dict[str, float]
     fallbacks: dict[str, int] = field(default_factory=dict)
     cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
+    round: int = 0
 
 
 async def open_loop(
@@ -345,7 +346,7 @@ def print_table(in_proc: dict[str, Any], runs: list[RunResult]) -> None:
         f"{in_proc['stages_ms']['pipeline']['p50']} ms"
     )
     header = (
-        f"{'rate':>6} {'rps':>7} {'ok':>6} {'err':>5} {'p50':>7} {'p95':>7} {'p99':>7} "
+        f"{'round':>5} {'rate':>6} {'rps':>7} {'ok':>6} {'err':>5} {'p50':>7} {'p95':>7} {'p99':>7} "
         f"{'server p50':>10} {'hops p50':>9} " + " ".join(f"{s[:10]:>10}" for s in STAGES[:-1])
     )
     print(header)
@@ -354,10 +355,46 @@ def print_table(in_proc: dict[str, Any], runs: list[RunResult]) -> None:
             f"{r.stages_ms.get(s, {}).get('p50', float('nan')):>10}" for s in STAGES[:-1]
         )
         print(
-            f"{r.rate:>6.0f} {r.throughput_rps:>7} {r.ok:>6} {sum(r.errors.values()):>5} "
+            f"{r.round:>5} {r.rate:>6.0f} {r.throughput_rps:>7} {r.ok:>6} {sum(r.errors.values()):>5} "
             f"{r.latency_ms['p50']:>7} {r.latency_ms['p95']:>7} {r.latency_ms['p99']:>7} "
             f"{r.server_ms['p50']:>10} {r.hops_ms['p50']:>9} {stages}"
         )
+
+
+def summarize(
+    runs: Sequence[RunResult], rates: Sequence[float], in_proc: dict[str, Any]
+) -> dict[str, Any]:
+    """Per rate over the rounds: median and worst p99, errors in any round; the issue's goals."""
+    by_rate: dict[str, dict[str, Any]] = {}
+    for rate in rates:
+        same = [r for r in runs if r.rate == rate]
+        p99s = [r.latency_ms["p99"] for r in same]
+        by_rate[f"{rate:.0f}"] = {
+            "p99_by_round": p99s,
+            "p99_median": float(np.median(p99s)),
+            "p99_worst": max(p99s),
+            "errors": sum(sum(r.errors.values()) for r in same),
+        }
+    clean = [
+        rate
+        for rate in rates
+        if by_rate[f"{rate:.0f}"]["errors"] == 0 and by_rate[f"{rate:.0f}"]["p99_median"] < 100
+    ]
+    at_50 = by_rate.get("50")
+    first = runs[0]
+    return {
+        "by_rate": by_rate,
+        "goal_50rps_p99_le_50ms_zero_errors_median": (
+            None if at_50 is None else bool(at_50["p99_median"] <= 50 and not at_50["errors"])
+        ),
+        "goal_50rps_p99_le_50ms_zero_errors_every_round": (
+            None if at_50 is None else bool(at_50["p99_worst"] <= 50 and not at_50["errors"])
+        ),
+        "highest_rate_median_p99_lt_100ms_zero_errors": max(clean, default=None),
+        "ratio_p50_graph_over_in_process_at_lowest_rate": round(
+            first.latency_ms["p50"] / in_proc["latency_ms"]["p50"], 2
+        ),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold-share", type=float, default=0.1)
     parser.add_argument("--in-process-requests", type=int, default=1_000)
     parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="sweeps over the rates (the summary takes medians)"
+    )
     parser.add_argument("--json-out", type=Path, default=ROOT / "bench/results/serving_load.json")
     args = parser.parse_args(argv)
 
@@ -385,15 +425,18 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[RunResult] = []
         with graph(args.data_dir, redis_url, args.num_cpus) as url:
             asyncio.run(open_loop(url, rates[0], args.warmup, args.max_requests, users, args.k))
-            for rate in rates:
+            # Rounds of one rate back to back, rates in the given order: an overloaded rate (and the
+            # replicas the autoscaler adds for it) only follows the rates before it.
+            for rate, round_ in ((r, n) for r in rates for n in range(args.rounds)):
                 before = ray_process_cpu()
                 result = asyncio.run(
                     open_loop(url, rate, args.duration, args.max_requests, users, args.k)
                 )
                 result.cpu_ms_per_request = cpu_per_request(before, ray_process_cpu(), result.ok)
+                result.round = round_
                 runs.append(result)
                 print(
-                    f"rate {rate:.0f}: p50 {result.latency_ms['p50']} p99 {result.latency_ms['p99']} "
+                    f"round {round_} rate {rate:.0f}: p50 {result.latency_ms['p50']} p99 {result.latency_ms['p99']} "
                     f"errors {result.errors}",
                     flush=True,
                 )
@@ -401,21 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     print_table(in_proc, runs)
     print("\nCPU ms per answered request, by process (rate: role=ms):")
     for r in runs:
-        print(f"{r.rate:>6.0f}: " + ", ".join(f"{k}={v}" for k, v in r.cpu_ms_per_request.items()))
-    ok = [r for r in runs if not r.errors and r.latency_ms["p99"] < 100]
-    best = max((r.rate for r in ok), default=None)
-    passing = {f"{r.rate:.0f}": r in ok for r in runs}
-    at_50 = next((r for r in runs if r.rate == 50), None)
-    summary = {
-        "goal_50rps_p99_le_50ms_zero_errors": (
-            None if at_50 is None else bool(at_50.latency_ms["p99"] <= 50 and not at_50.errors)
-        ),
-        "highest_rate_p99_lt_100ms_zero_errors": best,
-        "p99_lt_100ms_zero_errors_by_rate": passing,
-        "ratio_p50_graph_over_in_process_at_lowest_rate": round(
-            runs[0].latency_ms["p50"] / in_proc["latency_ms"]["p50"], 2
-        ),
-    }
+        print(
+            f"{r.round:>2} {r.rate:>6.0f}: "
+            + ", ".join(f"{k}={v}" for k, v in r.cpu_ms_per_request.items())
+        )
+    summary = summarize(runs, rates, in_proc)
     print(json.dumps(summary, indent=2))
     write_results(
         args.json_out,

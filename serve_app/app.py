@@ -21,7 +21,6 @@ from serve_app.ingress import Ingress
 from serve_app.ranker import Ranker
 from serve_app.reranker import ReRanker
 from serve_app.retriever import Retriever
-from serve_app.router import Router
 from serve_app.user_tower import UserTower
 
 
@@ -42,7 +41,8 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: AppArgs) -> Application:
-    """The graph: Ingress -> Router -> UserTower -> Retriever -> Ranker -> ReRanker, + EventWriter."""
+    """The graph: Ingress (with its Router) -> UserTower -> Retriever -> Ranker -> ReRanker, and
+    Ingress -> EventWriter."""
     settings = ServeSettings(**args.settings)
     options = args.deployments
     if options is None:
@@ -57,6 +57,5 @@ def build_app(args: AppArgs) -> Application:
     retriever = bind(Retriever, settings)
     ranker = bind(Ranker, settings)
     reranker = bind(ReRanker, settings)
-    router = bind(Router, settings, user_tower, retriever, ranker, reranker)
-    events = bind(EventWriter, settings, router)
-    return bind(Ingress, settings, router, events)
+    events = bind(EventWriter, settings)
+    return bind(Ingress, settings, user_tower, retriever, ranker, reranker, events)

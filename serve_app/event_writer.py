@@ -1,8 +1,9 @@
 """EventWriter deployment: appends events to the Redis Stream, updates real-time features, attributes.
 
 A thin shell over `serve_app.events.EventLogWriter`. A user's delta embedding is built from the item
-vectors of the version their A/B variant serves (the router's versions, followed every polling
-interval), so each arm's user tower reads a delta in its own space. A failure of Redis raises
+vectors of the version their A/B variant serves (the ingress sends its router's versions with every
+batch; a version's vectors load in the background, the default space is used meanwhile), so each arm's
+user tower reads a delta in its own space. A failure of Redis raises
 `FeatureStoreUnavailable`, which the ingress answers with 503: events are never dropped silently.
 Newly logged events (not retries) are then credited to the variant that served them
 (`ExperimentLog.attribute`); an attribution failure is logged and does not fail the write.
@@ -19,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import ServeSettings
 from serve_app.errors import RecserveError
 from serve_app.experiments import ExperimentLog, assign_variant
 from serve_app.metrics import EventLogMetrics
 from serve_app.models import ModelSource
+from serve_app.router import ServedVersions
 from serve_app.schemas import Event
 
 if TYPE_CHECKING:  # imported in the replica only: they pull in Feast, the ingress must not
@@ -58,14 +59,12 @@ def load_item_embeddings(source: ModelSource, version: str) -> ItemEmbeddings:
 
 @serve.deployment
 class EventWriter:
-    def __init__(self, settings: ServeSettings, router: DeploymentHandle) -> None:
+    def __init__(self, settings: ServeSettings) -> None:
         from serve_app.events import EventLogWriter
         from serve_app.redis_client import connect_redis
 
         self._writer: EventLogWriter = EventLogWriter.from_settings(settings)
         self._source = ModelSource.from_settings(settings)
-        self._router = router
-        self._interval = settings.models.poll_interval_seconds
         experiment = settings.experiment
         self._salt, self._weights = experiment.salt, experiment.weights
         self._log = ExperimentLog(
@@ -75,20 +74,20 @@ class EventWriter:
             experiment.attribution_window_seconds,
         )
         # Item vectors per served version; the first variant's version for users of a variant
-        # without one (and before the router answers).
+        # without one (and before the ingress names them).
         self._embeddings: dict[str, ItemEmbeddings] = {}
-        self._variant_versions: dict[str, str | None] = {}
-        self._default_version: str | None = None
+        self._loading: set[str] = set()
+        self._served = ServedVersions({}, None)
         try:
             version = self._source.resolve()
             self._embeddings[version] = load_item_embeddings(self._source, version)
-            self._default_version = version
+            self._served = ServedVersions({}, version)
         except RecserveError as exc:
             # Events are still logged; delta embeddings start once a version is served.
             logger.warning("no bundle at start (%s): events logged without delta", exc.message)
         self._metrics = EventLogMetrics()
         loop = asyncio.get_running_loop()
-        self._task = loop.create_task(self._follow_router())
+        self._loads: set[asyncio.Task[None]] = set()
         self._sampler = loop.create_task(
             self._sample_stream(settings.monitoring.sample_interval_seconds)
         )
@@ -107,32 +106,39 @@ class EventWriter:
                 logger.warning("event stream stats unavailable: %s", exc)
             await asyncio.sleep(interval)
 
-    async def _follow_router(self) -> None:
-        """Use the item vectors of the versions the router serves (never a refused one)."""
-        while True:
-            try:
-                state = await self._router.readiness.remote()
-                wanted = {v for v in state.variants.values() if v is not None}
-                for version in sorted(wanted - set(self._embeddings)):
-                    self._embeddings[version] = await asyncio.to_thread(
-                        load_item_embeddings, self._source, version
-                    )
-                    logger.info("delta embeddings of version %s loaded", version)
-                self._variant_versions = dict(state.variants)
-                if state.model_version is not None:
-                    self._default_version = state.model_version
-                keep = wanted | {self._default_version}
-                for version in set(self._embeddings) - keep:
-                    del self._embeddings[version]
-            except Exception as exc:  # the router restarting must not stop the loop
-                logger.warning("could not follow the served versions: %s", exc)
-            await asyncio.sleep(self._interval)
+    def _follow(self, served: ServedVersions) -> None:
+        """Serve deltas in the spaces of `served` (the ingress's versions); load new ones in the
+        background and drop the vectors of versions no longer served."""
+        if served == self._served:
+            return
+        self._served = served
+        wanted = {v for v in served.variants.values() if v is not None} | {served.default}
+        for version in sorted(v for v in wanted - set(self._embeddings) - self._loading if v):
+            self._loading.add(version)
+            task = asyncio.get_running_loop().create_task(self._load(version))
+            self._loads.add(task)
+            task.add_done_callback(self._loads.discard)
+        for version in set(self._embeddings) - wanted:
+            del self._embeddings[version]
+
+    async def _load(self, version: str) -> None:
+        try:
+            self._embeddings[version] = await asyncio.to_thread(
+                load_item_embeddings, self._source, version
+            )
+            logger.info("delta embeddings of version %s loaded", version)
+        except Exception as exc:  # retried with the next batch that names it
+            logger.warning("item vectors of version %s unavailable: %s", version, exc)
+        finally:
+            self._loading.discard(version)
 
     def _embeddings_for(self, variant: str) -> ItemEmbeddings | None:
         """The item vectors of the variant's version, else of the default version (not loaded yet)."""
-        for version in (self._variant_versions.get(variant), self._default_version):
-            if version is not None and version in self._embeddings:
-                return self._embeddings[version]
+        served = self._served  # read once: the event loop may replace it meanwhile
+        for version in (served.variants.get(variant), served.default):
+            emb = self._embeddings.get(version) if version is not None else None
+            if emb is not None:
+                return emb
         return None
 
     def _write(self, events: list[Event]) -> EventWriteSummary:
@@ -176,13 +182,17 @@ class EventWriter:
             attributed=dict(attributed),
         )
 
-    async def write(self, events: Sequence[Event]) -> EventWriteSummary:
-        """Log and apply `events` in order; FeatureStoreUnavailable when Redis fails."""
+    async def write(
+        self, events: Sequence[Event], served: ServedVersions | None = None
+    ) -> EventWriteSummary:
+        """Log and apply `events` in order; FeatureStoreUnavailable when Redis fails. `served`: the
+        versions the caller's router serves, when it knows them."""
+        if served is not None and served.default is not None:
+            self._follow(served)
         # In a thread: pipelined round trips, and other batches may be written meanwhile.
         return await asyncio.to_thread(self._write, list(events))
 
     def __del__(self) -> None:
-        for name in ("_task", "_sampler"):
-            task: Any = getattr(self, name, None)
-            if task is not None:
-                task.cancel()
+        task: Any = getattr(self, "_sampler", None)
+        if task is not None:
+            task.cancel()

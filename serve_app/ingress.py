@@ -1,7 +1,7 @@
 """Ingress deployment (FastAPI): validation, request ids, auth, error shapes, OpenAPI. Thin.
 
-`create_api(backend, config)` builds the HTTP API over a `Backend` (in the graph: the Router and the
-EventWriter handles); every error is `{"error": {"code", "message", "field"}}` with a 4xx, or a 503 when
+`create_api(backend, config)` builds the HTTP API over a `Backend` (in the graph: the replica's Router,
+which calls the stage deployments, and the EventWriter handle); every error is `{"error": {"code", "message", "field"}}` with a 4xx, or a 503 when
 a dependency is down or overloaded, never a stack trace. Routes: POST /v1/recommendations,
 POST /v1/events, GET /healthz, GET /readyz, GET /docs, POST /v1/admin/reload (X-API-Key).
 """
@@ -36,7 +36,7 @@ from serve_app.experiments import assign_variant
 from serve_app.metrics import RequestMetrics
 from serve_app.models import SwapOutcome
 from serve_app.recommend import Filters, Query, Recommendations
-from serve_app.router import Readiness, root_cause
+from serve_app.router import Readiness, Router, root_cause
 from serve_app.schemas import ID_PATTERN, MAX_ID_LENGTH, Event
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class ErrorResponse(BaseModel):
 
 
 class Backend(Protocol):
-    """What the API calls; in the graph the Router and EventWriter deployments."""
+    """What the API calls; in the graph the replica's Router and the EventWriter deployment."""
 
     async def recommend(self, query: Query) -> Recommendations: ...
 
@@ -147,31 +147,29 @@ class Backend(Protocol):
 
 
 class ServeBackend:
-    """The Backend over deployment handles."""
+    """The Backend in the graph: the replica's own Router and the EventWriter deployment."""
 
-    def __init__(self, router: DeploymentHandle, events: DeploymentHandle) -> None:
+    def __init__(self, router: Router, events: DeploymentHandle) -> None:
         self._router = router
         self._events = events
 
     async def recommend(self, query: Query) -> Recommendations:
-        result: Recommendations = await self._router.recommend.remote(query)
-        return result
+        return await self._router.recommend(query)
 
     async def write_events(self, events: list[Event]) -> EventWriteSummary:
-        result: EventWriteSummary = await self._events.write.remote(events)
+        # The served versions ride along: each user's delta is built in their variant's space.
+        served = self._router.served_versions()
+        result: EventWriteSummary = await self._events.write.remote(events, served)
         return result
 
     async def readiness(self) -> Readiness:
-        result: Readiness = await self._router.readiness.remote()
-        return result
+        return await self._router.readiness()
 
     async def reload(self) -> SwapOutcome:
-        result: SwapOutcome = await self._router.reload.remote()
-        return result
+        return await self._router.reload()
 
     async def experiments(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._router.experiments.remote()
-        return result
+        return await self._router.experiments()
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -527,8 +525,15 @@ def create_api(
 @serve.ingress()
 class Ingress:
     def __init__(
-        self, settings: ServeSettings, router: DeploymentHandle, events: DeploymentHandle
+        self,
+        settings: ServeSettings,
+        user_tower: DeploymentHandle,
+        retriever: DeploymentHandle,
+        ranker: DeploymentHandle,
+        reranker: DeploymentHandle,
+        events: DeploymentHandle,
     ) -> None:
+        router = Router(settings, user_tower, retriever, ranker, reranker)
         self._backend = ServeBackend(router, events)
         self._config = settings.api
         self._experiment = settings.experiment

@@ -1,5 +1,8 @@
-"""Router deployment: assigns each request a variant, binds it to that variant's bundle version, runs
-the stages, and mirrors a share of requests to a shadow version off the critical path.
+"""Router: assigns each request a variant, binds it to that variant's bundle version, runs the stages,
+and mirrors a share of requests to a shadow version off the critical path.
+
+It lives inside each Ingress replica (a plain object, not a deployment): a request crosses one Serve
+hop fewer, and the router's bookkeeping costs no process of its own (issue 4's latency budget).
 
 Variants and the shadow name registry refs (an alias, followed, or a fixed version); one `AliasWatcher`
 per distinct ref. A new version is served only after every stage has loaded it (`warm`), so a swap
@@ -24,7 +27,6 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
-from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import ServeSettings
@@ -62,6 +64,14 @@ class StageHandles:
             "ranker": self.ranker,
             "reranker": self.reranker,
         }
+
+
+@dataclass(frozen=True)
+class ServedVersions:
+    """What the event writer needs to build delta embeddings in each variant's item space."""
+
+    variants: dict[str, str | None]
+    default: str | None  # the first variant's version, else any loaded one
 
 
 @dataclass(frozen=True)
@@ -120,8 +130,9 @@ class _Arm:
     variants: list[str]
 
 
-@serve.deployment
 class Router:
+    """Built by the Ingress replica's constructor (on its event loop): starts its own tasks."""
+
     def __init__(
         self,
         settings: ServeSettings,
@@ -373,16 +384,22 @@ class Router:
 
     # --- reports ---------------------------------------------------------------------------------
 
-    async def readiness(self) -> Readiness:
+    def served_versions(self) -> ServedVersions:
+        """Each variant's loaded version, and the first variant's (else any loaded one)."""
         first = self._experiment.variants[0].name
         variants = {name: self._version_of(name) for name, _ in self._weights}
+        default = variants[first] or next((v for v in variants.values() if v is not None), None)
+        return ServedVersions(variants, default)
+
+    async def readiness(self) -> Readiness:
+        served = self.served_versions()
+        variants = served.variants
         ready = any(variants[name] is not None for name, weight in self._weights if weight > 0)
         checks = [a.watcher.last_check for a in self._arms.values() if a.watcher.last_check]
         refused = {v: m for arm in self._arms.values() for v, m in arm.watcher.refused.items()}
         return Readiness(
             ready=ready,
-            model_version=variants[first]
-            or next((v for v in variants.values() if v is not None), None),
+            model_version=served.default,
             model_uri=self._settings.models.uri,
             last_check=max(checks) if checks else None,
             error=self._arm_errors(),

@@ -9,7 +9,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from serve_app.config import ServeSettings, deployment_options, serve_config
 
-DEPLOYMENTS = {"Ingress", "Router", "UserTower", "Retriever", "Ranker", "ReRanker", "EventWriter"}
+DEPLOYMENTS = {"Ingress", "UserTower", "Retriever", "Ranker", "ReRanker", "EventWriter"}
 
 
 def test_the_config_file_is_a_valid_serve_document_that_fits_on_two_cpus() -> None:
