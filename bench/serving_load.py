@@ -222,7 +222,7 @@ async def open_loop(
 
 def ray_processes() -> Iterator[tuple[str, Path]]:
     """(role, /proc/<pid>) of every Ray process of this machine: a Serve replica's deployment name,
-    a Ray actor's class, or the Ray core daemons."""
+    a Ray actor's class, the Ray core daemons, or Serve's HAProxy ingress."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -236,6 +236,8 @@ def ray_processes() -> Iterator[tuple[str, Path]]:
             yield cmdline[5:].split(".")[0].split()[0], entry
         elif "raylet" in cmdline or "gcs_server" in cmdline:
             yield "ray core (raylet, gcs)", entry
+        elif cmdline.split(" ", 1)[0].endswith("/haproxy"):
+            yield "HAProxy", entry
 
 
 def ray_process_cpu() -> dict[str, float]:

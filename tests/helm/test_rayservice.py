@@ -354,6 +354,17 @@ def test_every_ray_container_gets_the_same_environment(helm: Path) -> None:
     assert len(envs) == 3 and len(set(envs)) == 1
 
 
+@pytest.mark.parametrize("profile", chart.PROFILES)
+def test_ray_pods_run_the_ray_environment_the_benchmarks_measure(helm: Path, profile: str) -> None:
+    from serve_app.cli import RAY_ENV
+
+    env = resolved_env(_ray_head_container(chart.render_profile(profile)), SECRETS)
+    assert {k: env.get(k) for k in RAY_ENV} == RAY_ENV
+    # A user's value wins: rayService.rayEnv is a map, merged by Helm.
+    docs = chart.render(set_json={"rayService.rayEnv": {"RAY_SERVE_ENABLE_HA_PROXY": "0"}})
+    assert resolved_env(_ray_head_container(docs), SECRETS)["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+
+
 EXPERIMENT = {
     "name": "ranker-v2",
     "salt": "exp-2026-11",

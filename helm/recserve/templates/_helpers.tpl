@@ -203,6 +203,10 @@ imagePullSecrets:
 # Feast's local files and the bundle cache (<data_dir>/bundle_cache) on the /tmp emptyDir.
 - name: RECSERVE_FEATURE_STORE__DATA_DIR
   value: /tmp/recserve
+{{- range $name, $value := .Values.rayService.rayEnv }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
 {{- with .Values.rayService.extraEnv }}
 {{ toYaml . }}
 {{- end }}
