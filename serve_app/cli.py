@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -226,6 +227,9 @@ def running_graph(args: argparse.Namespace, settings: dict[str, Any]) -> Iterato
         deploy(settings, config)
         yield f"http://{host}:{port}"
     finally:
+        if threading.current_thread() is threading.main_thread():
+            # A second Ctrl-C (a terminal's reaches the demo's parent too) must not cut this short.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         logger.info("shutting down Serve and Ray")
         try:
             serve.shutdown()

@@ -265,6 +265,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     serving graph. It applies and materializes the features, serves, answers one request and one
     event, prints curl commands and stops on Ctrl-C.
     """
+    import signal
     import subprocess
 
     args.promote = True
@@ -277,10 +278,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         serve += ["--tracking-uri", args.tracking_uri]
     if args.port:
         serve += ["--port", str(args.port)]
-    try:
-        return subprocess.call(serve)
-    except KeyboardInterrupt:
-        return 130
+    # Not subprocess.call: on Ctrl-C it kills the child, which then cannot stop Serve and Ray (an
+    # orphaned HAProxy would keep the port). Pass the interrupt on and wait for the shutdown instead.
+    process = subprocess.Popen(serve)
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            process.send_signal(signal.SIGINT)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
