@@ -49,8 +49,7 @@ from serve_app.cli import apply_ray_env  # noqa: E402
 apply_ray_env()  # before Ray Serve is imported
 
 from bench.online_retail import default_data_path  # noqa: E402
-from bench.serving_load import graph, private_redis, settings_for, write_results  # noqa: E402
-from serve_app.config import ServeSettings  # noqa: E402
+from bench.serving_load import graph, load_served, private_redis, write_results  # noqa: E402
 from serve_app.recommend import Query, Recommendations, recommend_in_process  # noqa: E402
 from training.config import load_settings  # noqa: E402
 from training.data import Dataset  # noqa: E402
@@ -97,27 +96,18 @@ def served_in_process(
     data_dir: Path, redis_url: str, users: Sequence[str], k: int
 ) -> list[list[str]]:
     """The four stages in one process over the registry's champion and the Feast reads."""
-    from serve_app.models import ModelSource
-    from serve_app.recommend import limit_threads
-    from serve_app.user_tower import UserFeatureSource
-
-    limit_threads()
-    settings = ServeSettings(**settings_for(data_dir, redis_url))
-    source = ModelSource.from_settings(settings)
-    version = source.resolve()
-    model = source.load(version)
-    features = UserFeatureSource.from_settings(settings)
+    served = load_served(data_dir, redis_url)
     out: list[list[str]] = []
     batch = 64
     for start in range(0, len(users), batch):
         chunk = list(users[start : start + batch])
-        read, seen = features.read(model, chunk)
+        read, seen = served.features.read(served.model, chunk)
         queries = [
-            Query(request_id=f"offline-{start + i}", user_id=u, k=k, model_version=version)
+            Query(request_id=f"offline-{start + i}", user_id=u, k=k, model_version=served.version)
             for i, u in enumerate(chunk)
         ]
         results: list[Recommendations] = recommend_in_process(
-            model, queries, read, seen, settings.ranking
+            served.model, queries, read, seen, served.settings.ranking
         )
         out.extend([item.item_id for item in r.items] for r in results)
     return out

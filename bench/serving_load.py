@@ -87,10 +87,18 @@ def settings_for(data_dir: Path, redis_url: str) -> dict[str, Any]:
 # --- in process ----------------------------------------------------------------------------------
 
 
-def in_process(
-    data_dir: Path, redis_url: str, users: Sequence[str], n: int, k: int
-) -> dict[str, Any]:
-    """The same reads and the same functions, one request at a time, no Ray."""
+@dataclass(frozen=True)
+class ServedModel:
+    """What the graph serves, loaded in this process: the champion bundle and the Feast reader."""
+
+    settings: ServeSettings
+    version: str
+    model: Any  # serve_app.recommend.ServingModel
+    features: Any  # serve_app.user_tower.UserFeatureSource
+
+
+def load_served(data_dir: Path, redis_url: str) -> ServedModel:
+    """The registry's champion (cache + checksums) and the UserTower's feature reader, no Ray."""
     from serve_app.models import ModelSource
     from serve_app.recommend import limit_threads
     from serve_app.user_tower import UserFeatureSource
@@ -99,9 +107,18 @@ def in_process(
     settings = ServeSettings(**settings_for(data_dir, redis_url))
     source = ModelSource.from_settings(settings)
     version = source.resolve()
-    model = source.load(version)
-    features_source = UserFeatureSource.from_settings(settings)
-    ranking: RankingConfig = settings.ranking
+    return ServedModel(
+        settings, version, source.load(version), UserFeatureSource.from_settings(settings)
+    )
+
+
+def in_process(
+    data_dir: Path, redis_url: str, users: Sequence[str], n: int, k: int
+) -> dict[str, Any]:
+    """The same reads and the same functions, one request at a time, no Ray."""
+    served = load_served(data_dir, redis_url)
+    version, model, features_source = served.version, served.model, served.features
+    ranking: RankingConfig = served.settings.ranking
     stages: dict[str, list[float]] = defaultdict(list)
     totals: list[float] = []
     for i in range(n + 50):
@@ -368,20 +385,18 @@ def summarize(
 ) -> dict[str, Any]:
     """Per rate over the rounds: median and worst p99, errors in any round; the issue's goals."""
     by_rate: dict[str, dict[str, Any]] = {}
+    clean: list[float] = []  # rates with no error in any round and a median p99 under 100 ms
     for rate in rates:
         same = [r for r in runs if r.rate == rate]
         p99s = [r.latency_ms["p99"] for r in same]
-        by_rate[f"{rate:.0f}"] = {
+        entry = by_rate[f"{rate:.0f}"] = {
             "p99_by_round": p99s,
             "p99_median": float(np.median(p99s)),
             "p99_worst": max(p99s),
             "errors": sum(sum(r.errors.values()) for r in same),
         }
-    clean = [
-        rate
-        for rate in rates
-        if by_rate[f"{rate:.0f}"]["errors"] == 0 and by_rate[f"{rate:.0f}"]["p99_median"] < 100
-    ]
+        if entry["errors"] == 0 and entry["p99_median"] < 100:
+            clean.append(rate)
     at_50 = by_rate.get("50")
     first = runs[0]
     return {

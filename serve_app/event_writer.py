@@ -3,8 +3,7 @@
 A thin shell over `serve_app.events.EventLogWriter`. A user's delta embedding is built from the item
 vectors of the version their A/B variant serves (the ingress sends its router's versions with every
 batch; a version's vectors load in the background, the default space is used meanwhile), so each arm's
-user tower reads a delta in its own space. A failure of Redis raises
-`FeatureStoreUnavailable`, which the ingress answers with 503: events are never dropped silently.
+user tower reads a delta in its own space. A failure of Redis raises `FeatureStoreUnavailable`, which the ingress answers with 503: events are never dropped silently.
 Newly logged events (not retries) are then credited to the variant that served them
 (`ExperimentLog.attribute`); an attribution failure is logged and does not fail the write.
 """
@@ -76,7 +75,8 @@ class EventWriter:
         # Item vectors per served version; the first variant's version for users of a variant
         # without one (and before the ingress names them).
         self._embeddings: dict[str, ItemEmbeddings] = {}
-        self._loading: set[str] = set()
+        # Versions whose vectors are loading, with their task (kept so that it is not collected).
+        self._loading: dict[str, asyncio.Task[None]] = {}
         self._served = ServedVersions({}, None)
         try:
             version = self._source.resolve()
@@ -87,7 +87,6 @@ class EventWriter:
             logger.warning("no bundle at start (%s): events logged without delta", exc.message)
         self._metrics = EventLogMetrics()
         loop = asyncio.get_running_loop()
-        self._loads: set[asyncio.Task[None]] = set()
         self._sampler = loop.create_task(
             self._sample_stream(settings.monitoring.sample_interval_seconds)
         )
@@ -113,11 +112,9 @@ class EventWriter:
             return
         self._served = served
         wanted = {v for v in served.variants.values() if v is not None} | {served.default}
-        for version in sorted(v for v in wanted - set(self._embeddings) - self._loading if v):
-            self._loading.add(version)
-            task = asyncio.get_running_loop().create_task(self._load(version))
-            self._loads.add(task)
-            task.add_done_callback(self._loads.discard)
+        loop = asyncio.get_running_loop()
+        for version in sorted(v for v in wanted - set(self._embeddings) - set(self._loading) if v):
+            self._loading[version] = loop.create_task(self._load(version))
         for version in set(self._embeddings) - wanted:
             del self._embeddings[version]
 
@@ -130,7 +127,7 @@ class EventWriter:
         except Exception as exc:  # retried with the next batch that names it
             logger.warning("item vectors of version %s unavailable: %s", version, exc)
         finally:
-            self._loading.discard(version)
+            del self._loading[version]
 
     def _embeddings_for(self, variant: str) -> ItemEmbeddings | None:
         """The item vectors of the variant's version, else of the default version (not loaded yet)."""

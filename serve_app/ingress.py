@@ -1,8 +1,9 @@
 """Ingress deployment (FastAPI): validation, request ids, auth, error shapes, OpenAPI. Thin.
 
 `create_api(backend, config)` builds the HTTP API over a `Backend` (in the graph: the replica's Router,
-which calls the stage deployments, and the EventWriter handle); every error is `{"error": {"code", "message", "field"}}` with a 4xx, or a 503 when
-a dependency is down or overloaded, never a stack trace. Routes: POST /v1/recommendations,
+which calls the stage deployments, and the EventWriter handle); every error is
+`{"error": {"code", "message", "field"}}` with a 4xx, or a 503 when a dependency is down or
+overloaded, never a stack trace. Routes: POST /v1/recommendations,
 POST /v1/events, GET /healthz, GET /readyz, GET /docs, POST /v1/admin/reload (X-API-Key).
 """
 
@@ -36,7 +37,7 @@ from serve_app.experiments import assign_variant
 from serve_app.metrics import RequestMetrics
 from serve_app.models import SwapOutcome
 from serve_app.recommend import Filters, Query, Recommendations
-from serve_app.router import Readiness, Router, root_cause
+from serve_app.router import Readiness, Router, StageHandles, root_cause
 from serve_app.schemas import ID_PATTERN, MAX_ID_LENGTH, Event
 
 logger = logging.getLogger(__name__)
@@ -533,7 +534,7 @@ class Ingress:
         reranker: DeploymentHandle,
         events: DeploymentHandle,
     ) -> None:
-        router = Router(settings, user_tower, retriever, ranker, reranker)
+        router = Router(settings, StageHandles(user_tower, retriever, ranker, reranker))
         self._backend = ServeBackend(router, events)
         self._config = settings.api
         self._experiment = settings.experiment

@@ -133,19 +133,12 @@ class _Arm:
 class Router:
     """Built by the Ingress replica's constructor (on its event loop): starts its own tasks."""
 
-    def __init__(
-        self,
-        settings: ServeSettings,
-        user_tower: DeploymentHandle,
-        retriever: DeploymentHandle,
-        ranker: DeploymentHandle,
-        reranker: DeploymentHandle,
-    ) -> None:
+    def __init__(self, settings: ServeSettings, stages: StageHandles) -> None:
         from serve_app.redis_client import connect_redis
 
         self._settings = settings
         self._experiment = experiment = settings.experiment
-        self._stages = StageHandles(user_tower, retriever, ranker, reranker)
+        self._stages = stages
         self._bound: dict[str, StageHandles] = {}
         self._source = ModelSource.from_settings(settings)
         self._weights = experiment.weights
