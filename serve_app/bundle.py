@@ -24,10 +24,12 @@ from typing import Any
 
 import faiss
 import numpy as np
+import scipy.sparse as sp
 import torch
 import xgboost as xgb
 from pydantic import ValidationError
 
+from serve_app.contract import Collaborative
 from serve_app.errors import BundleIntegrityError, ModelUnavailable
 from serve_app.schemas import BUNDLE_FILES, BUNDLE_FORMAT_VERSION, BundleManifest
 
@@ -58,6 +60,7 @@ class Bundle:
     ranker: xgb.Booster
     popularity: dict[str, Any]  # {"global": [item_id...], "by_category": {category: [item_id...]}}
     item_index: dict[str, int]  # item_id -> row
+    collaborative: Collaborative | None = None  # manifest.collaborative, when the bundle has it
 
     @property
     def version(self) -> str | None:
@@ -248,6 +251,57 @@ def _expect(array: np.ndarray, name: str, dtype: str, shape: tuple[int, ...]) ->
         raise BundleIntegrityError(f"shape {array.shape}, expected {shape}", file=name)
 
 
+COLLABORATIVE_MATRICES = ("ease", "knn", "transitions")
+
+
+def _load_collaborative(directory: Path, manifest: BundleManifest, n: int) -> Collaborative:
+    """The CSR matrices of `collaborative.npz`, checked like any other bundle array."""
+    spec = manifest.collaborative
+    name = str(spec.get("file", "collaborative.npz"))
+    if name not in manifest.files:  # verify_bundle checked the listed files only
+        raise BundleIntegrityError(f"not listed in {MANIFEST_NAME}", file=name)
+    try:
+        last_items, per_source = int(spec["last_items"]), int(spec["per_source"])
+    except (KeyError, TypeError, ValueError):
+        raise BundleIntegrityError(
+            "collaborative lacks last_items/per_source", file="manifest.json"
+        ) from None
+    try:
+        with np.load(directory / name, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError) as exc:
+        raise BundleIntegrityError(f"unreadable: {exc}", file=name) from None
+    matrices = {}
+    for matrix in COLLABORATIVE_MATRICES:
+        try:
+            indptr, indices, data = (
+                arrays[f"{matrix}_{part}"] for part in ("indptr", "indices", "data")
+            )
+        except KeyError as exc:
+            raise BundleIntegrityError(f"missing array {exc}", file=name) from None
+        ok = (
+            indptr.dtype == np.int64
+            and indices.dtype == np.int32
+            and data.dtype == np.float32
+            and indptr.shape == (n + 1,)
+            and indices.shape == data.shape
+            and indptr[0] == 0
+            and indptr[-1] == len(indices)
+            and bool(np.all(np.diff(indptr) >= 0))
+            and (len(indices) == 0 or (indices.min() >= 0 and indices.max() < n))
+        )
+        if not ok:
+            raise BundleIntegrityError(f"{matrix} is not a valid {n} x {n} CSR matrix", file=name)
+        matrices[matrix] = sp.csr_matrix((data, indices, indptr), shape=(n, n))
+    return Collaborative(
+        ease=matrices["ease"],
+        knn=matrices["knn"],
+        transitions=matrices["transitions"],
+        last_items=last_items,
+        per_source=per_source,
+    )
+
+
 def _apply_search_params(index: faiss.Index, params: dict[str, float | int | str]) -> None:
     space = faiss.ParameterSpace()
     for key, name in SEARCH_PARAMS.items():
@@ -328,6 +382,8 @@ def load_bundle(path: str | Path) -> Bundle:
             "expected an object with a 'global' list", file="popularity.json"
         )
 
+    collaborative = _load_collaborative(directory, manifest, n) if manifest.collaborative else None
+
     return Bundle(
         path=directory,
         manifest=manifest,
@@ -340,4 +396,5 @@ def load_bundle(path: str | Path) -> Bundle:
         ranker=ranker,
         popularity=popularity,
         item_index=item_index,
+        collaborative=collaborative,
     )

@@ -2,15 +2,20 @@
 
 Feature hashing, title tokens and the ranker's feature matrix are part of the bundle format: a model trained
 on one definition and served with another is silent train/serve skew. Both sides import them from here (the
-only serve_app module besides `schemas` that `training` may import); numpy only, no I/O.
+only serve_app module besides `schemas` that `training` may import); numpy and scipy.sparse only, no I/O.
+
+Collaborative signals (`Collaborative`) are optional in a bundle: a ranker trained on
+`RANKER_FEATURE_NAMES + CF_FEATURE_NAMES` needs them, one trained on `RANKER_FEATURE_NAMES` does not.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 TOKEN_PATTERN = re.compile(r"[a-z0-9]+")
 
@@ -26,6 +31,19 @@ RANKER_FEATURE_NAMES = (
     "user_log_activity",
     "user_recent_count",
 )
+
+
+# Collaborative signals, each an item-item matrix applied to part of the user's history:
+# ease = EASE weights on every seen item; ease_last = EASE on the last `last_items` items;
+# next = "bought within a few steps after" transitions from the last items; knn = item-kNN
+# cosine on every seen item.
+CF_SIGNALS = ("ease", "ease_last", "next", "knn")
+# Per signal: its score, the score over the user's best unseen score, and its rank among the
+# candidates (0 = best).
+CF_FEATURE_NAMES = tuple(f"{s}_{part}" for s in CF_SIGNALS for part in ("score", "share", "rank"))
+RANKER_FEATURE_NAMES_CF = (*RANKER_FEATURE_NAMES, *CF_FEATURE_NAMES)
+# The ranker feature lists a server understands.
+RANKER_FEATURE_SETS = (RANKER_FEATURE_NAMES, RANKER_FEATURE_NAMES_CF)
 
 
 def hash_bucket(value: str, buckets: int) -> int:
@@ -86,3 +104,96 @@ def ranker_features(
     ).astype(np.float32)
     x[candidates < 0] = 0.0
     return x.reshape(b * n, len(RANKER_FEATURE_NAMES))
+
+
+# --- collaborative signals -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Collaborative:
+    """The bundle's item-item matrices ([n_items, n_items] CSR, float32) and how to apply them."""
+
+    ease: sp.csr_matrix
+    knn: sp.csr_matrix
+    transitions: sp.csr_matrix
+    last_items: int  # newest history items read by ease_last and next
+    per_source: int  # candidates each signal adds (its top unseen items with a positive score)
+
+    def matrix(self, signal: str) -> sp.csr_matrix:
+        return {"ease": self.ease, "ease_last": self.ease, "next": self.transitions}.get(
+            signal, self.knn
+        )
+
+
+def history_rows(
+    seen: sp.csr_matrix, recent: np.ndarray, last_items: int
+) -> dict[str, sp.csr_matrix]:
+    """The history each signal reads, [B, n_items] 0/1: all seen items, or the newest `last_items`.
+
+    seen: [B, n_items] (nonzero = seen); recent: int [B, L] item index + 1, newest first, 0 = padding.
+    """
+    b, n_items = seen.shape
+    last = recent[:, :last_items]
+    rows, cols = np.nonzero(last > 0)
+    newest = sp.csr_matrix(
+        (np.ones(len(rows), dtype=np.float32), (rows, last[rows, cols] - 1)), shape=(b, n_items)
+    )
+    newest.data[:] = 1.0
+    everything = sp.csr_matrix(seen, dtype=np.float32, copy=True)
+    everything.data[:] = 1.0
+    return {"all": everything, "last": newest}
+
+
+def cf_scores(model: Collaborative, seen: sp.csr_matrix, recent: np.ndarray) -> np.ndarray:
+    """Every signal's score of every item for B users: float32 [len(CF_SIGNALS), B, n_items]."""
+    history = history_rows(seen, recent, model.last_items)
+    reads = {"ease": "all", "ease_last": "last", "next": "last", "knn": "all"}
+    return np.stack(
+        [
+            np.asarray((history[reads[s]] @ model.matrix(s)).todense(), dtype=np.float32)
+            for s in CF_SIGNALS
+        ]
+    )
+
+
+def cf_candidates(
+    scores: np.ndarray, excluded: np.ndarray, taken: np.ndarray, per_source: int
+) -> np.ndarray:
+    """One user's collaborative candidates: each signal's top `per_source` items with a positive
+    score, none `excluded` or already `taken`, in signal order then score order (ties: lower row).
+
+    scores: [len(CF_SIGNALS), n_items]; excluded, taken: item rows. Returns unique int64 rows.
+    """
+    blocked = np.zeros(scores.shape[1], dtype=bool)
+    blocked[excluded] = True
+    blocked[taken] = True
+    out: list[np.ndarray] = []
+    for signal in scores:
+        open_ = np.flatnonzero((signal > 0) & ~blocked)
+        top = open_[np.argsort(-signal[open_], kind="stable")[:per_source]]
+        blocked[top] = True
+        out.append(top)
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
+
+
+def cf_features(scores: np.ndarray, candidates: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """The collaborative ranker columns [B, N, len(CF_FEATURE_NAMES)] (float32, 0 on padding).
+
+    scores: [len(CF_SIGNALS), B, n_items] from `cf_scores`; candidates: int [B, N] rows, -1 = padding;
+    seen: bool [B, n_items] (the share's denominator is the best score among unseen items).
+    """
+    b, n = candidates.shape
+    valid = candidates >= 0
+    safe = np.where(valid, candidates, 0)
+    columns = []
+    for signal in scores:
+        at = np.take_along_axis(signal, safe, axis=1)
+        best = np.where(seen, -np.inf, signal).max(axis=1, initial=0.0)
+        order = np.argsort(np.where(valid, -at, np.inf), axis=1, kind="stable")
+        rank = np.empty((b, n), dtype=np.float32)
+        np.put_along_axis(rank, order, np.arange(n, dtype=np.float32)[None, :], axis=1)
+        share = np.clip(at / np.maximum(best, 1e-9)[:, None], -1.0, 1.0)
+        columns += [at, share, rank]
+    x = np.stack(columns, axis=2).astype(np.float32) if columns else np.zeros((b, n, 0), np.float32)
+    x[~valid] = 0.0
+    return x

@@ -93,7 +93,7 @@ class RecommendedItemOut(BaseModel):
     item_id: str
     score: float
     rank: int
-    source: Literal["retrieval", "popularity"]
+    source: Literal["retrieval", "collaborative", "popularity"]
 
 
 class RecommendationResponse(BaseModel):

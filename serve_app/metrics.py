@@ -236,7 +236,8 @@ STAGE_BATCH_SIZE = _spec(
 CANDIDATES = _spec(
     "recserve_candidates_retrieved",
     "histogram",
-    "Candidates per request handed to the ranker, by source (retrieval: the index; popularity).",
+    "Candidates per request handed to the ranker, by source (retrieval: the index; "
+    "collaborative: the bundle's item-item models; popularity).",
     "source",
     boundaries=CANDIDATE_BUCKETS,
 )
@@ -481,13 +482,15 @@ class ModelMetrics:
 
 
 class RetrievalMetrics:
-    """At the retriever: candidates handed on, from the index and from popularity."""
+    """At the retriever: candidates handed on, from the index, the collaborative models and
+    popularity."""
 
     def __init__(self) -> None:
         self.candidates = create(CANDIDATES)
 
-    def retrieved(self, from_index: int, from_popularity: int) -> None:
+    def retrieved(self, from_index: int, from_collaborative: int, from_popularity: int) -> None:
         self.candidates.observe(from_index, tags={"source": "retrieval"})
+        self.candidates.observe(from_collaborative, tags={"source": "collaborative"})
         self.candidates.observe(from_popularity, tags={"source": "popularity"})
 
 

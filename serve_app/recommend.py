@@ -1,7 +1,7 @@
 """The recommendation pipeline as pure, in-process functions, one per stage of the online graph.
 
 user features -> tower input -> user vector (+ real-time delta) -> FAISS search without seen and filtered
-items -> popularity merge -> ranker features (`serve_app.contract.ranker_features`) -> XGBoost scores ->
+items -> collaborative candidates (when the bundle has them) -> popularity merge -> ranker features (`serve_app.contract.ranker_features`) -> XGBoost scores ->
 re-rank (cold-start blend, per-category cap, MMR). The Ray Serve deployments (`user_tower`, `retriever`,
 `ranker`, `reranker`) are thin shells over `embed_users`, `retrieve`, `score` and `rerank`; the benchmark
 and the parity test chain the same functions in one process. No I/O here: features are read by the caller.
@@ -22,13 +22,19 @@ from typing import TYPE_CHECKING, Literal
 
 import faiss
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from serve_app.bundle import Bundle
 from serve_app.config import RankingConfig
 from serve_app.contract import (
     ITEM_FEATURE_NAMES,
-    RANKER_FEATURE_NAMES,
+    RANKER_FEATURE_NAMES_CF,
+    RANKER_FEATURE_SETS,
+    Collaborative,
+    cf_candidates,
+    cf_features,
+    cf_scores,
     hash_bucket,
     ranker_features,
 )
@@ -37,7 +43,7 @@ from serve_app.errors import BundleIntegrityError
 if TYPE_CHECKING:  # serve_app.features imports Feast (seconds): only the user tower needs it
     from serve_app.features import UserFeatures
 
-Source = Literal["retrieval", "popularity"]
+Source = Literal["retrieval", "collaborative", "popularity"]
 # model_missing: the user's variant had no loaded version; another variant's version answered.
 Fallback = Literal["cold_start", "degraded", "model_missing"]
 Timings = tuple[tuple[str, float], ...]
@@ -92,13 +98,17 @@ class UserState:
 
 @dataclass(frozen=True)
 class Candidates:
-    """Retriever output: rows[:n_retrieved] from the index in score order, then popularity rows."""
+    """Retriever output: rows[:n_retrieved] from the index in score order, then the collaborative
+    rows (n_collaborative of them), then popularity rows."""
 
     user: UserState
     rows: np.ndarray  # int64 [N]
     retrieval_scores: np.ndarray  # float32 [N]: user vector . item vector (0 for a cold user)
     n_retrieved: int
     timings: Timings = ()
+    n_collaborative: int = 0
+    # float32 [N, len(CF_FEATURE_NAMES)] when the bundle's ranker reads collaborative features.
+    cf_columns: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +165,7 @@ class ServingModel:
     popularity_global: np.ndarray  # int64 rows, most popular first
     popularity_by_category: Mapping[str, np.ndarray]
     popularity_prior: np.ndarray  # float32 [n_items]: 1 for the most popular, 0 if not listed
+    collaborative: Collaborative | None = None  # set when the ranker reads collaborative features
 
     @property
     def n_items(self) -> int:
@@ -164,10 +175,17 @@ class ServingModel:
     def from_bundle(cls, bundle: Bundle, version: str | None = None) -> ServingModel:
         """Check the bundle speaks this server's contract, then derive the serving tables."""
         manifest = bundle.manifest
-        if tuple(manifest.ranker_features) != RANKER_FEATURE_NAMES:
+        features = tuple(manifest.ranker_features)
+        if features not in RANKER_FEATURE_SETS:
             raise BundleIntegrityError(
-                f"ranker features {manifest.ranker_features} are not this server's "
-                f"{list(RANKER_FEATURE_NAMES)}",
+                f"ranker features {manifest.ranker_features} are none of this server's "
+                f"{[list(f) for f in RANKER_FEATURE_SETS]}",
+                file="manifest.json",
+            )
+        uses_cf = features == RANKER_FEATURE_NAMES_CF
+        if uses_cf and bundle.collaborative is None:
+            raise BundleIntegrityError(
+                "the ranker reads collaborative features but the bundle has no collaborative models",
                 file="manifest.json",
             )
         if tuple(manifest.item_feature_names) != ITEM_FEATURE_NAMES:
@@ -208,6 +226,7 @@ class ServingModel:
             popularity_global=np.array(top, dtype=np.int64),
             popularity_by_category=by_category,
             popularity_prior=prior,
+            collaborative=bundle.collaborative if uses_cf else None,
         )
 
     def warm(self) -> None:
@@ -221,19 +240,22 @@ class ServingModel:
                 np.zeros((batch, self.history_length), dtype=np.int64),
             )
         vector = self.bundle.item_embeddings[:1].astype(np.float32)
-        search(self.bundle.index, vector[0], min(self.n_candidates, self.n_items), np.zeros(0))
         n = min(self.n_candidates, self.n_items)
-        rows = np.arange(n, dtype=np.int64)[None, :]
-        x = ranker_features(
-            rows,
-            np.zeros((1, n), dtype=np.float32),
-            self.bundle.item_features,
-            self.bundle.item_categories,
-            np.zeros((1, c), dtype=np.float32),
-            np.zeros(1, dtype=np.float32),
-            np.zeros((1, self.history_length), dtype=np.int64),
+        # A one-item user through search, the collaborative signals and the ranker.
+        recent = np.zeros(self.history_length, dtype=np.int64)
+        recent[0] = 1
+        user = UserState(
+            query=Query("warm", "warm", 1),
+            vector=vector[0],
+            event_count=1.0,
+            category_prefs=np.zeros(c, dtype=np.float32),
+            recent=recent,
+            seen=np.zeros(1, dtype=np.int64),
+            interactions=1,
+            degraded=False,
         )
-        self.bundle.ranker.inplace_predict(x)
+        ranking = RankingConfig(candidates=n, popularity_candidates=0)
+        self.bundle.ranker.inplace_predict(candidate_features(self, retrieve(self, user, ranking)))
 
 
 def limit_threads() -> None:
@@ -456,6 +478,13 @@ def retrieve(model: ServingModel, user: UserState, ranking: RankingConfig) -> Ca
     n = ranking.candidates or model.n_candidates
     rows, scores = search(model.bundle.index, user.vector, max(n, k), excluded)
     n_retrieved = len(rows)
+    cf = model.collaborative
+    signal_scores = None
+    if cf is not None:
+        signal_scores = user_cf_scores(cf, user, model.n_items)
+        extra = cf_candidates(signal_scores[:, 0, :], excluded, rows, cf.per_source)
+        rows, scores = _append(model, user.vector, rows, scores, extra)
+    n_collaborative = len(rows) - n_retrieved
     if user.interactions < ranking.cold_start_min_events and ranking.popularity_candidates > 0:
         extra = popularity_rows(
             model,
@@ -463,10 +492,30 @@ def retrieve(model: ServingModel, user: UserState, ranking: RankingConfig) -> Ca
             np.union1d(excluded, rows),
             ranking.popularity_candidates,
         )
-        extra_scores = model.bundle.item_embeddings[extra] @ user.vector
-        rows = np.concatenate([rows, extra])
-        scores = np.concatenate([scores, extra_scores.astype(np.float32)])
-    return Candidates(user, rows, scores, n_retrieved, user.timings)
+        rows, scores = _append(model, user.vector, rows, scores, extra)
+    cf_columns = None
+    if signal_scores is not None:
+        seen = np.zeros((1, model.n_items), dtype=bool)
+        seen[0, user.seen] = True
+        cf_columns = cf_features(signal_scores, rows[None, :], seen)[0]
+    return Candidates(user, rows, scores, n_retrieved, user.timings, n_collaborative, cf_columns)
+
+
+def _append(
+    model: ServingModel, vector: np.ndarray, rows: np.ndarray, scores: np.ndarray, extra: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Extra candidates after the others, each with its retrieval score (user . item vector)."""
+    extra_scores = (model.bundle.item_embeddings[extra] @ vector).astype(np.float32)
+    return np.concatenate([rows, extra]), np.concatenate([scores, extra_scores])
+
+
+def user_cf_scores(model: Collaborative, user: UserState, n_items: int) -> np.ndarray:
+    """Every collaborative signal over all items for one user: [len(CF_SIGNALS), 1, n_items]."""
+    seen = sp.csr_matrix(
+        (np.ones(len(user.seen), np.float32), (np.zeros(len(user.seen), np.int64), user.seen)),
+        shape=(1, n_items),
+    )
+    return cf_scores(model, seen, user.recent[None, :])
 
 
 # --- ranker --------------------------------------------------------------------------------------
@@ -475,7 +524,7 @@ def retrieve(model: ServingModel, user: UserState, ranking: RankingConfig) -> Ca
 def candidate_features(model: ServingModel, candidates: Candidates) -> np.ndarray:
     """The ranker's input matrix for one request (the training code path, one user)."""
     user = candidates.user
-    return ranker_features(
+    x = ranker_features(
         candidates.rows[None, :],
         candidates.retrieval_scores[None, :],
         model.bundle.item_features,
@@ -484,6 +533,10 @@ def candidate_features(model: ServingModel, candidates: Candidates) -> np.ndarra
         np.array([user.event_count], dtype=np.float32),
         user.recent[None, :],
     )
+    if model.collaborative is None:
+        return x
+    assert candidates.cf_columns is not None, "collaborative columns are set by the retriever"
+    return np.hstack([x, candidates.cf_columns]).astype(np.float32)
 
 
 def score(model: ServingModel, candidates: Candidates) -> Scored:
@@ -613,7 +666,7 @@ def rerank(model: ServingModel, scored: Scored, ranking: RankingConfig) -> Recom
             item_id=str(item_ids[rows[p]]),
             score=float(final[i]),
             rank=i + 1,
-            source="retrieval" if positions[p] < candidates.n_retrieved else "popularity",
+            source=_source(positions[p], candidates),
         )
         for i, p in enumerate(picked)
     )
@@ -626,6 +679,14 @@ def rerank(model: ServingModel, scored: Scored, ranking: RankingConfig) -> Recom
         fallback=fallback,
         timings=scored.timings,
     )
+
+
+def _source(position: int, candidates: Candidates) -> Source:
+    if position < candidates.n_retrieved:
+        return "retrieval"
+    if position < candidates.n_retrieved + candidates.n_collaborative:
+        return "collaborative"
+    return "popularity"
 
 
 def recommend_in_process(

@@ -7,6 +7,7 @@ cold users get popularity candidates (by category when known). The logic is `rec
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from ray import serve
 
@@ -30,12 +31,10 @@ class Retriever(VersionedStage):
         end = time.perf_counter()
         self._metrics.observe((end - start) * 1000.0)
         self._retrieval.retrieved(
-            candidates.n_retrieved, len(candidates.rows) - candidates.n_retrieved
-        )
-        return Candidates(
-            candidates.user,
-            candidates.rows,
-            candidates.retrieval_scores,
             candidates.n_retrieved,
-            with_timing(candidates.timings, "retriever", start, end),
+            candidates.n_collaborative,
+            len(candidates.rows) - candidates.n_retrieved - candidates.n_collaborative,
+        )
+        return replace(
+            candidates, timings=with_timing(candidates.timings, "retriever", start, end)
         )

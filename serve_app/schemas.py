@@ -184,6 +184,8 @@ class BundleManifest(BaseModel):
     item_feature_names: list[str]
     categories: list[str]
     index: IndexSpec
+    # Optional collaborative models ({"file", "last_items", "per_source", "nnz"}); empty: none.
+    collaborative: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, str]  # file name -> sha256 hex digest

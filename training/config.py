@@ -88,6 +88,24 @@ class RankerConfig(BaseModel):
     seed: int = 0
 
 
+class CollaborativeConfig(BaseModel):
+    """Collaborative candidates and ranker features (serve_app.contract.CF_SIGNALS) in the bundle."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="fit them; off: the two-tower's candidates only")
+    max_items: int = Field(
+        20_000, ge=2, description="above this catalog size EASE (dense n x n) is not fit: off"
+    )
+    ease_lambda: float = Field(200.0, gt=0.0, description="EASE L2 weight")
+    ease_top_k: int = Field(200, ge=1, description="EASE weights kept per item (largest first)")
+    knn_neighbors: int = Field(100, ge=1, description="item-kNN neighbours per item")
+    knn_shrink: float = Field(10.0, ge=0.0, description="item-kNN cosine shrinkage")
+    next_gap: int = Field(3, ge=1, description="steps apart in a user's history still 'next'")
+    last_items: int = Field(3, ge=1, description="newest history items read by ease_last/next")
+    per_source: int = Field(50, ge=0, description="candidates each signal adds to retrieval's")
+
+
 class SplitConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -98,6 +116,15 @@ class SplitConfig(BaseModel):
         0.9, gt=0.0, lt=1.0, description="time quantile where the test window starts"
     )
     cold_user_max_events: int = Field(5, ge=0, description="users with at most this many: cold")
+    ranker_labels: Literal["window", "tail"] = Field(
+        "window",
+        description="ranker labels: window = positives in [ranker_fraction, test_fraction) with "
+        "states at its start; tail = each user's newest items before test_fraction with states "
+        "just before them (a request in the middle of a visit)",
+    )
+    ranker_tail_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="tail labels: share of each user's items (at least 1)"
+    )
 
 
 class OnlineGateConfig(BaseModel):
@@ -155,6 +182,7 @@ class TrainingSettings(BaseSettings):
     two_tower: TwoTowerConfig = TwoTowerConfig()
     index: IndexSettings = IndexSettings()
     ranker: RankerConfig = RankerConfig()
+    collaborative: CollaborativeConfig = CollaborativeConfig()
 
     @model_validator(mode="after")
     def _feature_store_defaults(self) -> TrainingSettings:

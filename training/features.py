@@ -8,7 +8,7 @@ history: a view is an exposure chosen by the system, not a signal from the user.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -36,6 +36,19 @@ class EncodedLog:
 
     def before(self, cutoff: pd.Timestamp) -> np.ndarray:
         return np.asarray(self.ts < cutoff.value)
+
+    def subset(self, keep: np.ndarray) -> EncodedLog:
+        """The events where `keep` is true (same vocabularies and user codes)."""
+        return replace(
+            self,
+            user=self.user[keep],
+            item=self.item[keep],
+            category=self.category[keep],
+            ts=self.ts[keep],
+            weight=self.weight[keep],
+            positive=self.positive[keep],
+            is_view=self.is_view[keep],
+        )
 
 
 def encode_log(

@@ -24,10 +24,11 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from serve_app.contract import ITEM_FEATURE_NAMES, RANKER_FEATURE_NAMES
+from serve_app.contract import ITEM_FEATURE_NAMES, Collaborative
 from serve_app.schemas import BundleManifest, FeatureSpec, IndexSpec
 from training import index as faiss_index
 from training.baselines import EASERecommender, ItemKNNRecommender, PopularityRecommender
+from training.collaborative import fit_collaborative, save_collaborative
 from training.config import TrainingSettings
 from training.data import Dataset, snapshot_id
 from training.evaluate import (
@@ -44,12 +45,13 @@ from training.feature_tables import (
 from training.features import (
     EncodedLog,
     UserStates,
+    _first_positives,
     encode_log,
     item_stats_at,
     training_rows,
     user_states_at,
 )
-from training.ranker import candidate_matrix, exact_candidates, graded_labels, rerank, train_ranker
+from training.ranker import graded_labels, ranking_inputs, rerank, train_ranker
 from training.registry import RegisteredBundle, finalize_bundle, register_bundle
 from training.split import time_fraction_cutoffs
 from training.two_tower import (
@@ -132,6 +134,59 @@ def label_window(
         states.seen[keep],
     )
     return Window(kept_states, dense_max[keep])
+
+
+def tail_window(
+    log_: EncodedLog,
+    end: pd.Timestamp,
+    fraction: float,
+    history_length: int,
+    event_types: np.ndarray,
+) -> tuple[Window, EncodedLog]:
+    """Labels at each user's own moment: the newest `fraction` (ceil, at least 1) of their first
+    positive items before `end`, for users with at least 2 of them; states from everything they did
+    before the first of those. Returns the window and the log without any label event or what
+    followed it (for item statistics and collaborative models fit without the labels).
+    """
+    before = log_.before(end)
+    first = _first_positives(log_, before)
+    users = log_.user[first]
+    order = np.argsort(users, kind="stable")  # per user, time order kept
+    first, users = first[order], users[order]
+    size = np.bincount(users, minlength=len(log_.user_ids))
+    start = np.searchsorted(users, users, side="left")
+    from_end = size[users] - 1 - (np.arange(len(users)) - start)
+    n_label = np.maximum(np.ceil(fraction * size - 1e-9), 1).astype(np.int64)
+    is_label = (from_end < n_label[users]) & (size[users] >= 2)
+    # The first label event's position in the log, per user (the log is in time order).
+    label_start = np.full(len(log_.user_ids), len(log_.ts), dtype=np.int64)
+    np.minimum.at(label_start, users[is_label], first[is_label])
+    position = np.arange(len(log_.ts))
+    history = before & (position < label_start[log_.user])
+    labelled = np.flatnonzero(label_start < len(log_.ts))
+    in_window = before & ~history & log_.positive
+    idx = np.flatnonzero(in_window)
+    kept = log_.subset(history)
+    states = user_states_at(kept, log_.user_ids[labelled], None, history_length)
+    row = np.full(len(log_.user_ids), -1)
+    row[labelled] = np.arange(len(labelled))
+    grade = np.array([GRADES.get(t, 0.0) for t in event_types[idx]], dtype=np.float32)
+    grades = _max_per_cell(
+        sp.coo_matrix(
+            (grade, (row[log_.user[idx]], log_.item[idx])), shape=(len(labelled), log_.n_items)
+        )
+    )
+    grades = grades - grades.multiply(states.seen)
+    grades.eliminate_zeros()
+    keep = np.diff(grades.indptr) > 0
+    kept_states = UserStates(
+        states.user_ids[keep],
+        states.event_count[keep],
+        states.category_prefs[keep],
+        states.recent_items[keep],
+        states.seen[keep],
+    )
+    return Window(kept_states, grades[keep]), kept
 
 
 def _max_per_cell(m: sp.coo_matrix) -> sp.csr_matrix:
@@ -290,23 +345,67 @@ def run_pipeline(
         sample = valid_vecs[: min(len(valid_vecs), 1000)]
         report = faiss_index.measure_index(index, item_vecs, sample, k=min(100, len(item_vecs)))
 
-    with timer("ranker"):
-        # Ranker groups: users with labels in [t_rank, t_test), features as of t_rank.
-        stats_rank = item_stats_at(log_, t_rank, created_ns).matrix(price)
-        cand, cand_scores = exact_candidates(
-            valid_vecs, item_vecs, valid.states.seen, rk.candidates
+    cf = settings.collaborative
+    use_cf = cf.enabled and log_.n_items <= cf.max_items
+    if cf.enabled and not use_cf:
+        log.warning(
+            "collaborative models off: %d items exceed collaborative.max_items=%d",
+            log_.n_items,
+            cf.max_items,
         )
-        x = candidate_matrix(cand, cand_scores, valid.states, stats_rank, cat_codes)
-        y = graded_labels(cand, valid.grades)
-        ranker = train_ranker(x, y.ravel(), cand.shape[1], rk)
+
+    def collaborative_at(cutoff: pd.Timestamp | None) -> Collaborative | None:
+        return fit_collaborative(log_, cutoff, cf) if use_cf else None
+
+    with timer("ranker"):
+        if settings.split.ranker_labels == "window":
+            # Ranker groups: users with labels in [t_rank, t_test), features as of t_rank.
+            groups = valid
+            stats_rank = item_stats_at(log_, t_rank, created_ns).matrix(price)
+            cf_rank = collaborative_at(t_rank)
+            rank_vecs = valid_vecs
+        else:
+            # Each user's newest items before t_test are the labels, features from what came before.
+            groups, history = tail_window(
+                log_, t_test, settings.split.ranker_tail_fraction, L, event_types
+            )
+            stats_rank = item_stats_at(history, t_test, created_ns).matrix(price)
+            cf_rank = fit_collaborative(history, None, cf) if use_cf else None
+            rank_vecs = encode_users(towers.user_tower, groups.states, tt)
+        inputs = ranking_inputs(
+            rank_vecs,
+            item_vecs,
+            groups.states,
+            stats_rank,
+            cat_codes,
+            rk.candidates,
+            cf_rank,
+        )
+        y = graded_labels(inputs.candidates, groups.grades)
+        ranker = train_ranker(
+            inputs.features,
+            y.ravel(),
+            inputs.candidates.shape[1],
+            rk,
+            inputs.names,
+            inputs.valid,
+        )
+        del inputs
 
     with timer("evaluate"):
         test = label_window(log_, t_test, None, L, event_types)
         test_vecs = encode_users(towers.user_tower, test.states, tt)
         stats_test = item_stats_at(log_, t_test, created_ns).matrix(price)
-        t_cand, t_scores = exact_candidates(test_vecs, item_vecs, test.states.seen, rk.candidates)
-        t_x = candidate_matrix(t_cand, t_scores, test.states, stats_test, cat_codes)
-        reranked = rerank(ranker.booster, t_x, t_cand)
+        t_inputs = ranking_inputs(
+            test_vecs,
+            item_vecs,
+            test.states,
+            stats_test,
+            cat_codes,
+            rk.candidates,
+            collaborative_at(t_test),
+        )
+        reranked = rerank(ranker.booster, t_inputs.features, t_inputs.candidates)
         relevant = relevant_lists(test.grades)
         cold = test.states.event_count <= settings.split.cold_user_max_events
         k_max = rk.candidates
@@ -327,7 +426,7 @@ def run_pipeline(
             ):
                 model.fit(hist_all)
                 systems[name] = _rank_history(model, hist_test, test.states.seen, k_max)
-        systems["retrieval"] = t_cand
+        systems["retrieval"] = t_inputs.retrieved
         systems[FINAL_SYSTEM] = reranked
         metrics = {
             name: evaluate_ranking(
@@ -358,6 +457,10 @@ def run_pipeline(
         np.save(bundle_dir / "item_categories.npy", cat_codes.astype(np.int32), allow_pickle=False)
         faiss_index.save_index(index, bundle_dir / "index.faiss")
         ranker.booster.save_model(str(bundle_dir / "ranker.ubj"))
+        collaborative = collaborative_at(None)
+        collaborative_spec = (
+            save_collaborative(collaborative, bundle_dir) if collaborative is not None else {}
+        )
         pop_recent = stats_end.pop_7d + 0.01 * stats_end.pop_all
         (bundle_dir / "popularity.json").write_text(
             json.dumps(popularity_json(pop_recent, item_ids, cat_codes, categories))
@@ -391,7 +494,8 @@ def run_pipeline(
                 ),
                 FeatureSpec(name="user_realtime:recent_items", dtype="string", shape=[L]),
             ],
-            ranker_features=list(RANKER_FEATURE_NAMES),
+            ranker_features=list(t_inputs.names),
+            collaborative=collaborative_spec,
             item_feature_names=list(ITEM_FEATURE_NAMES),
             categories=categories,
             index=IndexSpec(
@@ -412,6 +516,7 @@ def run_pipeline(
                 "ranker_best_iteration": ranker.best_iteration,
                 **{f"two_tower.{k}": v for k, v in tt.model_dump().items()},
                 **{f"ranker.{k}": v for k, v in rk.model_dump().items()},
+                **{f"collaborative.{k}": v for k, v in cf.model_dump().items()},
             },
             files={},
         )

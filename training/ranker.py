@@ -14,7 +14,16 @@ import numpy as np
 import scipy.sparse as sp
 import xgboost as xgb
 
-from serve_app.contract import RANKER_FEATURE_NAMES, ranker_features
+from serve_app.contract import (
+    CF_SIGNALS,
+    RANKER_FEATURE_NAMES,
+    RANKER_FEATURE_NAMES_CF,
+    Collaborative,
+    cf_candidates,
+    cf_features,
+    cf_scores,
+    ranker_features,
+)
 from training.config import RankerConfig
 from training.features import UserStates
 
@@ -58,6 +67,65 @@ def candidate_matrix(
         states.category_prefs,
         states.event_count,
         states.recent_items,
+    )
+
+
+@dataclass(frozen=True)
+class RankingInputs:
+    """Candidates of a batch of users and the ranker's matrix over them, as serving builds them."""
+
+    retrieved: np.ndarray  # int64 [B, n]: the two-tower's top n (the "retrieval" system), -1 padded
+    candidates: np.ndarray  # int64 [B, W]: retrieved, then the collaborative ones; -1 padded
+    features: np.ndarray  # float32 [B * W, len(names)]
+    names: tuple[str, ...]
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.candidates >= 0
+
+
+def ranking_inputs(
+    user_vecs: np.ndarray,
+    item_vecs: np.ndarray,
+    states: UserStates,
+    item_features: np.ndarray,
+    item_categories: np.ndarray,
+    n: int,
+    collaborative: Collaborative | None,
+    chunk: int = 256,
+) -> RankingInputs:
+    """Two-tower top-n without seen items, then (with `collaborative`) each signal's top unseen
+    items, and the ranker features of every candidate: `serve_app.recommend.retrieve` and
+    `candidate_features` for a batch (no filters, no popularity rows)."""
+    retrieved, scores = exact_candidates(user_vecs, item_vecs, states.seen, n)
+    if collaborative is None:
+        x = candidate_matrix(retrieved, scores, states, item_features, item_categories)
+        return RankingInputs(retrieved, retrieved, x, RANKER_FEATURE_NAMES)
+    b = len(user_vecs)
+    width = retrieved.shape[1] + len(CF_SIGNALS) * collaborative.per_source
+    candidates = np.full((b, width), -1, dtype=np.int64)
+    cand_scores = np.zeros((b, width), dtype=np.float32)
+    cf_x = np.zeros(
+        (b, width, len(RANKER_FEATURE_NAMES_CF) - len(RANKER_FEATURE_NAMES)), np.float32
+    )
+    for start in range(0, b, chunk):
+        part = slice(start, min(start + chunk, b))
+        signal = cf_scores(collaborative, states.seen[part], states.recent_items[part])
+        seen = states.seen[part].toarray() > 0
+        for i, row in enumerate(range(part.start, part.stop)):
+            base = retrieved[row][retrieved[row] >= 0]
+            extra = cf_candidates(
+                signal[:, i, :], np.flatnonzero(seen[i]), base, collaborative.per_source
+            )
+            rows = np.concatenate([base, extra])
+            candidates[row, : len(rows)] = rows
+            cand_scores[row, : len(base)] = scores[row, : len(base)]
+            cand_scores[row, len(base) : len(rows)] = item_vecs[extra] @ user_vecs[row]
+        cf_x[part] = cf_features(signal, candidates[part], seen)
+    base_x = candidate_matrix(candidates, cand_scores, states, item_features, item_categories)
+    x = np.concatenate([base_x.reshape(b, width, -1), cf_x], axis=2)
+    return RankingInputs(
+        retrieved, candidates, x.reshape(b * width, -1).astype(np.float32), RANKER_FEATURE_NAMES_CF
     )
 
 
@@ -111,13 +179,22 @@ class RankerResult:
 
 
 def train_ranker(
-    features: np.ndarray, grades: np.ndarray, n_candidates: int, config: RankerConfig
+    features: np.ndarray,
+    grades: np.ndarray,
+    n_candidates: int,
+    config: RankerConfig,
+    names: tuple[str, ...] = RANKER_FEATURE_NAMES,
+    valid: np.ndarray | None = None,
 ) -> RankerResult:
-    """Train `rank:ndcg` on groups of `n_candidates` rows; groups without a positive are dropped."""
+    """Train `rank:ndcg` on groups of `n_candidates` rows; groups without a positive are dropped.
+
+    `valid` (bool [groups, n_candidates]) marks real candidates; padding rows are left out.
+    """
     x = features.reshape(-1, n_candidates, features.shape[1])
     y = grades.reshape(-1, n_candidates)
+    ok = np.ones(y.shape, dtype=bool) if valid is None else valid.reshape(y.shape)
     useful = y.max(axis=1) > 0
-    x, y = x[useful], y[useful]
+    x, y, ok = x[useful], y[useful], ok[useful]
     if len(x) < 4:
         raise ValueError(f"only {len(x)} ranker groups have a positive candidate: need at least 4")
     rng = np.random.default_rng(config.seed)
@@ -125,16 +202,14 @@ def train_ranker(
     is_valid[0], is_valid[-1] = False, True  # both sides non-empty
 
     def dmatrix(mask: np.ndarray) -> xgb.DMatrix:
-        d = xgb.DMatrix(
-            x[mask].reshape(-1, x.shape[2]),
-            label=y[mask].ravel(),
-            feature_names=list(RANKER_FEATURE_NAMES),
-        )
-        d.set_group(np.full(int(mask.sum()), n_candidates))
+        rows = ok[mask]
+        d = xgb.DMatrix(x[mask][rows], label=y[mask][rows], feature_names=list(names))
+        d.set_group(rows.sum(axis=1))
         return d
 
-    train, valid = dmatrix(~is_valid), dmatrix(is_valid)
-    booster, best, ndcg = fit_lambdarank(train, valid, config, config.max_depth)
+    booster, best, ndcg = fit_lambdarank(
+        dmatrix(~is_valid), dmatrix(is_valid), config, config.max_depth
+    )
     log.info("ranker: %d groups, best iteration %d, valid ndcg@10 %.4f", len(x), best, ndcg)
     return RankerResult(booster, best, ndcg, int((~is_valid).sum()))
 

@@ -2,7 +2,8 @@
 evaluation's ranking for the same users (same candidates, same order) with MMR off and no rules.
 
 The offline side is computed with the training code on the event log (`user_states_at`, `encode_users`,
-`exact_candidates`, `candidate_matrix`, `rerank`: what `training.pipeline`'s evaluate stage runs); the
+`ranking_inputs` with the bundle's collaborative models, `rerank`: what `training.pipeline`'s evaluate
+stage runs); the
 online side reads the registered bundle from MLflow (cache + verification) and the materialized
 `user_profile` rows through the same readers the UserTower deployment uses.
 """
@@ -36,7 +37,7 @@ def test_serving_pipeline_reproduces_the_offline_ranking(
     from training.config import TwoTowerConfig
     from training.data import read_dataset
     from training.features import encode_log, user_states_at
-    from training.ranker import candidate_matrix, exact_candidates, rerank
+    from training.ranker import ranking_inputs, rerank
     from training.two_tower import encode_users
 
     settings = ServeSettings(
@@ -69,28 +70,38 @@ def test_serving_pipeline_reproduces_the_offline_ranking(
     )
     # The bundle's TorchScript tower: the module training exported (encode_users only calls it).
     vectors = encode_users(bundle.user_tower, states, tower)  # type: ignore[arg-type]
-    candidates, scores = exact_candidates(
-        vectors, bundle.item_embeddings, states.seen, model.n_candidates
+    assert model.collaborative is not None, "the default pipeline ships collaborative models"
+    inputs = ranking_inputs(
+        vectors,
+        bundle.item_embeddings,
+        states,
+        bundle.item_features,
+        bundle.item_categories,
+        model.n_candidates,
+        model.collaborative,
     )
-    x = candidate_matrix(candidates, scores, states, bundle.item_features, bundle.item_categories)
-    offline = rerank(bundle.ranker, x, candidates)
+    assert inputs.names == tuple(bundle.manifest.ranker_features)
+    offline = rerank(bundle.ranker, inputs.features, inputs.candidates)
 
     features, seen = UserFeatureSource.from_settings(settings).read(model, [str(u) for u in users])
     assert not features.degraded and seen is not None
     # The materialized base embedding is the offline tower output for the same state.
     np.testing.assert_allclose(features.base_embedding, vectors, atol=1e-6)
+    k = model.n_candidates  # a larger k would fetch more from the index
     queries = [
-        Query(request_id=str(i), user_id=str(u), k=model.n_candidates, model_version=version)
+        Query(request_id=str(i), user_id=str(u), k=k, model_version=version)
         for i, u in enumerate(users)
     ]
     online = recommend_in_process(model, queries, features, seen, PURE_RANKER)
 
     mismatched = []
+    sources: set[str] = set()
     for row, result in enumerate(online):
-        expected = [str(bundle.item_ids[i]) for i in offline[row] if i >= 0]
+        expected = [str(bundle.item_ids[i]) for i in offline[row] if i >= 0][:k]
         got = [item.item_id for item in result.items]
         if got != expected:
             mismatched.append(str(users[row]))
         assert result.fallback is None
-        assert {item.source for item in result.items} == {"retrieval"}
+        sources.update(item.source for item in result.items)
     assert mismatched == [], f"{len(mismatched)} of {len(users)} users differ: {mismatched[:5]}"
+    assert sources == {"retrieval", "collaborative"}

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from serve_app.bundle import load_bundle, verify_bundle
+from serve_app.contract import Collaborative
 from serve_app.errors import BundleIntegrityError
 from serve_app.schemas import BUNDLE_FILES
 from tests.bundle_factory import (
@@ -23,7 +24,16 @@ from tests.bundle_factory import (
     tiny_arrays,
     train_tiny_ranker,
 )
-from training.registry import RegistryError, check_bundle, finalize_bundle, read_manifest
+from training.collaborative import fit_collaborative, save_collaborative
+from training.config import CollaborativeConfig
+from training.features import EncodedLog
+from training.registry import (
+    RegistryError,
+    check_bundle,
+    finalize_bundle,
+    read_manifest,
+    write_manifest,
+)
 
 N_ITEMS, DIM, SEED = 30, 8, 7
 
@@ -222,3 +232,60 @@ def test_the_manifests_search_params_are_set_on_the_index() -> None:
     flat = faiss.IndexFlatIP(8)
     with pytest.raises(BundleIntegrityError, match="ef_search"):
         _apply_search_params(flat, {"ef_search": 77})
+
+
+def _with_collaborative(bundle_dir: Path) -> Collaborative:
+    """Add real collaborative models (fit on a random log over the bundle's items) to the bundle."""
+    rng = np.random.default_rng(SEED)
+    users, items = rng.integers(0, 40, 400), rng.integers(0, N_ITEMS, 400)
+    log = EncodedLog(
+        user_ids=np.array([f"u{i}" for i in range(40)]),
+        user=users,
+        item=items,
+        category=np.zeros(400, dtype=np.int64),
+        ts=np.arange(400, dtype=np.int64) * 10**9,
+        weight=np.ones(400, dtype=np.float32),
+        positive=np.ones(400, dtype=bool),
+        is_view=np.zeros(400, dtype=bool),
+        n_items=N_ITEMS,
+        n_categories=1,
+    )
+    model = fit_collaborative(log, None, CollaborativeConfig(ease_top_k=5, per_source=3))
+    manifest = read_manifest(bundle_dir)
+    spec = save_collaborative(model, bundle_dir)
+    finalize_bundle(bundle_dir, manifest.model_copy(update={"collaborative": spec}))
+    return model
+
+
+def test_collaborative_models_round_trip_without_pickle(bundle_dir: Path) -> None:
+    model = _with_collaborative(bundle_dir)
+    loaded = load_bundle(bundle_dir).collaborative
+    assert loaded is not None
+    for name in ("ease", "knn", "transitions"):
+        expected, got = getattr(model, name), getattr(loaded, name)
+        assert got.nnz > 0 and (got != expected).nnz == 0
+    assert model.ease.getnnz(axis=1).max() <= 5  # the top-k cut
+    assert (loaded.last_items, loaded.per_source) == (model.last_items, 3)
+
+
+def test_collaborative_matrix_pointing_outside_the_catalog_is_refused(bundle_dir: Path) -> None:
+    _with_collaborative(bundle_dir)
+    with np.load(bundle_dir / "collaborative.npz") as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    arrays["knn_indices"] = arrays["knn_indices"].copy()
+    arrays["knn_indices"][0] = N_ITEMS  # one past the last item
+    with (bundle_dir / "collaborative.npz").open("wb") as out:
+        np.savez(out, **arrays)
+    finalize_bundle(bundle_dir, read_manifest(bundle_dir))
+    with pytest.raises(BundleIntegrityError, match="knn is not a valid") as excinfo:
+        load_bundle(bundle_dir)
+    assert excinfo.value.file == "collaborative.npz"
+
+
+def test_collaborative_file_missing_from_the_checksums_is_refused(bundle_dir: Path) -> None:
+    _with_collaborative(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    files = {k: v for k, v in manifest.files.items() if k != "collaborative.npz"}
+    write_manifest(bundle_dir, manifest.model_copy(update={"files": files}))
+    with pytest.raises(BundleIntegrityError, match="not listed"):
+        load_bundle(bundle_dir)

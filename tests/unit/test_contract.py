@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 from serve_app.contract import (
+    CF_FEATURE_NAMES,
+    CF_SIGNALS,
     ITEM_FEATURE_NAMES,
     RANKER_FEATURE_NAMES,
+    RANKER_FEATURE_NAMES_CF,
+    Collaborative,
+    cf_candidates,
+    cf_features,
+    cf_scores,
     hash_bucket,
     ranker_features,
     title_tokens,
@@ -64,3 +72,69 @@ def test_ranker_features_by_hand() -> None:
     assert x[1, col["user_recent_category_share"]] == 0.0
     # padding is all zeros
     assert not x[2].any()
+
+
+# --- collaborative signals ----------------------------------------------------------------------
+
+
+def _collaborative(per_source: int = 2) -> Collaborative:
+    """4 items. EASE: 0 -> 1 (0.5), 0 -> 2 (0.2), 1 -> 3 (0.4); kNN: 0 -> 3 (0.9);
+    transitions: 1 -> 2 (1.0)."""
+
+    def m(entries: dict[tuple[int, int], float]) -> sp.csr_matrix:
+        rows, cols = zip(*entries, strict=True)
+        return sp.csr_matrix(
+            (np.array(list(entries.values()), np.float32), (rows, cols)), shape=(4, 4)
+        )
+
+    return Collaborative(
+        ease=m({(0, 1): 0.5, (0, 2): 0.2, (1, 3): 0.4}),
+        knn=m({(0, 3): 0.9}),
+        transitions=m({(1, 2): 1.0}),
+        last_items=1,
+        per_source=per_source,
+    )
+
+
+def test_cf_scores_read_all_seen_items_or_only_the_newest() -> None:
+    seen = sp.csr_matrix(np.array([[1, 1, 0, 0]], dtype=np.float32))
+    recent = np.array([[2, 1, 0]])  # newest first: item 1, then item 0 (row + 1)
+    scores = cf_scores(_collaborative(), seen, recent)
+    assert scores.shape == (len(CF_SIGNALS), 1, 4)
+    by = dict(zip(CF_SIGNALS, scores[:, 0, :], strict=True))
+    np.testing.assert_allclose(by["ease"], [0.0, 0.5, 0.2, 0.4])  # items 0 and 1
+    np.testing.assert_allclose(by["ease_last"], [0.0, 0.0, 0.0, 0.4])  # item 1 only
+    np.testing.assert_allclose(by["next"], [0.0, 0.0, 1.0, 0.0])
+    np.testing.assert_allclose(by["knn"], [0.0, 0.0, 0.0, 0.9])
+
+
+def test_cf_candidates_take_each_signals_top_unseen_positive_items_once() -> None:
+    scores = np.array(
+        [
+            [0.0, 0.5, 0.2, 0.4],  # ease: 1 excluded (seen) -> 3, 2
+            [0.0, 0.0, 0.0, 0.4],  # ease_last: 3 taken already -> nothing
+            [0.0, 0.0, 1.0, -1.0],  # next: 2 taken; -1 is no evidence
+            [0.7, 0.0, 0.0, 0.9],  # knn: 3 taken -> 0 (taken by retrieval) -> nothing
+        ],
+        dtype=np.float32,
+    )
+    extra = cf_candidates(scores, excluded=np.array([1]), taken=np.array([0]), per_source=2)
+    assert extra.tolist() == [3, 2]
+    # One per signal: ease gives 3 only, and 2 comes from next instead.
+    assert cf_candidates(scores, np.array([1]), np.array([0]), per_source=1).tolist() == [3, 2]
+    assert cf_candidates(scores, np.array([1]), np.array([0, 2]), per_source=1).tolist() == [3]
+
+
+def test_cf_features_score_share_and_rank_by_hand() -> None:
+    scores = np.zeros((len(CF_SIGNALS), 1, 4), dtype=np.float32)
+    scores[0, 0] = [9.0, 0.5, 0.2, 0.4]  # ease; item 0 is seen, so the best unseen is 0.5
+    candidates = np.array([[3, 2, -1]])
+    seen = np.array([[True, False, False, False]])
+    x = cf_features(scores, candidates, seen)
+    assert x.shape == (1, 3, len(CF_FEATURE_NAMES))
+    col = {name: x[0, :, j] for j, name in enumerate(CF_FEATURE_NAMES)}
+    np.testing.assert_allclose(col["ease_score"], [0.4, 0.2, 0.0])
+    np.testing.assert_allclose(col["ease_share"], [0.8, 0.4, 0.0])
+    np.testing.assert_allclose(col["ease_rank"], [0.0, 1.0, 0.0])  # padding is zeroed
+    np.testing.assert_allclose(col["knn_share"], [0.0, 0.0, 0.0])  # no evidence: no blow-up
+    assert RANKER_FEATURE_NAMES_CF[: len(RANKER_FEATURE_NAMES)] == RANKER_FEATURE_NAMES
