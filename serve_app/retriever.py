@@ -35,6 +35,4 @@ class Retriever(VersionedStage):
             candidates.n_collaborative,
             len(candidates.rows) - candidates.n_retrieved - candidates.n_collaborative,
         )
-        return replace(
-            candidates, timings=with_timing(candidates.timings, "retriever", start, end)
-        )
+        return replace(candidates, timings=with_timing(candidates.timings, "retriever", start, end))
