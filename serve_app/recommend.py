@@ -1,10 +1,11 @@
 """The recommendation pipeline as pure, in-process functions, one per stage of the online graph.
 
 user features -> tower input -> user vector (+ real-time delta) -> FAISS search without seen and filtered
-items -> collaborative candidates (when the bundle has them) -> popularity merge -> ranker features (`serve_app.contract.ranker_features`) -> XGBoost scores ->
-re-rank (cold-start blend, per-category cap, MMR). The Ray Serve deployments (`user_tower`, `retriever`,
-`ranker`, `reranker`) are thin shells over `embed_users`, `retrieve`, `score` and `rerank`; the benchmark
-and the parity test chain the same functions in one process. No I/O here: features are read by the caller.
+items -> collaborative candidates (when the bundle has them) -> popularity merge -> ranker features
+(`serve_app.contract.ranker_features`, `cf_features`) -> XGBoost scores -> re-rank (cold-start blend,
+per-category cap, MMR). The Ray Serve deployments (`user_tower`, `retriever`, `ranker`, `reranker`) are
+thin shells over `embed_users`, `retrieve`, `score` and `rerank`; the benchmark and the parity test
+chain the same functions in one process. No I/O here: features are read by the caller.
 
 Semantics follow the offline evaluation exactly (`training.pipeline`, `training.two_tower.encode_users`):
 user bucket = hash_bucket(user_id, user_buckets) + 1, or 0 for a user whose snapshot has no positive

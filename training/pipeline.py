@@ -517,6 +517,7 @@ def run_pipeline(
                 **{f"two_tower.{k}": v for k, v in tt.model_dump().items()},
                 **{f"ranker.{k}": v for k, v in rk.model_dump().items()},
                 **{f"collaborative.{k}": v for k, v in cf.model_dump().items()},
+                **{f"split.{k}": v for k, v in settings.split.model_dump().items()},
             },
             files={},
         )

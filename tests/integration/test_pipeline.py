@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from serve_app.bundle import fetch_bundle, load_bundle, resolve_alias
+from serve_app.contract import RANKER_FEATURE_NAMES, RANKER_FEATURE_NAMES_CF
 from serve_app.schemas import BUNDLE_FILES
 from training.cli import SIZES
 from training.config import TrainingSettings, load_settings
@@ -62,9 +63,12 @@ def test_pipeline_registers_a_verified_bundle_that_round_trips(tmp_path: Path) -
     )
     assert out.shape == (2, manifest.embedding_dim)
     np.testing.assert_allclose(out.norm(dim=1).detach().numpy(), 1.0, rtol=1e-5)
-    # The ranker accepts the manifest's feature list.
+    # The ranker accepts the manifest's feature list, collaborative signals included.
+    assert tuple(manifest.ranker_features) == RANKER_FEATURE_NAMES_CF
     x = np.zeros((3, len(manifest.ranker_features)), dtype=np.float32)
     assert bundle.ranker.inplace_predict(x).shape == (3,)
+    assert bundle.collaborative is not None and "collaborative.npz" in manifest.files
+    assert bundle.collaborative.ease.nnz > 0 and bundle.collaborative.transitions.nnz > 0
     # Feature tables for Feast were written next to the data.
     assert result.feature_tables["user_profile"].exists()
 
@@ -73,3 +77,18 @@ def test_pipeline_registers_a_verified_bundle_that_round_trips(tmp_path: Path) -
     assert second.registered is not None and second.registered.version == "2"
     decision = promote(tracking_uri=settings.tracking_uri, model_name=settings.model_name)
     assert decision.promoted and decision.to_version == "2"
+
+
+def test_pipeline_with_tail_labels_and_no_collaborative_models(tmp_path: Path) -> None:
+    settings = tiny_settings(tmp_path / "data")
+    settings.register_bundle = False
+    settings.collaborative = settings.collaborative.model_copy(update={"enabled": False})
+    settings.split = settings.split.model_copy(update={"ranker_labels": "tail"})
+    result = run_pipeline(settings, generate(settings.synthetic, progress=False), progress=False)
+
+    bundle = load_bundle(result.bundle_dir)
+    assert tuple(bundle.manifest.ranker_features) == RANKER_FEATURE_NAMES
+    assert bundle.collaborative is None and "collaborative.npz" not in bundle.manifest.files
+    assert bundle.manifest.params["split.ranker_labels"] == "tail"
+    final, retrieval = result.metrics[FINAL_SYSTEM], result.metrics["retrieval"]
+    assert 0.0 < final["ndcg@10"] <= 1.0 and final["users"] == retrieval["users"]

@@ -78,3 +78,32 @@ def test_item_stats_windows() -> None:
     # 1-day window: only the click on i3 at day 5
     assert stats.pop_1d.tolist() == [0.0, 0.0, 0.0, 1.0]
     assert stats.age_days.tolist() == pytest.approx([5.5] * 4)
+
+
+def test_tail_labels_are_each_users_newest_items_with_the_state_just_before_them() -> None:
+    from training.pipeline import tail_window
+
+    log = _log()
+    types = np.array(["view", "click", "purchase", "click", "click", "click"])
+    end = T0 + pd.Timedelta(days=10)
+    # u1's first positives: i0 (day 2), i2 (day 3), i1 (day 6); u2 has one only: no labels.
+    window, history = tail_window(log, end, 0.2, 3, types)  # ceil(0.6) = 1 label
+    assert window.states.user_ids.tolist() == ["u1"]
+    assert window.grades.toarray().tolist() == [[0, 1, 0, 0]]  # i1, a click
+    assert window.states.seen.toarray().tolist() == [[1, 0, 1, 0]]
+    assert window.states.event_count.tolist() == [3.0]  # the repeat click on day 4 counts
+    # Everything but the label event stays for item statistics and the collaborative models.
+    assert history.ts.tolist() == log.ts[log.ts != (T0 + pd.Timedelta(days=6)).value].tolist()
+
+    window, history = tail_window(log, end, 0.5, 3, types)  # ceil(1.5) = 2 labels
+    # i2 (a purchase: grade 3) and i1; the state stops before day 3, so the day-4 repeat of i0
+    # is neither history nor (already seen) a label.
+    assert window.grades.toarray().tolist() == [[0, 1, 3, 0]]
+    assert window.states.seen.toarray().tolist() == [[1, 0, 0, 0]]
+    assert window.states.recent_items.tolist() == [[1, 0, 0]]
+    assert sorted(set(log.user[~np.isin(log.ts, history.ts)].tolist())) == [0]  # u1's only
+    assert len(history.ts) == 3  # u1: view i0, click i0; u2: click i3
+
+    # A cut before day 3 leaves u1 with one first positive: nobody is labelled.
+    window, _ = tail_window(log, T0 + pd.Timedelta(days=2.5), 0.2, 3, types)
+    assert window.states.user_ids.tolist() == []

@@ -7,6 +7,7 @@ Expectations come from hand computation, numpy brute force, or the training code
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,14 @@ from torch import nn
 
 from serve_app.bundle import Bundle
 from serve_app.config import RankingConfig
-from serve_app.contract import ITEM_FEATURE_NAMES, RANKER_FEATURE_NAMES, hash_bucket
+from serve_app.contract import (
+    CF_FEATURE_NAMES,
+    ITEM_FEATURE_NAMES,
+    RANKER_FEATURE_NAMES,
+    RANKER_FEATURE_NAMES_CF,
+    Collaborative,
+    hash_bucket,
+)
 from serve_app.errors import BundleIntegrityError
 from serve_app.features import FeatureShapes, UserRealtimeState, assemble_user_features
 from serve_app.recommend import (
@@ -33,6 +41,7 @@ from serve_app.recommend import (
     ServingModel,
     UserState,
     add_delta,
+    candidate_features,
     category_cap,
     embed_users,
     encode_recent,
@@ -42,6 +51,7 @@ from serve_app.recommend import (
     recommend_in_process,
     rerank,
     retrieve,
+    score,
     search,
     tower_inputs,
     user_vectors,
@@ -71,7 +81,11 @@ class Tower(nn.Module):
         return F.normalize(self.user(bucket) + self.profile(profile) + history, dim=-1)
 
 
-def make_model(seed: int = 0) -> ServingModel:
+def make_model(
+    seed: int = 0,
+    collaborative: Collaborative | None = None,
+    features_names: tuple[str, ...] = RANKER_FEATURE_NAMES,
+) -> ServingModel:
     rng = np.random.default_rng(seed)
     emb = rng.normal(size=(N_ITEMS, DIM)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
@@ -80,7 +94,7 @@ def make_model(seed: int = 0) -> ServingModel:
     features = rng.uniform(size=(N_ITEMS, len(ITEM_FEATURE_NAMES))).astype(np.float32)
     index = faiss.IndexFlatIP(DIM)
     index.add(emb)
-    x = rng.uniform(size=(200, len(RANKER_FEATURE_NAMES))).astype(np.float32)
+    x = rng.uniform(size=(200, len(features_names))).astype(np.float32)
     y = (x[:, 0] > 0.5).astype(np.float32)
     data = xgb.DMatrix(x, label=y)
     data.set_group([10] * 20)
@@ -101,7 +115,7 @@ def make_model(seed: int = 0) -> ServingModel:
         num_items=N_ITEMS,
         user_tower={"user_buckets": BUCKETS, "history_length": HISTORY, "profile_dim": 4},
         user_tower_inputs=[],
-        ranker_features=list(RANKER_FEATURE_NAMES),
+        ranker_features=list(features_names),
         item_feature_names=list(ITEM_FEATURE_NAMES),
         categories=list(CATEGORIES),
         index=IndexSpec(type="flat"),
@@ -120,6 +134,7 @@ def make_model(seed: int = 0) -> ServingModel:
         ranker=ranker,
         popularity=popularity,
         item_index={str(i): r for r, i in enumerate(item_ids)},
+        collaborative=collaborative,
     )
     return ServingModel.from_bundle(bundle)
 
@@ -419,3 +434,54 @@ def test_a_bundle_with_other_ranker_features_is_refused(tmp_path: Path) -> None:
     make_tiny_bundle(tmp_path)
     with pytest.raises(BundleIntegrityError, match="ranker features"):
         ServingModel.from_bundle(load_bundle(tmp_path))
+
+
+# --- collaborative candidates --------------------------------------------------------------------
+
+
+def _item_item(entries: dict[tuple[int, int], float]) -> sp.csr_matrix:
+    rows, cols = zip(*entries, strict=True)
+    values = np.array(list(entries.values()), dtype=np.float32)
+    return sp.csr_matrix((values, (rows, cols)), shape=(N_ITEMS, N_ITEMS))
+
+
+def test_collaborative_candidates_follow_the_index_ones_and_feed_the_ranker() -> None:
+    cf = Collaborative(
+        ease=_item_item({(0, 20): 0.9, (0, 21): 0.5, (0, 1): 0.7}),  # item 1 is seen: never
+        knn=_item_item({(2, 22): 0.3}),
+        transitions=_item_item({(2, 23): 1.0}),
+        last_items=1,
+        per_source=5,
+    )
+    model = make_model(collaborative=cf, features_names=RANKER_FEATURE_NAMES_CF)
+    assert model.collaborative is cf
+    user = user_state(model, vector=model.bundle.item_embeddings[5], seen=[0, 1, 2])
+    user = replace(user, recent=np.array([3, 1, 0]))  # newest first: item 2, then item 0
+    ranking = RankingConfig(candidates=5, popularity_candidates=0)
+    candidates = retrieve(model, user, ranking)
+
+    index_rows = candidates.rows[: candidates.n_retrieved].tolist()
+    assert candidates.n_retrieved == 5
+    # ease (all seen) 20, 21; ease_last (item 2) nothing; next (item 2) 23; knn 22 -- minus any
+    # row the index returned already.
+    expected = [r for r in (20, 21, 23, 22) if r not in index_rows]
+    assert expected and candidates.rows[5:].tolist() == expected
+    assert candidates.n_collaborative == len(expected)
+    assert candidates.cf_columns is not None
+    assert candidates.cf_columns.shape == (len(candidates.rows), len(CF_FEATURE_NAMES))
+    ease_score = candidates.cf_columns[:, CF_FEATURE_NAMES.index("ease_score")]
+    expected_ease = {20: 0.9, 21: 0.5}
+    assert ease_score.tolist() == pytest.approx(
+        [expected_ease.get(int(r), 0.0) for r in candidates.rows]
+    )
+    x = candidate_features(model, candidates)
+    assert x.shape == (len(candidates.rows), len(RANKER_FEATURE_NAMES_CF))
+    result = rerank(model, score(model, candidates), NO_RULES)
+    sources = {item.item_id: item.source for item in result.items}
+    assert all(sources[f"i{r:02d}"] == "collaborative" for r in expected if f"i{r:02d}" in sources)
+    assert not {"i00", "i01", "i02"} & set(sources)
+
+
+def test_a_ranker_reading_collaborative_features_needs_the_models() -> None:
+    with pytest.raises(BundleIntegrityError, match="no collaborative models"):
+        make_model(features_names=RANKER_FEATURE_NAMES_CF)
