@@ -125,42 +125,39 @@ class Collaborative:
         )
 
 
-def history_rows(
-    seen: sp.csr_matrix, recent: np.ndarray, last_items: int
-) -> dict[str, sp.csr_matrix]:
-    """The history each signal reads, [B, n_items] 0/1: all seen items, or the newest `last_items`.
+def row_sum(matrix: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
+    """Sum of some rows of a CSR matrix, dense float32 [n_cols], accumulated in float64 in the
+    order of `rows` (so training and serving, passing the same rows, get the same bits)."""
+    starts = matrix.indptr[rows]
+    lengths = matrix.indptr[rows + 1] - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(matrix.shape[1], dtype=np.float32)
+    first = np.cumsum(lengths) - lengths  # where each row's entries start in the gathered list
+    at = np.repeat(starts - first, lengths) + np.arange(total)
+    summed = np.bincount(matrix.indices[at], weights=matrix.data[at], minlength=matrix.shape[1])
+    return summed.astype(np.float32)
 
-    seen: [B, n_items] (nonzero = seen); recent: int [B, L] item index + 1, newest first, 0 = padding.
+
+def cf_scores(model: Collaborative, seen: np.ndarray, recent: np.ndarray) -> np.ndarray:
+    """Every signal's score of every item for one user: float32 [len(CF_SIGNALS), n_items].
+
+    seen: item rows the user interacted with (any order, repeats allowed); recent: int [L] item
+    row + 1, newest first, 0 = padding (the newest `last_items` feed ease_last and next).
     """
-    b, n_items = seen.shape
-    last = recent[:, :last_items]
-    rows, cols = np.nonzero(last > 0)
-    newest = sp.csr_matrix(
-        (np.ones(len(rows), dtype=np.float32), (rows, last[rows, cols] - 1)), shape=(b, n_items)
-    )
-    newest.data[:] = 1.0
-    everything = sp.csr_matrix(seen, dtype=np.float32, copy=True)
-    everything.data[:] = 1.0
-    return {"all": everything, "last": newest}
-
-
-def cf_scores(model: Collaborative, seen: sp.csr_matrix, recent: np.ndarray) -> np.ndarray:
-    """Every signal's score of every item for B users: float32 [len(CF_SIGNALS), B, n_items]."""
-    history = history_rows(seen, recent, model.last_items)
-    reads = {"ease": "all", "ease_last": "last", "next": "last", "knn": "all"}
-    return np.stack(
-        [
-            np.asarray((history[reads[s]] @ model.matrix(s)).todense(), dtype=np.float32)
-            for s in CF_SIGNALS
-        ]
-    )
+    everything = np.unique(np.asarray(seen, dtype=np.int64))
+    newest = np.asarray(recent[: model.last_items], dtype=np.int64)
+    newest = newest[newest > 0] - 1
+    reads = {"ease": everything, "ease_last": newest, "next": newest, "knn": everything}
+    return np.stack([row_sum(model.matrix(s), reads[s]) for s in CF_SIGNALS])
 
 
 def cf_candidates(
     scores: np.ndarray, excluded: np.ndarray, taken: np.ndarray, per_source: int
 ) -> np.ndarray:
     """One user's collaborative candidates: each signal's top `per_source` items with a positive
-    score, none `excluded` or already `taken`, in signal order then score order (ties: lower row).
+    score, none `excluded` or already `taken`, in signal order then score order (ties: lower row;
+    at the cut itself, whichever `argpartition` keeps: deterministic, the same on both sides).
 
     scores: [len(CF_SIGNALS), n_items]; excluded, taken: item rows. Returns unique int64 rows.
     """
@@ -170,7 +167,11 @@ def cf_candidates(
     out: list[np.ndarray] = []
     for signal in scores:
         open_ = np.flatnonzero((signal > 0) & ~blocked)
-        top = open_[np.argsort(-signal[open_], kind="stable")[:per_source]]
+        values = signal[open_]
+        if len(open_) > per_source:
+            keep = np.argpartition(-values, per_source - 1)[:per_source]
+            open_, values = open_[keep], values[keep]
+        top = open_[np.lexsort((open_, -values))]
         blocked[top] = True
         out.append(top)
     return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
@@ -179,7 +180,8 @@ def cf_candidates(
 def cf_features(scores: np.ndarray, candidates: np.ndarray, seen: np.ndarray) -> np.ndarray:
     """The collaborative ranker columns [B, N, len(CF_FEATURE_NAMES)] (float32, 0 on padding).
 
-    scores: [len(CF_SIGNALS), B, n_items] from `cf_scores`; candidates: int [B, N] rows, -1 = padding;
+    scores: [len(CF_SIGNALS), B, n_items] (`cf_scores` of each user, stacked on axis 1);
+    candidates: int [B, N] rows, -1 = padding;
     seen: bool [B, n_items] (the share's denominator is the best score among unseen items).
     """
     b, n = candidates.shape

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Literal
 
 import faiss
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from serve_app.bundle import Bundle
@@ -482,8 +481,8 @@ def retrieve(model: ServingModel, user: UserState, ranking: RankingConfig) -> Ca
     cf = model.collaborative
     signal_scores = None
     if cf is not None:
-        signal_scores = user_cf_scores(cf, user, model.n_items)
-        extra = cf_candidates(signal_scores[:, 0, :], excluded, rows, cf.per_source)
+        signal_scores = cf_scores(cf, user.seen, user.recent)
+        extra = cf_candidates(signal_scores, excluded, rows, cf.per_source)
         rows, scores = _append(model, user.vector, rows, scores, extra)
     n_collaborative = len(rows) - n_retrieved
     if user.interactions < ranking.cold_start_min_events and ranking.popularity_candidates > 0:
@@ -498,7 +497,7 @@ def retrieve(model: ServingModel, user: UserState, ranking: RankingConfig) -> Ca
     if signal_scores is not None:
         seen = np.zeros((1, model.n_items), dtype=bool)
         seen[0, user.seen] = True
-        cf_columns = cf_features(signal_scores, rows[None, :], seen)[0]
+        cf_columns = cf_features(signal_scores[:, None, :], rows[None, :], seen)[0]
     return Candidates(user, rows, scores, n_retrieved, user.timings, n_collaborative, cf_columns)
 
 
@@ -508,15 +507,6 @@ def _append(
     """Extra candidates after the others, each with its retrieval score (user . item vector)."""
     extra_scores = (model.bundle.item_embeddings[extra] @ vector).astype(np.float32)
     return np.concatenate([rows, extra]), np.concatenate([scores, extra_scores])
-
-
-def user_cf_scores(model: Collaborative, user: UserState, n_items: int) -> np.ndarray:
-    """Every collaborative signal over all items for one user: [len(CF_SIGNALS), 1, n_items]."""
-    seen = sp.csr_matrix(
-        (np.ones(len(user.seen), np.float32), (np.zeros(len(user.seen), np.int64), user.seen)),
-        shape=(1, n_items),
-    )
-    return cf_scores(model, seen, user.recent[None, :])
 
 
 # --- ranker --------------------------------------------------------------------------------------

@@ -92,7 +92,6 @@ def ranking_inputs(
     item_categories: np.ndarray,
     n: int,
     collaborative: Collaborative | None,
-    chunk: int = 256,
 ) -> RankingInputs:
     """Two-tower top-n without seen items, then (with `collaborative`) each signal's top unseen
     items, and the ranker features of every candidate: `serve_app.recommend.retrieve` and
@@ -108,20 +107,19 @@ def ranking_inputs(
     cf_x = np.zeros(
         (b, width, len(RANKER_FEATURE_NAMES_CF) - len(RANKER_FEATURE_NAMES)), np.float32
     )
-    for start in range(0, b, chunk):
-        part = slice(start, min(start + chunk, b))
-        signal = cf_scores(collaborative, states.seen[part], states.recent_items[part])
-        seen = states.seen[part].toarray() > 0
-        for i, row in enumerate(range(part.start, part.stop)):
-            base = retrieved[row][retrieved[row] >= 0]
-            extra = cf_candidates(
-                signal[:, i, :], np.flatnonzero(seen[i]), base, collaborative.per_source
-            )
-            rows = np.concatenate([base, extra])
-            candidates[row, : len(rows)] = rows
-            cand_scores[row, : len(base)] = scores[row, : len(base)]
-            cand_scores[row, len(base) : len(rows)] = item_vecs[extra] @ user_vecs[row]
-        cf_x[part] = cf_features(signal, candidates[part], seen)
+    seen = states.seen.tocsr()
+    for row in range(b):
+        seen_rows = np.sort(seen.indices[seen.indptr[row] : seen.indptr[row + 1]])
+        signal = cf_scores(collaborative, seen_rows, states.recent_items[row])
+        base = retrieved[row][retrieved[row] >= 0]
+        extra = cf_candidates(signal, seen_rows, base, collaborative.per_source)
+        rows = np.concatenate([base, extra])
+        candidates[row, : len(rows)] = rows
+        cand_scores[row, : len(base)] = scores[row, : len(base)]
+        cand_scores[row, len(base) : len(rows)] = item_vecs[extra] @ user_vecs[row]
+        mask = np.zeros((1, item_vecs.shape[0]), dtype=bool)
+        mask[0, seen_rows] = True
+        cf_x[row] = cf_features(signal[:, None, :], candidates[row][None, :], mask)[0]
     base_x = candidate_matrix(candidates, cand_scores, states, item_features, item_categories)
     x = np.concatenate([base_x.reshape(b, width, -1), cf_x], axis=2)
     return RankingInputs(

@@ -17,6 +17,7 @@ from serve_app.contract import (
     cf_scores,
     hash_bucket,
     ranker_features,
+    row_sum,
     title_tokens,
 )
 
@@ -97,11 +98,10 @@ def _collaborative(per_source: int = 2) -> Collaborative:
 
 
 def test_cf_scores_read_all_seen_items_or_only_the_newest() -> None:
-    seen = sp.csr_matrix(np.array([[1, 1, 0, 0]], dtype=np.float32))
-    recent = np.array([[2, 1, 0]])  # newest first: item 1, then item 0 (row + 1)
-    scores = cf_scores(_collaborative(), seen, recent)
-    assert scores.shape == (len(CF_SIGNALS), 1, 4)
-    by = dict(zip(CF_SIGNALS, scores[:, 0, :], strict=True))
+    recent = np.array([2, 1, 0])  # newest first: item 1, then item 0 (row + 1)
+    scores = cf_scores(_collaborative(), np.array([1, 0, 1]), recent)  # repeats count once
+    assert scores.shape == (len(CF_SIGNALS), 4) and scores.dtype == np.float32
+    by = dict(zip(CF_SIGNALS, scores, strict=True))
     np.testing.assert_allclose(by["ease"], [0.0, 0.5, 0.2, 0.4])  # items 0 and 1
     np.testing.assert_allclose(by["ease_last"], [0.0, 0.0, 0.0, 0.4])  # item 1 only
     np.testing.assert_allclose(by["next"], [0.0, 0.0, 1.0, 0.0])
@@ -138,3 +138,12 @@ def test_cf_features_score_share_and_rank_by_hand() -> None:
     np.testing.assert_allclose(col["ease_rank"], [0.0, 1.0, 0.0])  # padding is zeroed
     np.testing.assert_allclose(col["knn_share"], [0.0, 0.0, 0.0])  # no evidence: no blow-up
     assert RANKER_FEATURE_NAMES_CF[: len(RANKER_FEATURE_NAMES)] == RANKER_FEATURE_NAMES
+
+
+def test_row_sum_adds_the_chosen_rows_of_a_sparse_matrix() -> None:
+    rng = np.random.default_rng(0)
+    dense = np.where(rng.random((30, 40)) < 0.2, rng.random((30, 40)), 0.0).astype(np.float32)
+    rows = np.array([3, 0, 17, 29, 5])
+    got = row_sum(sp.csr_matrix(dense), rows)
+    np.testing.assert_allclose(got, dense[rows].sum(axis=0), rtol=1e-6)
+    assert row_sum(sp.csr_matrix(dense), np.zeros(0, dtype=np.int64)).tolist() == [0.0] * 40
