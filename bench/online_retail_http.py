@@ -8,8 +8,9 @@ customer's list over loopback HTTP, then scores those lists on the protocol's te
 2. `training.pipeline.run_pipeline` on them: the bundle that `recserve train` would register (two-tower,
    FAISS, collaborative models, ranker over the serving contract's features), registered and made
    champion in a private MLflow registry; its feature tables applied and materialized into Feast
-   (embedded profile). The ranker learns from tail labels (`--ranker-labels`, default `tail`: each
-   customer's newest 20% of pairs, the state just before them), the label scheme that fits a basket log.
+   (embedded profile). Collaborative models on (`--no-collaborative`: off); the ranker learns from
+   tail labels (`--ranker-labels`, default `tail`: each customer's newest 20% of pairs, the state just
+   before them), the label scheme that fits a basket log.
 3. Offline, in one process: `serve_app.recommend.recommend_in_process` over the same bundle and the
    same Feast reads, for every test customer (the "served system" computed without Ray Serve).
 4. Online: the Ray Serve graph on that registry and store; POST /v1/recommendations (k = 50) for every
@@ -63,7 +64,9 @@ PARITY_BAR = 0.005
 KEYS = ("recall@10", "recall@50", "ndcg@10", "hit_rate@10", "coverage@10")
 
 
-def train_served_bundle(dataset: Dataset, data_dir: Path, threads: int, ranker_labels: str) -> str:
+def train_served_bundle(
+    dataset: Dataset, data_dir: Path, threads: int, ranker_labels: str, collaborative: bool
+) -> str:
     """run_pipeline on `dataset`, registered and promoted to champion; features in Feast."""
     from feature_repo.store import apply, materialize_incremental
     from training.pipeline import run_pipeline
@@ -71,6 +74,7 @@ def train_served_bundle(dataset: Dataset, data_dir: Path, threads: int, ranker_l
 
     settings = load_settings(data_dir=data_dir, register_bundle=True)
     settings.split = settings.split.model_copy(update={"ranker_labels": ranker_labels})
+    settings.collaborative = settings.collaborative.model_copy(update={"enabled": collaborative})
     settings.two_tower = settings.two_tower.model_copy(update={"threads": threads})
     settings.ranker = settings.ranker.model_copy(update={"threads": threads})
     result = run_pipeline(settings, dataset, progress=False)
@@ -180,6 +184,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "choosing settings without looking at the test pairs)",
     )
     parser.add_argument(
+        "--no-collaborative",
+        action="store_true",
+        help="train without collaborative models (collaborative.enabled=false)",
+    )
+    parser.add_argument(
         "--in-process-only", action="store_true", help="skip the HTTP half (quick model checks)"
     )
     parser.add_argument(
@@ -243,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         started = time.perf_counter()
-        version = train_served_bundle(train, work, args.threads, args.ranker_labels)
+        version = train_served_bundle(
+            train, work, args.threads, args.ranker_labels, not args.no_collaborative
+        )
         timings["train + register + materialize"] = time.perf_counter() - started
         with private_redis() as redis_url:
             started = time.perf_counter()
@@ -253,6 +264,17 @@ def main(argv: list[str] | None = None) -> int:
                 served = {SERVED_OFFLINE: metrics_of(offline)}
                 shown = protocol_rows(args.protocol_json) if args.round == "test" else {}
                 print_table({**shown, **served}, KEYS)
+                write_results(
+                    args.json_out,
+                    "online_retail_http.py",
+                    argv or sys.argv[1:],
+                    {
+                        "round": args.round,
+                        "ranker_labels": args.ranker_labels,
+                        "collaborative": not args.no_collaborative,
+                        "metrics": served,
+                    },
+                )
                 return 0
             with graph(work, redis_url, num_cpus=2) as url:
                 started = time.perf_counter()
@@ -280,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         argv or sys.argv[1:],
         {
             "model_version": version,
+            "round": args.round,
             "ranker_labels": args.ranker_labels,
+            "collaborative": not args.no_collaborative,
             "customers": len(customers),
             "cold_customers": int(cold.sum()),
             "k": args.k,

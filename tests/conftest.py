@@ -173,7 +173,10 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> TrainedBundle:
 
     data_dir = tmp_path_factory.mktemp("serving")
     settings = TrainingSettings(
-        data_dir=data_dir, synthetic=SyntheticConfig(**SIZES["tiny"]), redis_url=None
+        data_dir=data_dir,
+        synthetic=SyntheticConfig(**SIZES["tiny"]),
+        redis_url=None,
+        collaborative={"enabled": True},  # serve what purchase logs get: every stage exercised
     )
     dataset = generate(settings.synthetic, progress=False)
     dataset_dir = data_dir / "datasets" / dataset.name

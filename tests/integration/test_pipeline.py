@@ -31,6 +31,7 @@ def tiny_settings(data_dir: Path) -> TrainingSettings:
 
 def test_pipeline_registers_a_verified_bundle_that_round_trips(tmp_path: Path) -> None:
     settings = tiny_settings(tmp_path / "data")
+    settings.collaborative = settings.collaborative.model_copy(update={"enabled": True})
     dataset = generate(settings.synthetic, progress=False)
     result = run_pipeline(settings, dataset, progress=False)
 

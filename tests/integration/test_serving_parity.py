@@ -70,7 +70,7 @@ def test_serving_pipeline_reproduces_the_offline_ranking(
     )
     # The bundle's TorchScript tower: the module training exported (encode_users only calls it).
     vectors = encode_users(bundle.user_tower, states, tower)  # type: ignore[arg-type]
-    assert model.collaborative is not None, "the default pipeline ships collaborative models"
+    assert model.collaborative is not None, "the fixture's pipeline ships collaborative models"
     inputs = ranking_inputs(
         vectors,
         bundle.item_embeddings,
