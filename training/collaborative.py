@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from serve_app.contract import Collaborative
 from training.baselines import EASERecommender, ItemKNNRecommender
 from training.config import CollaborativeConfig
-from training.features import EncodedLog, _first_positives
+from training.features import EncodedLog, first_positives
 
 FILE_NAME = "collaborative.npz"
 MATRICES = ("ease", "knn", "transitions")
@@ -44,7 +44,7 @@ def top_k_per_row(dense: np.ndarray, k: int) -> sp.csr_matrix:
 def transition_matrix(log: EncodedLog, mask: np.ndarray, max_gap: int) -> sp.csr_matrix:
     """T[a, b] = sum over users of 1/gap where b is `gap` <= `max_gap` steps after a in that user's
     first positive interactions (time order, ties in log order)."""
-    first = _first_positives(log, mask)  # time order
+    first = first_positives(log, mask)  # time order
     order = np.argsort(log.user[first], kind="stable")
     user, item = log.user[first][order], log.item[first][order]
     rows, cols, vals = [], [], []

@@ -90,7 +90,7 @@ class UserStates:
         return np.hstack([count, self.category_prefs]).astype(np.float32)
 
 
-def _first_positives(log: EncodedLog, mask: np.ndarray) -> np.ndarray:
+def first_positives(log: EncodedLog, mask: np.ndarray) -> np.ndarray:
     """Indices (time order) of each user's first positive event per item, within `mask`."""
     idx = np.flatnonzero(mask & log.positive)
     pairs = log.user[idx] * log.n_items + log.item[idx]
@@ -106,7 +106,7 @@ def user_states_at(
     Users absent from the log get an empty state (the cold-start case).
     """
     mask = log.before(cutoff) if cutoff is not None else np.ones(len(log.ts), dtype=bool)
-    first = _first_positives(log, mask)
+    first = first_positives(log, mask)
     pos = np.flatnonzero(mask & log.positive)
     codes = pd.Index(log.user_ids).get_indexer(user_ids)
     row_of_code = np.full(len(log.user_ids), -1, dtype=np.int64)
@@ -157,7 +157,7 @@ def training_rows(
     log: EncodedLog, position: np.ndarray, mask: np.ndarray, history_length: int
 ) -> TrainingRows:
     """Rows for every first positive (user, item) in `mask`, with the state just before it."""
-    first = _first_positives(log, mask)
+    first = first_positives(log, mask)
     pos_idx = np.flatnonzero(mask & log.positive)
     n, n_cat = len(first), log.n_categories
 

@@ -45,8 +45,8 @@ from training.feature_tables import (
 from training.features import (
     EncodedLog,
     UserStates,
-    _first_positives,
     encode_log,
+    first_positives,
     item_stats_at,
     training_rows,
     user_states_at,
@@ -149,7 +149,7 @@ def tail_window(
     followed it (for item statistics and collaborative models fit without the labels).
     """
     before = log_.before(end)
-    first = _first_positives(log_, before)
+    first = first_positives(log_, before)
     users = log_.user[first]
     order = np.argsort(users, kind="stable")  # per user, time order kept
     first, users = first[order], users[order]
