@@ -80,13 +80,22 @@ def fit_collaborative(
     mask = log.before(cutoff) if cutoff is not None else np.ones(len(log.ts), dtype=bool)
     history = interactions_before(log, mask)
     ease = EASERecommender(lam=config.ease_lambda, max_items=config.max_items).fit(history)
-    assert ease.weights_ is not None
-    ease_sparse = top_k_per_row(ease.weights_, config.ease_top_k)
-    ease.weights_ = None  # n x n float64: free it now
     knn = ItemKNNRecommender(config.knn_neighbors, config.knn_shrink).fit(history)
-    assert knn.similarity_ is not None
+    return collaborative_from(ease, knn, log, mask, config)
+
+
+def collaborative_from(
+    ease: EASERecommender,
+    knn: ItemKNNRecommender,
+    log: EncodedLog,
+    mask: np.ndarray,
+    config: CollaborativeConfig,
+) -> Collaborative:
+    """The bundle's models from EASE and kNN already fit on the positives within `mask` (the
+    pipeline's baselines), plus the transitions of the same events."""
+    assert ease.weights_ is not None and knn.similarity_ is not None, "fit them first"
     return Collaborative(
-        ease=ease_sparse,
+        ease=top_k_per_row(ease.weights_, config.ease_top_k),
         knn=sp.csr_matrix(knn.similarity_, dtype=np.float32),
         transitions=transition_matrix(log, mask, config.next_gap),
         last_items=config.last_items,

@@ -28,7 +28,7 @@ from serve_app.contract import ITEM_FEATURE_NAMES, Collaborative
 from serve_app.schemas import BundleManifest, FeatureSpec, IndexSpec
 from training import index as faiss_index
 from training.baselines import EASERecommender, ItemKNNRecommender, PopularityRecommender
-from training.collaborative import fit_collaborative, save_collaborative
+from training.collaborative import collaborative_from, fit_collaborative, save_collaborative
 from training.config import TrainingSettings
 from training.data import Dataset, snapshot_id
 from training.evaluate import (
@@ -115,17 +115,29 @@ def label_window(
     idx = np.flatnonzero(in_window)
     users = np.unique(log_.user[idx])
     states = user_states_at(log_, log_.user_ids[users], start, history_length)
+    return _graded_window(log_, idx, users, states, event_types)
+
+
+def _graded_window(
+    log_: EncodedLog,
+    idx: np.ndarray,
+    users: np.ndarray,
+    states: UserStates,
+    event_types: np.ndarray,
+) -> Window:
+    """The window of label events `idx` for `users` (codes, the rows of `states`): each user's best
+    grade per item, items already seen dropped, users left without a label dropped."""
     row = np.full(len(log_.user_ids), -1)
     row[users] = np.arange(len(users))
     grade = np.array([GRADES.get(t, 0.0) for t in event_types[idx]], dtype=np.float32)
-    dense_max = _max_per_cell(
+    grades = _max_per_cell(
         sp.coo_matrix(
             (grade, (row[log_.user[idx]], log_.item[idx])), shape=(len(users), log_.n_items)
         )
     )
-    dense_max = dense_max - dense_max.multiply(states.seen)  # new items only
-    dense_max.eliminate_zeros()
-    keep = np.diff(dense_max.indptr) > 0
+    grades = grades - grades.multiply(states.seen)  # new items only
+    grades.eliminate_zeros()
+    keep = np.diff(grades.indptr) > 0
     kept_states = UserStates(
         states.user_ids[keep],
         states.event_count[keep],
@@ -133,7 +145,7 @@ def label_window(
         states.recent_items[keep],
         states.seen[keep],
     )
-    return Window(kept_states, dense_max[keep])
+    return Window(kept_states, grades[keep])
 
 
 def tail_window(
@@ -164,29 +176,10 @@ def tail_window(
     position = np.arange(len(log_.ts))
     history = before & (position < label_start[log_.user])
     labelled = np.flatnonzero(label_start < len(log_.ts))
-    in_window = before & ~history & log_.positive
-    idx = np.flatnonzero(in_window)
+    idx = np.flatnonzero(before & ~history & log_.positive)
     kept = log_.subset(history)
     states = user_states_at(kept, log_.user_ids[labelled], None, history_length)
-    row = np.full(len(log_.user_ids), -1)
-    row[labelled] = np.arange(len(labelled))
-    grade = np.array([GRADES.get(t, 0.0) for t in event_types[idx]], dtype=np.float32)
-    grades = _max_per_cell(
-        sp.coo_matrix(
-            (grade, (row[log_.user[idx]], log_.item[idx])), shape=(len(labelled), log_.n_items)
-        )
-    )
-    grades = grades - grades.multiply(states.seen)
-    grades.eliminate_zeros()
-    keep = np.diff(grades.indptr) > 0
-    kept_states = UserStates(
-        states.user_ids[keep],
-        states.event_count[keep],
-        states.category_prefs[keep],
-        states.recent_items[keep],
-        states.seen[keep],
-    )
-    return Window(kept_states, grades[keep]), kept
+    return _graded_window(log_, idx, labelled, states, event_types), kept
 
 
 def _max_per_cell(m: sp.coo_matrix) -> sp.csr_matrix:
@@ -396,6 +389,20 @@ def run_pipeline(
         test = label_window(log_, t_test, None, L, event_types)
         test_vecs = encode_users(towers.user_tower, test.states, tt)
         stats_test = item_stats_at(log_, t_test, created_ns).matrix(price)
+        hist_all = history_matrix(log_, t_test, log_.user_ids)
+        # The item-kNN and EASE baselines, fit once: the test window's collaborative models reuse them.
+        knn: ItemKNNRecommender | None = None
+        ease: EASERecommender | None = None
+        if log_.n_items <= EASE_MAX_ITEMS:
+            knn = ItemKNNRecommender(cf.knn_neighbors, cf.knn_shrink).fit(hist_all)
+            ease = EASERecommender(lam=cf.ease_lambda, max_items=EASE_MAX_ITEMS).fit(hist_all)
+        cf_test = None
+        if use_cf:
+            cf_test = (
+                collaborative_from(ease, knn, log_, log_.before(t_test), cf)
+                if ease is not None and knn is not None
+                else collaborative_at(t_test)
+            )
         t_inputs = ranking_inputs(
             test_vecs,
             item_vecs,
@@ -403,13 +410,12 @@ def run_pipeline(
             stats_test,
             cat_codes,
             rk.candidates,
-            collaborative_at(t_test),
+            cf_test,
         )
         reranked = rerank(ranker.booster, t_inputs.features, t_inputs.candidates)
         relevant = relevant_lists(test.grades)
         cold = test.states.event_count <= settings.split.cold_user_max_events
         k_max = rk.candidates
-        hist_all = history_matrix(log_, t_test, log_.user_ids)
         hist_test = history_matrix(log_, t_test, test.states.user_ids)
         systems: dict[str, np.ndarray] = {}
         pop = PopularityRecommender().fit(hist_all)
@@ -419,13 +425,10 @@ def run_pipeline(
         systems["recent popularity (7d)"] = recent.recommend(
             np.arange(len(relevant)), k_max, test.states.seen
         )
-        if log_.n_items <= EASE_MAX_ITEMS:
-            for name, model in (
-                ("item-kNN", ItemKNNRecommender()),
-                ("EASE", EASERecommender(lam=200.0, max_items=EASE_MAX_ITEMS)),
-            ):
-                model.fit(hist_all)
-                systems[name] = _rank_history(model, hist_test, test.states.seen, k_max)
+        if knn is not None and ease is not None:
+            systems["item-kNN"] = _rank_history(knn, hist_test, test.states.seen, k_max)
+            systems["EASE"] = _rank_history(ease, hist_test, test.states.seen, k_max)
+        del ease, knn  # EASE is a dense n x n matrix
         systems["retrieval"] = t_inputs.retrieved
         systems[FINAL_SYSTEM] = reranked
         metrics = {
