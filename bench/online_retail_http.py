@@ -52,7 +52,8 @@ apply_ray_env()  # before Ray Serve is imported
 
 from bench.online_retail import default_data_path  # noqa: E402
 from bench.serving_load import graph, load_served, private_redis, write_results  # noqa: E402
-from serve_app.recommend import Query, Recommendations, recommend_in_process  # noqa: E402
+from serve_app.recommend import recommend_in_process  # noqa: E402
+from serve_app.stages.records import Query, Recommendations  # noqa: E402
 from training.config import load_settings  # noqa: E402
 from training.data import Dataset  # noqa: E402
 from training.evaluate import evaluate_ranking  # noqa: E402

@@ -48,7 +48,8 @@ from serve_app.cli import apply_ray_env  # noqa: E402
 apply_ray_env()  # before Ray Serve is imported (serve_app.cli.RAY_ENV)
 
 from serve_app.config import RankingConfig, ServeSettings  # noqa: E402
-from serve_app.recommend import Query, recommend_in_process  # noqa: E402
+from serve_app.recommend import recommend_in_process  # noqa: E402
+from serve_app.stages.records import Query  # noqa: E402
 
 STAGES = ("user_features", "user_tower", "retriever", "ranker", "reranker", "graph")
 
@@ -332,14 +333,16 @@ def private_redis() -> Iterator[str]:
 
 
 @contextmanager
-def graph(data_dir: Path, redis_url: str, num_cpus: int) -> Iterator[str]:
+def graph(
+    data_dir: Path, redis_url: str, num_cpus: int, metrics_port: int | None = None
+) -> Iterator[str]:
     import ray
     from ray import serve
 
     from serve_app.cli import deploy, init_ray, wait_ready
     from serve_app.config import serve_config
 
-    init_ray(num_cpus)
+    init_ray(num_cpus, metrics_port)
     port = free_port()
     try:
         config = serve_config(dict(os.environ))

@@ -20,18 +20,20 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import faiss
 import numpy as np
 import scipy.sparse as sp
-import torch
-import xgboost as xgb
 from pydantic import ValidationError
 
 from serve_app.contract import Collaborative
 from serve_app.errors import BundleIntegrityError, ModelUnavailable
 from serve_app.schemas import BUNDLE_FILES, BUNDLE_FORMAT_VERSION, BundleManifest
+
+if TYPE_CHECKING:  # loaded lazily: a stage imports only the libraries of its artifacts
+    import faiss
+    import torch
+    import xgboost as xgb
 
 logger = logging.getLogger(__name__)
 
@@ -303,6 +305,8 @@ def _load_collaborative(directory: Path, manifest: BundleManifest, n: int) -> Co
 
 
 def _apply_search_params(index: faiss.Index, params: dict[str, float | int | str]) -> None:
+    import faiss
+
     space = faiss.ParameterSpace()
     for key, name in SEARCH_PARAMS.items():
         if key in params:
@@ -314,33 +318,52 @@ def _apply_search_params(index: faiss.Index, params: dict[str, float | int | str
                 ) from None
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Verify then load every artifact of a bundle directory into memory, checking their shapes.
+# One loader per artifact: a stage loads what it serves from and imports nothing else (the Ranker's
+# process never imports torch or FAISS, the Retriever's never torch or XGBoost).
 
-    The XGBoost booster gets `nthread=1` (serving predicts small batches, where threads only cost);
-    the user tower is put in eval mode on CPU.
-    """
-    directory = Path(path)
-    manifest = verify_bundle(directory)
-    n, d = manifest.num_items, manifest.embedding_dim
 
+def load_item_ids(directory: Path, manifest: BundleManifest) -> tuple[np.ndarray, dict[str, int]]:
+    """`item_ids.npy` and the id -> row map (ids must be unique)."""
     item_ids = _load_npy(directory, "item_ids.npy")
-    _expect(item_ids, "item_ids.npy", "unicode", (n,))
+    _expect(item_ids, "item_ids.npy", "unicode", (manifest.num_items,))
+    item_index = {str(item_id): row for row, item_id in enumerate(item_ids.tolist())}
+    if len(item_index) != manifest.num_items:
+        raise BundleIntegrityError("duplicate item ids", file="item_ids.npy")
+    return item_ids, item_index
+
+
+def load_item_embeddings(directory: Path, manifest: BundleManifest) -> np.ndarray:
     embeddings = _load_npy(directory, "item_embeddings.npy")
-    _expect(embeddings, "item_embeddings.npy", "float32", (n, d))
+    _expect(
+        embeddings, "item_embeddings.npy", "float32", (manifest.num_items, manifest.embedding_dim)
+    )
+    return embeddings
+
+
+def load_item_features(directory: Path, manifest: BundleManifest) -> np.ndarray:
     features = _load_npy(directory, "item_features.npy")
-    _expect(features, "item_features.npy", "float32", (n, len(manifest.item_feature_names)))
+    shape = (manifest.num_items, len(manifest.item_feature_names))
+    _expect(features, "item_features.npy", "float32", shape)
+    return features
+
+
+def load_item_categories(directory: Path, manifest: BundleManifest) -> np.ndarray:
     categories = _load_npy(directory, "item_categories.npy")
-    _expect(categories, "item_categories.npy", "int32", (n,))
-    if n and (categories.min() < 0 or categories.max() >= len(manifest.categories)):
+    _expect(categories, "item_categories.npy", "int32", (manifest.num_items,))
+    if manifest.num_items and (
+        categories.min() < 0 or categories.max() >= len(manifest.categories)
+    ):
         raise BundleIntegrityError(
             "category code outside manifest.categories", file="item_categories.npy"
         )
+    return categories
 
-    item_index = {str(item_id): row for row, item_id in enumerate(item_ids.tolist())}
-    if len(item_index) != n:
-        raise BundleIntegrityError("duplicate item ids", file="item_ids.npy")
 
+def load_index(directory: Path, manifest: BundleManifest) -> faiss.Index:
+    """The FAISS index (its own reader), with the manifest's search-time parameters."""
+    import faiss
+
+    n, d = manifest.num_items, manifest.embedding_dim
     try:
         index = faiss.read_index(str(directory / "index.faiss"))
     except RuntimeError as exc:
@@ -350,6 +373,12 @@ def load_bundle(path: str | Path) -> Bundle:
             f"index holds {index.ntotal} x {index.d}, manifest says {n} x {d}", file="index.faiss"
         )
     _apply_search_params(index, manifest.index.params)
+    return index
+
+
+def load_ranker(directory: Path, manifest: BundleManifest) -> xgb.Booster:
+    """The XGBoost booster (UBJ), `nthread=1`: serving predicts small batches, where threads cost."""
+    import xgboost as xgb
 
     try:
         ranker = xgb.Booster(params={"nthread": 1}, model_file=str(directory / "ranker.ubj"))
@@ -361,6 +390,12 @@ def load_bundle(path: str | Path) -> Bundle:
             f"{len(manifest.ranker_features)}",
             file="ranker.ubj",
         )
+    return ranker
+
+
+def load_user_tower(directory: Path) -> torch.jit.ScriptModule:
+    """The TorchScript user tower on CPU, in eval mode, without gradients."""
+    import torch
 
     try:
         user_tower = torch.jit.load(str(directory / "user_tower.pt"), map_location="cpu")
@@ -372,7 +407,10 @@ def load_bundle(path: str | Path) -> Bundle:
     # Serving never trains: without this every forward would still record an autograd graph.
     for parameter in user_tower.parameters():
         parameter.requires_grad_(False)
+    return user_tower
 
+
+def load_popularity(directory: Path) -> dict[str, Any]:
     try:
         popularity = json.loads((directory / "popularity.json").read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -381,20 +419,33 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleIntegrityError(
             "expected an object with a 'global' list", file="popularity.json"
         )
+    return popularity
 
-    collaborative = _load_collaborative(directory, manifest, n) if manifest.collaborative else None
 
+def load_collaborative(directory: Path, manifest: BundleManifest) -> Collaborative | None:
+    """The collaborative models when the manifest lists them, else None."""
+    if not manifest.collaborative:
+        return None
+    return _load_collaborative(directory, manifest, manifest.num_items)
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Verify then load every artifact of a bundle directory into memory, checking their shapes
+    (the in-process pipeline; each stage of the graph loads only its own artifacts)."""
+    directory = Path(path)
+    manifest = verify_bundle(directory)
+    item_ids, item_index = load_item_ids(directory, manifest)
     return Bundle(
         path=directory,
         manifest=manifest,
-        user_tower=user_tower,
+        user_tower=load_user_tower(directory),
         item_ids=item_ids,
-        item_embeddings=embeddings,
-        item_features=features,
-        item_categories=categories,
-        index=index,
-        ranker=ranker,
-        popularity=popularity,
+        item_embeddings=load_item_embeddings(directory, manifest),
+        item_features=load_item_features(directory, manifest),
+        item_categories=load_item_categories(directory, manifest),
+        index=load_index(directory, manifest),
+        ranker=load_ranker(directory, manifest),
+        popularity=load_popularity(directory),
         item_index=item_index,
-        collaborative=collaborative,
+        collaborative=load_collaborative(directory, manifest),
     )

@@ -3,8 +3,8 @@
 Sources, highest first: explicit arguments, environment variables (`RECSERVE_*`, nested with `__`, e.g.
 `RECSERVE_REALTIME__EMA_RATE=0.2`), the defaults here. `REDIS_URL` (the conventional name) is accepted
 for `redis_url`, `MLFLOW_TRACKING_URI` for the registry. Sections: the feature store (Feast profile), the
-real-time state, the event log, the model registry (`models`), ranking knobs (`ranking`), the user tower's
-batching (`batching`) and the HTTP API (`api`).
+real-time state, the event log, the model registry (`models`), ranking knobs (`ranking`) and the HTTP
+API (`api`). Batching is a deployment's `user_config` (`StageConfig`, serve_config.yaml).
 
 Deployment options (replicas, autoscaling, queues, CPUs) are not settings of the graph but of Ray Serve:
 they live in `serve_config.yaml` beside this module, and `serve_config(environ)` applies the
@@ -189,16 +189,44 @@ class RankingConfig(BaseModel):
     )
 
 
-class BatchingConfig(BaseModel):
-    """Dynamic batching of the user tower (`@serve.batch`): feature reads and forward per batch."""
+class BatchOptions(BaseModel):
+    """How one deployment groups work into batches (`serve_app.batching.Batcher`): its Serve
+    `user_config` (serve_config.yaml, the Helm values), applied by `reconfigure` without a restart.
+
+    The Ingress groups requests; each stage merges the batches that reach it while it is busy.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_batch_size: int = Field(16, ge=1, le=1_024)
-    batch_wait_timeout_seconds: float = Field(
-        0.002,
+    max_batch_size: int = Field(
+        32, ge=1, le=1_024, description="requests per batch at most (a stage: summed over calls)"
+    )
+    batch_wait_timeout_s: float = Field(
+        0.0,
         ge=0.0,
-        description="a batch waits this long for company: the latency added at low load",
+        le=1.0,
+        description="how long a batch waits for company after its first request: the latency "
+        "added at low load (under load batches fill while the previous ones run)",
+    )
+    max_concurrent_batches: int = Field(
+        2, ge=1, le=64, description="batches in flight at once: the next one fills meanwhile"
+    )
+    max_pending: int | None = Field(
+        None,
+        ge=1,
+        description="requests waiting for a batch at most; beyond, a request is refused at once "
+        "(503 overloaded, Retry-After) instead of queueing. None: unbounded",
+    )
+
+
+class StageConfig(BaseModel):
+    """A deployment's Serve `user_config`: its batching, and (stages) RankingConfig overrides."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batching: BatchOptions = Field(default_factory=BatchOptions)
+    ranking: dict[str, Any] = Field(
+        default_factory=dict, description="RankingConfig fields overriding the settings' ranking"
     )
 
 
@@ -362,7 +390,6 @@ class ServeSettings(BaseSettings):
     )
     models: ModelRegistryConfig = Field(default_factory=ModelRegistryConfig)
     ranking: RankingConfig = Field(default_factory=RankingConfig)
-    batching: BatchingConfig = Field(default_factory=BatchingConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)

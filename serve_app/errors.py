@@ -47,3 +47,10 @@ class BundleIntegrityError(RecserveError):
     def __init__(self, message: str, *, file: str | None = None) -> None:
         super().__init__(f"{file}: {message}" if file else message)
         self.file = file
+
+
+class Overloaded(RecserveError):
+    """More requests are waiting than the graph can answer in time: refused at once (503 with
+    Retry-After) rather than queued for seconds."""
+
+    code = "overloaded"

@@ -30,15 +30,21 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from serve_app.config import ApiConfig, ExperimentConfig, ServeSettings
-from serve_app.errors import BadRequest, FeatureStoreUnavailable, ModelUnavailable, RecserveError
+from serve_app.config import ApiConfig, ExperimentConfig, ServeSettings, StageConfig
+from serve_app.errors import (
+    BadRequest,
+    FeatureStoreUnavailable,
+    ModelUnavailable,
+    Overloaded,
+    RecserveError,
+)
 from serve_app.event_writer import EventWriteSummary
 from serve_app.experiments import assign_variant
 from serve_app.metrics import RequestMetrics
 from serve_app.models import SwapOutcome
-from serve_app.recommend import Filters, Query, Recommendations
 from serve_app.router import Readiness, Router, StageHandles, root_cause
 from serve_app.schemas import ID_PATTERN, MAX_ID_LENGTH, Event
+from serve_app.stages.records import Filters, Query, Recommendations
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +231,7 @@ _HTTP_CODES = {
 def _backend_error(exc: BaseException) -> JSONResponse:
     """Errors of the graph as responses; anything unexpected is logged and answered without trace."""
     cause = root_cause(exc)
-    if isinstance(cause, BackPressureError):
+    if isinstance(cause, BackPressureError | Overloaded):
         return error_response(
             503, "overloaded", "too many requests in flight, retry", headers={"Retry-After": "1"}
         )
@@ -534,10 +540,17 @@ class Ingress:
         reranker: DeploymentHandle,
         events: DeploymentHandle,
     ) -> None:
-        router = Router(settings, StageHandles(user_tower, retriever, ranker, reranker))
+        self._router = router = Router(
+            settings, StageHandles(user_tower, retriever, ranker, reranker)
+        )
         self._backend = ServeBackend(router, events)
         self._config = settings.api
         self._experiment = settings.experiment
+
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Ray Serve `user_config` (a `StageConfig`): how requests are grouped before the first hop
+        and how many may wait (beyond: 503 overloaded at once)."""
+        self._router.configure(StageConfig.model_validate(user_config or {}).batching)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self._backend, self._config, RequestMetrics(), self._experiment)

@@ -229,7 +229,8 @@ STAGE_ERRORS = _spec(
 STAGE_BATCH_SIZE = _spec(
     "recserve_stage_batch_size",
     "histogram",
-    "Requests per batch of a batching stage (the user tower).",
+    "Requests per batch: stage=ingress, those the Ingress sends into the graph at once; a stage, "
+    "those it processes at once (the batches that reached it while it was busy, merged).",
     "stage",
     boundaries=BATCH_BUCKETS,
 )

@@ -1,7 +1,7 @@
 """Registry watcher of the online graph: resolve the alias to a version, fetch it once, verify, load.
 
-`ModelSource` turns `models:/<name>@<alias>` into loaded `ServingModel`s, one per version (the stages keep
-them side by side through Ray Serve model multiplexing, keyed by version). `AliasWatcher` re-resolves the
+`ModelSource` turns `models:/<name>@<alias>` into verified bundle directories and loaded `ServingModel`s;
+`VersionedStage` keeps each stage's own part of several versions side by side, keyed by version. `AliasWatcher` re-resolves the
 alias periodically and hot-swaps: the new version becomes current only after `activate` (the router
 warming every stage) succeeded, so in-flight requests finish on the version they started with and a
 bundle that fails verification is refused while the previous one keeps serving.
@@ -12,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from ray import serve
-
-from serve_app.config import RankingConfig, ServeSettings
+from serve_app.batching import Batcher
+from serve_app.config import RankingConfig, ServeSettings, StageConfig
 from serve_app.errors import RecserveError
+from serve_app.metrics import StageMetrics
 
 if TYPE_CHECKING:  # loading needs torch/FAISS/XGBoost; the router only resolves aliases
     from serve_app.recommend import ServingModel
@@ -140,50 +141,140 @@ class AliasWatcher:
             await asyncio.sleep(self.interval_seconds)
 
 
-class VersionedStage:
-    """Mixin of the stages that serve bundles: the alias's version is loaded and warmed in the
-    constructor; other versions load on first use. Multiplexed by version (Ray Serve routes a
-    request to a replica that holds its version and evicts the least recently used beyond
-    MAX_VERSIONS_PER_REPLICA). Also holds the runtime-tunable ranking knobs (`user_config`)."""
+class StageModel(Protocol):
+    """What a stage serves from: one version's artifacts (`serve_app.stages.*Model`)."""
+
+    @property
+    def version(self) -> str: ...
+
+    def warm(self) -> None: ...
+
+
+M = TypeVar("M", bound=StageModel)
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+class VersionedStage(Generic[M]):
+    """Mixin of the stage deployments: the versions they serve, side by side, and their batcher.
+
+    The constructor loads and warms every served ref's version (only this stage's artifacts:
+    `load(directory, version)`); another version loads on first use, in a thread, once however many
+    batches ask for it, and the least recently used beyond MAX_VERSIONS_PER_REPLICA is dropped. A
+    batch may mix versions: `each_version` splits it and answers in order. `user_config` is a
+    `StageConfig`: the batching of the calls that reach this replica, and ranking overrides.
+    """
 
     _settings: ServeSettings
     _source: ModelSource
-    _preloaded: dict[str, ServingModel]
+    _models: OrderedDict[str, M]
+    _loading: dict[str, asyncio.Task[M]]
     _ranking: RankingConfig
+    _config: StageConfig
 
-    def _init_models(self, settings: ServeSettings) -> None:
-        from serve_app.recommend import limit_threads
-
-        limit_threads()
+    def _init_models(self, settings: ServeSettings, load: Callable[[Path, str], M]) -> None:
         self._settings = settings
         self._ranking = settings.ranking
+        self._config = StageConfig()
         self._source = ModelSource.from_settings(settings)
-        self._preloaded = {}
+        self._load = load
+        self._models = OrderedDict()
+        self._loading = {}
         # Every A/B arm and the shadow, loaded and warmed now.
         for ref in settings.experiment.served_refs(settings.models.alias):
             try:
                 version = self._source.resolve(ref)
-                if version not in self._preloaded:
-                    self._preloaded[version] = self._source.load(version)
+                if version not in self._models:
+                    self._models[version] = self._load_version(version)
             except RecserveError as exc:
                 # Start without it: the router activates a version once it can be loaded.
                 logger.warning("no bundle for %s at start (%s)", ref, exc.message)
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Ray Serve `user_config`: overrides of RankingConfig fields, applied without restart."""
-        base = self._settings.ranking.model_dump()
-        self._ranking = RankingConfig.model_validate({**base, **(user_config or {})})
-
-    @serve.multiplexed(max_num_models_per_replica=MAX_VERSIONS_PER_REPLICA)
-    async def model(self, version: str) -> ServingModel:
-        model = self._preloaded.pop(version, None)
-        if model is None:
-            # In a thread: loading takes a while and requests on the current version go on.
-            model = await asyncio.to_thread(self._source.load, version)
+    def _load_version(self, version: str) -> M:
+        model = self._load(self._source.fetch(version), version)
+        model.warm()
         return model
 
-    async def warm(self) -> str:
-        """Load the request's multiplexed version (the router calls this before a swap)."""
-        version = serve.get_multiplexed_model_id()
+    def _configure(self, user_config: dict[str, Any] | None) -> StageConfig:
+        """Validate a `user_config` (a bad one raises: Serve keeps the previous config)."""
+        config = StageConfig.model_validate(user_config or {})
+        base = self._settings.ranking.model_dump()
+        self._ranking = RankingConfig.model_validate({**base, **config.ranking})
+        self._config = config
+        return config
+
+    async def model(self, version: str) -> M:
+        model = self._models.get(version)
+        if model is not None:
+            self._models.move_to_end(version)
+            return model
+        task = self._loading.get(version)
+        if task is None:
+            # In a thread: loading takes a while and batches of the loaded versions go on.
+            task = asyncio.ensure_future(asyncio.to_thread(self._load_version, version))
+            self._loading[version] = task
+            task.add_done_callback(lambda _: self._loading.pop(version, None))
+        model = await asyncio.shield(task)
+        self._models[version] = model
+        self._models.move_to_end(version)
+        while len(self._models) > MAX_VERSIONS_PER_REPLICA:
+            evicted, _ = self._models.popitem(last=False)
+            logger.info("version %s unloaded (least recently used)", evicted)
+        return model
+
+    async def each_version(
+        self,
+        batch: Sequence[In],
+        version: Callable[[In], str],
+        run: Callable[[M, list[In]], list[Out]],
+    ) -> list[Out]:
+        """`run` once per version present in `batch`, results back in the batch's order."""
+        from serve_app.stages.records import by_version
+
+        out: list[Out | None] = [None] * len(batch)
+        for name, positions in by_version(batch, version).items():
+            model = await self.model(name)
+            for position, result in zip(
+                positions, run(model, [batch[p] for p in positions]), strict=True
+            ):
+                out[position] = result
+        return out  # type: ignore[return-value]  # every position was filled
+
+    async def warm(self, version: str) -> str:
+        """Load `version` here (the router calls this on every stage before a swap)."""
         await self.model(version)
         return version
+
+    # --- batching of the calls that reach this replica ----------------------------------------
+
+    def _init_batching(
+        self, process: Callable[[list[Any]], Awaitable[list[Any]]], metrics: StageMetrics
+    ) -> None:
+        """Calls (each a batch from upstream) that arrive while this replica is busy are merged
+        into one batch of at most `batching.max_batch_size` requests for `process`."""
+
+        async def run_calls(calls: list[list[Any]]) -> list[list[Any]]:
+            flat = [record for call in calls for record in call]
+            results = await process(flat)
+            out, at = [], 0
+            for call in calls:
+                out.append(results[at : at + len(call)])
+                at += len(call)
+            return out
+
+        self._batcher: Batcher[list[Any], list[Any]] = Batcher(
+            run_calls,
+            self._config.batching,
+            size=len,
+            on_batch=metrics.batch_size.observe,
+            name=type(self).__name__,
+        )
+
+    async def _submit(self, batch: list[Any]) -> list[Any]:
+        if not batch:
+            return []
+        return await self._batcher.submit(batch)
+
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Ray Serve `user_config` (a `StageConfig`), applied without a restart."""
+        self._batcher.configure(self._configure(user_config).batching)

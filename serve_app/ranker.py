@@ -1,34 +1,39 @@
-"""Ranker deployment: XGBoost `inplace_predict` over the candidate x feature matrix.
+"""Ranker deployment: one XGBoost `inplace_predict` over the stacked candidate x feature matrices of a
+batch.
 
-The matrix is `serve_app.contract.ranker_features` (the training code path): retrieval score and rank,
-the bundle's in-memory item features, and the user's category affinity and recent-history features read
-by the user tower (Feast batch view + real-time hash). The logic is `recommend.score`.
+Loads only the booster, item features and categories (`stages.ranker.RankingModel`); the logic is
+`stages.ranker.score_batch`.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from ray import serve
 
 from serve_app.config import ServeSettings
 from serve_app.metrics import StageMetrics
 from serve_app.models import VersionedStage
-from serve_app.recommend import Candidates, Scored, score, with_timing
+from serve_app.stages.ranker import RankingModel, score_batch
+from serve_app.stages.records import Candidates, Scored, version_of, with_timing
 
 
 @serve.deployment
-class Ranker(VersionedStage):
+class Ranker(VersionedStage[RankingModel]):
     def __init__(self, settings: ServeSettings) -> None:
-        self._init_models(settings)
+        self._init_models(settings, RankingModel.from_directory)
         self._metrics = StageMetrics("ranker")
+        self._init_batching(self._rank, self._metrics)
 
-    async def rank(self, candidates: Candidates) -> Scored:
-        model = await self.model(candidates.user.query.model_version)
+    async def rank(self, candidates: list[Candidates]) -> list[Scored]:
+        return await self._submit(candidates)
+
+    async def _rank(self, candidates: list[Candidates]) -> list[Scored]:
         start = time.perf_counter()
-        scored = score(model, candidates)
+        batch = await self.each_version(
+            candidates, version_of, lambda model, part: score_batch(model, part)
+        )
         end = time.perf_counter()
         self._metrics.observe((end - start) * 1000.0)
-        return Scored(
-            scored.candidates, scored.scores, with_timing(scored.timings, "ranker", start, end)
-        )
+        return [replace(s, timings=with_timing(s.timings, "ranker", start, end)) for s in batch]

@@ -1,8 +1,8 @@
-"""ReRanker deployment: business rules, MMR diversity and the cold-start paths, then the final list.
+"""ReRanker deployment: business rules, MMR diversity and the cold-start paths, then the final lists
+of a batch.
 
-No repeats (seen and duplicate items), the request's filters, a per-category cap, MMR with a
-configurable lambda (1 = the ranker's order); unknown users get popularity (`cold_start`), light users a
-blend of popularity and retrieval. The logic is `recommend.rerank`.
+Loads only item ids, categories, embeddings and popularity (`stages.reranker.ReRankingModel`); the
+logic is `stages.reranker.rerank_batch`.
 """
 
 from __future__ import annotations
@@ -15,19 +15,26 @@ from ray import serve
 from serve_app.config import ServeSettings
 from serve_app.metrics import StageMetrics
 from serve_app.models import VersionedStage
-from serve_app.recommend import Recommendations, Scored, rerank, with_timing
+from serve_app.stages.records import Recommendations, Scored, version_of, with_timing
+from serve_app.stages.reranker import ReRankingModel, rerank_batch
 
 
 @serve.deployment
-class ReRanker(VersionedStage):
+class ReRanker(VersionedStage[ReRankingModel]):
     def __init__(self, settings: ServeSettings) -> None:
-        self._init_models(settings)
+        self._init_models(settings, ReRankingModel.from_directory)
         self._metrics = StageMetrics("reranker")
+        self._init_batching(self._rerank, self._metrics)
 
-    async def rerank(self, scored: Scored) -> Recommendations:
-        model = await self.model(scored.candidates.user.query.model_version)
+    async def rerank(self, scored: list[Scored]) -> list[Recommendations]:
+        """The last stage: the final lists of a batch (the graph's chain ends here)."""
+        return await self._submit(scored)
+
+    async def _rerank(self, scored: list[Scored]) -> list[Recommendations]:
         start = time.perf_counter()
-        result = rerank(model, scored, self._ranking)
+        batch = await self.each_version(
+            scored, version_of, lambda model, part: rerank_batch(model, part, self._ranking)
+        )
         end = time.perf_counter()
         self._metrics.observe((end - start) * 1000.0)
-        return replace(result, timings=with_timing(result.timings, "reranker", start, end))
+        return [replace(r, timings=with_timing(r.timings, "reranker", start, end)) for r in batch]

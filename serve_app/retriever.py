@@ -1,7 +1,8 @@
-"""Retriever deployment: FAISS search over the bundle's item embeddings, merged with popularity.
+"""Retriever deployment: FAISS search over the bundle's item embeddings, merged with collaborative and
+popularity candidates; one search per batch over its query matrix.
 
-Excludes the items the user already interacted with and those the request filters out; light and
-cold users get popularity candidates (by category when known). The logic is `recommend.retrieve`.
+Loads only the index, item embeddings, collaborative arrays, categories and popularity
+(`stages.retriever.RetrievalModel`); the logic is `stages.retriever.retrieve_batch`.
 """
 
 from __future__ import annotations
@@ -14,25 +15,36 @@ from ray import serve
 from serve_app.config import ServeSettings
 from serve_app.metrics import RetrievalMetrics, StageMetrics
 from serve_app.models import VersionedStage
-from serve_app.recommend import Candidates, UserState, retrieve, with_timing
+from serve_app.stages.records import (
+    Candidates,
+    UserState,
+    version_of,
+    with_timing,
+)
+from serve_app.stages.retriever import RetrievalModel, retrieve_batch
 
 
 @serve.deployment
-class Retriever(VersionedStage):
+class Retriever(VersionedStage[RetrievalModel]):
     def __init__(self, settings: ServeSettings) -> None:
-        self._init_models(settings)
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # small batches only lose to thread hand-offs
+        self._init_models(settings, RetrievalModel.from_directory)
         self._metrics = StageMetrics("retriever")
         self._retrieval = RetrievalMetrics()
+        self._init_batching(self._retrieve, self._metrics)
 
-    async def retrieve(self, user: UserState) -> Candidates:
-        model = await self.model(user.query.model_version)
+    async def retrieve(self, users: list[UserState]) -> list[Candidates]:
+        return await self._submit(users)
+
+    async def _retrieve(self, users: list[UserState]) -> list[Candidates]:
         start = time.perf_counter()
-        candidates = retrieve(model, user, self._ranking)
+        batch = await self.each_version(
+            users, version_of, lambda model, part: retrieve_batch(model, part, self._ranking)
+        )
         end = time.perf_counter()
         self._metrics.observe((end - start) * 1000.0)
-        self._retrieval.retrieved(
-            candidates.n_retrieved,
-            candidates.n_collaborative,
-            len(candidates.rows) - candidates.n_retrieved - candidates.n_collaborative,
-        )
-        return replace(candidates, timings=with_timing(candidates.timings, "retriever", start, end))
+        for c in batch:
+            self._retrieval.retrieved(c.n_retrieved, c.n_collaborative, c.n_popularity)
+        return [replace(c, timings=with_timing(c.timings, "retriever", start, end)) for c in batch]

@@ -29,7 +29,8 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.config import ServeSettings
+from serve_app.batching import Batcher
+from serve_app.config import BatchOptions, ServeSettings
 from serve_app.errors import ModelUnavailable
 from serve_app.experiments import (
     ExperimentLog,
@@ -43,14 +44,14 @@ from serve_app.experiments import (
 )
 from serve_app.metrics import ModelMetrics, StageMetrics
 from serve_app.models import AliasWatcher, ModelSource, SwapOutcome
-from serve_app.recommend import Query, Recommendations, stamp, with_timing
+from serve_app.stages.records import Query, Recommendations, stamp, with_timing
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class StageHandles:
-    """The four stage handles bound to one bundle version (multiplexed model id)."""
+    """The four stage handles; each call carries a batch whose requests name their version."""
 
     user_tower: DeploymentHandle
     retriever: DeploymentHandle
@@ -139,7 +140,6 @@ class Router:
         self._settings = settings
         self._experiment = experiment = settings.experiment
         self._stages = stages
-        self._bound: dict[str, StageHandles] = {}
         self._source = ModelSource.from_settings(settings)
         self._weights = experiment.weights
         self._metrics = {v.name: ModelMetrics(v.name) for v in experiment.variants}
@@ -164,6 +164,18 @@ class Router:
         self._shadow_in_flight = 0
         self._shadow_skipped = 0
         self._background: set[asyncio.Task[Any]] = set()
+        self._batch_metrics = StageMetrics("ingress")
+        # Requests are grouped before the first hop; mirrored ones in batches of their own, one at a
+        # time, off the served requests' path (at most shadow.max_in_flight of them, _maybe_mirror).
+        self._batcher: Batcher[Query, Recommendations] = Batcher(
+            self._run,
+            BatchOptions(),
+            on_batch=self._batch_metrics.batch_size.observe,
+            name="router",
+        )
+        self._shadow_batcher: Batcher[Query, Recommendations] = Batcher(
+            self._run, self._shadow_options(BatchOptions()), name="shadow"
+        )
         loop = asyncio.get_running_loop()
         # The replica's event loop runs the constructor: these live as long as the replica.
         self._tasks = [loop.create_task(arm.watcher.run()) for arm in self._arms.values()]
@@ -190,23 +202,19 @@ class Router:
                 metrics.refresh()
             await asyncio.sleep(interval)
 
-    def _bind(self, version: str) -> StageHandles:
-        bound = self._bound.get(version)
-        if bound is None:
-            bound = StageHandles(
-                **{
-                    name: handle.options(multiplexed_model_id=version)
-                    for name, handle in self._stages.named().items()
-                }
-            )
-            self._bound[version] = bound
-        return bound
+    def configure(self, options: BatchOptions) -> None:
+        """The Ingress's `user_config` batching (the shadow's batches take the same size and wait)."""
+        self._batcher.configure(options)
+        self._shadow_batcher.configure(self._shadow_options(options))
+
+    def _shadow_options(self, options: BatchOptions) -> BatchOptions:
+        return options.model_copy(update={"max_pending": None, "max_concurrent_batches": 1})
 
     async def _activate(self, ref: str, version: str) -> None:
         """Have every stage load `version`; raise (refusing it) if any stage cannot."""
         arm = self._arms[ref]
-        stages = self._bind(version).named()
-        calls = {name: handle.warm.remote() for name, handle in stages.items()}
+        stages = self._stages.named()
+        calls = {name: handle.warm.remote(version) for name, handle in stages.items()}
         results = await asyncio.wait_for(
             asyncio.gather(*calls.values(), return_exceptions=True),
             timeout=self._settings.models.warm_timeout_seconds,
@@ -219,8 +227,6 @@ class Router:
         if failures:
             for variant in arm.variants:
                 self._metrics[variant].refused_version()
-            if version not in self._versions_in_use():
-                self._bound.pop(version, None)
             raise ModelUnavailable("; ".join(failures))
         for variant in arm.variants:
             self._metrics[variant].swapped(arm.watcher.current, version)
@@ -257,20 +263,22 @@ class Router:
         ]
         return "; ".join(errors) or None
 
-    async def _run(self, query: Query) -> Recommendations:
-        stages = self._bind(query.model_version)
-        # Each response goes straight into the next call: Serve hands the value over between the
-        # stages' replicas; only the final result comes back here.
-        user = stages.user_tower.embed.remote(query)
-        candidates = stages.retriever.retrieve.remote(user)
+    async def _run(self, queries: list[Query]) -> list[Recommendations]:
+        """One batch through the four stages (its queries may name different versions)."""
+        stages = self._stages
+        # Each response goes straight into the next call. (Measured: stages calling each other
+        # in a chain cost more CPU and latency here than this, bench/graph_vs_inprocess.py.)
+        users = stages.user_tower.embed.remote(queries)
+        candidates = stages.retriever.retrieve.remote(users)
         scored = stages.ranker.rank.remote(candidates)
-        result: Recommendations = await stages.reranker.rerank.remote(scored)
-        return result
+        results: list[Recommendations] = await stages.reranker.rerank.remote(scored)
+        return results
 
     async def recommend(self, query: Query) -> Recommendations:
+        """The query's answer, from the batch it joins (Overloaded when too many are waiting)."""
         variant, version, substituted = self._choose(query.user_id)
         start = time.perf_counter()
-        result = await self._run(stamp(query, version, variant))
+        result = await self._batcher.submit(stamp(query, version, variant))
         end = time.perf_counter()
         served_ms = (end - start) * 1000.0
         self._graph.observe(served_ms)
@@ -313,7 +321,7 @@ class Router:
                 error = "unavailable"
             else:
                 shadow = await asyncio.wait_for(
-                    self._run(stamp(query, version, served.variant)),
+                    self._shadow_batcher.submit(stamp(query, version, served.variant)),
                     timeout=self._experiment.shadow.timeout_seconds,
                 )
         except TimeoutError:
@@ -454,3 +462,6 @@ class Router:
     def __del__(self) -> None:
         for task in getattr(self, "_tasks", []):
             task.cancel()
+        for batcher in (getattr(self, "_batcher", None), getattr(self, "_shadow_batcher", None)):
+            if batcher is not None:
+                batcher.close()

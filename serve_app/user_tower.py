@@ -1,8 +1,9 @@
-"""UserTower deployment: Feast online read and user tower forward, dynamically batched (`@serve.batch`).
+"""UserTower deployment: Feast online read and user tower forward for a batch of requests.
 
-One batch = one pipelined read of the users' real-time hashes, one Feast read of their `user_profile`
-rows (plus `seen_items`), one forward pass; the tower's output (the base embedding, fresh from the
-current history) is combined with the real-time delta embedding in `recommend.embed_users`.
+One batch (per bundle version in it) = one pipelined read of the users' real-time hashes, one Feast read
+of their `user_profile` rows (plus `seen_items`), one forward pass; the tower's output (the base
+embedding, fresh from the current history) is combined with the real-time delta embedding in
+`stages.user_tower.embed_users`. Loads only the tower (`stages.user_tower.TowerModel`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from serve_app.features import (
 )
 from serve_app.metrics import FeatureMetrics, StageMetrics
 from serve_app.models import VersionedStage
-from serve_app.recommend import Query, ServingModel, UserState, embed_users, with_timing
+from serve_app.stages.records import Query, UserState, version_of, with_timing
+from serve_app.stages.user_tower import TowerModel, embed_users
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +71,12 @@ def materialized_until(store: FeatureStore, views: Sequence[str]) -> dict[str, f
     return ends
 
 
-def feature_shapes(model: ServingModel) -> FeatureShapes:
-    manifest = model.bundle.manifest
+def feature_shapes(model: TowerModel) -> FeatureShapes:
+    terms = model.terms
     return FeatureShapes(
-        n_categories=len(manifest.categories),
-        embedding_dim=manifest.embedding_dim,
-        history_length=model.history_length,
+        n_categories=len(terms.categories),
+        embedding_dim=terms.embedding_dim,
+        history_length=terms.history_length,
     )
 
 
@@ -100,7 +102,7 @@ class UserFeatureSource:
         return cls(reader, store, fs.resolved_profile != "embedded")
 
     def read(
-        self, model: ServingModel, user_ids: Sequence[str]
+        self, model: TowerModel, user_ids: Sequence[str]
     ) -> tuple[UserFeatures, list[tuple[str, ...]] | None]:
         features = self.reader.users(user_ids, feature_shapes(model), model_version=model.version)
         if features.degraded and self.store_on_redis:
@@ -111,18 +113,19 @@ class UserFeatureSource:
 
 
 @serve.deployment
-class UserTower(VersionedStage):
+class UserTower(VersionedStage[TowerModel]):
     def __init__(self, settings: ServeSettings) -> None:
-        self._init_models(settings)
+        import torch
+
+        torch.set_num_threads(1)  # small batches only lose to thread hand-offs
+        self._init_models(settings, TowerModel.from_directory)
         self._features = UserFeatureSource.from_settings(settings)
         self._metrics = StageMetrics("user_tower")
         self._read_metrics = StageMetrics("feature_read")
         self._freshness = FeatureMetrics()
-        batcher: Any = self.embed_batch  # serve.batch adds the setters to the method
-        batcher.set_max_batch_size(settings.batching.max_batch_size)
-        batcher.set_batch_wait_timeout_s(settings.batching.batch_wait_timeout_seconds)
-        for model in self._preloaded.values():  # first Feast/Redis reads open connections
+        for model in self._models.values():  # first Feast/Redis reads open connections
             self._features.read(model, ["warm-up"])
+        self._init_batching(self._embed, self._metrics)
         # A store of its own: its registry is refreshed in a thread while requests read features.
         self._task = asyncio.get_running_loop().create_task(
             self._watch_materialization(
@@ -145,14 +148,13 @@ class UserTower(VersionedStage):
         if task is not None:
             task.cancel()
 
-    async def embed(self, query: Query) -> UserState:
-        state: UserState = await self.embed_batch(query)
-        return state
+    async def embed(self, queries: list[Query]) -> list[UserState]:
+        return await self._submit(queries)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def embed_batch(self, queries: list[Query]) -> list[UserState]:
-        # Serve splits batches by multiplexed version; the query carries it too.
-        model = await self.model(queries[0].model_version)
+    async def _embed(self, queries: list[Query]) -> list[UserState]:
+        return await self.each_version(queries, version_of, self._embed_version)
+
+    def _embed_version(self, model: TowerModel, queries: list[Query]) -> list[UserState]:
         start = time.perf_counter()
         features, seen = self._features.read(model, [q.user_id for q in queries])
         read = time.perf_counter()
@@ -160,7 +162,6 @@ class UserTower(VersionedStage):
         end = time.perf_counter()
         self._read_metrics.observe((read - start) * 1000.0)
         self._metrics.observe((end - read) * 1000.0)
-        self._metrics.batch_size.observe(len(queries))
         self._freshness.realtime_ages(realtime_ages(features.last_event_ts, time.time()))
         return [
             replace(

@@ -306,7 +306,8 @@ def _serve(
 ) -> list[list[str]]:
     """Top-k item ids per user, through the serving pipeline in-process."""
     from serve_app.features import assemble_user_features
-    from serve_app.recommend import Query, recommend_in_process
+    from serve_app.recommend import recommend_in_process
+    from serve_app.stages.records import Query
     from serve_app.user_tower import feature_shapes
 
     model = arm.model
@@ -314,7 +315,7 @@ def _serve(
     batch = {c: part[c].tolist() for c in ("event_count", "category_prefs", "base_embedding")}
     batch["recent_items"] = part["recent_items"].tolist()
     features = assemble_user_features(
-        user_ids, batch, None, feature_shapes(model), model.version, degraded=False
+        user_ids, batch, None, feature_shapes(model.tower), model.version, degraded=False
     )
     seen = [tuple(s) for s in part["seen_items"]]
     queries = [

@@ -18,7 +18,8 @@ import pytest
 
 from serve_app.config import RankingConfig, ServeSettings
 from serve_app.models import ModelSource
-from serve_app.recommend import Query, recommend_in_process
+from serve_app.recommend import recommend_in_process
+from serve_app.stages.records import Query
 from serve_app.user_tower import UserFeatureSource
 
 if TYPE_CHECKING:

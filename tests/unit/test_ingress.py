@@ -18,9 +18,9 @@ from serve_app.event_writer import EventWriteSummary
 from serve_app.ingress import create_api
 from serve_app.metrics import RequestMetrics
 from serve_app.models import SwapOutcome
-from serve_app.recommend import Query, Recommendations, RecommendedItem
 from serve_app.router import Readiness
 from serve_app.schemas import Event
+from serve_app.stages.records import Query, Recommendations, RecommendedItem
 
 RESULT = Recommendations(
     request_id="",

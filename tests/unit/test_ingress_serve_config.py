@@ -23,6 +23,10 @@ def test_the_config_file_is_a_valid_serve_document_that_fits_on_two_cpus() -> No
         assert opts["max_queued_requests"] > 0, name  # bounded: overload sheds with a 503
         assert opts["graceful_shutdown_timeout_s"] > 0, name
         assert opts["autoscaling_config"]["min_replicas"] >= 1, name
+    # The Ingress sheds before Serve would: requests allowed to wait are far below its own limits.
+    ingress = options["Ingress"]
+    max_pending = ingress["user_config"]["batching"]["max_pending"]
+    assert 0 < max_pending < ingress["max_ongoing_requests"], max_pending
     at_max = sum(
         o["ray_actor_options"]["num_cpus"] * o["autoscaling_config"]["max_replicas"]
         for o in options.values()

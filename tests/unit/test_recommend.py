@@ -1,4 +1,5 @@
-"""The pure serving pipeline (serve_app.recommend) on a small real bundle built in memory.
+"""The pure serving stages (serve_app.stages, chained by serve_app.recommend) on a small real bundle
+built in memory, one request at a time (the batch behaviour: tests/unit/test_stage_batches.py).
 
 Expectations come from hand computation, numpy brute force, or the training code (`training.two_tower`,
 `training.features`), which is the independent definition serving must reproduce.
@@ -32,37 +33,71 @@ from serve_app.contract import (
 )
 from serve_app.errors import BundleIntegrityError
 from serve_app.features import FeatureShapes, UserRealtimeState, assemble_user_features
-from serve_app.recommend import (
-    OVERFETCH_LIMIT,
-    Candidates,
-    Filters,
-    Query,
-    Scored,
-    ServingModel,
-    UserState,
-    add_delta,
-    candidate_features,
-    category_cap,
-    embed_users,
-    encode_recent,
-    filter_rows,
-    mmr_select,
-    popularity_rows,
-    recommend_in_process,
-    rerank,
-    retrieve,
-    score,
-    search,
-    tower_inputs,
-    user_vectors,
-)
+from serve_app.recommend import ServingModel, recommend_in_process
 from serve_app.schemas import BundleManifest, IndexSpec
+from serve_app.stages import reranker, user_tower
+from serve_app.stages.ranker import feature_matrix, score_batch
+from serve_app.stages.records import Candidates, Filters, Query, Recommendations, Scored, UserState
+from serve_app.stages.reranker import category_cap, mmr_select
+from serve_app.stages.retriever import OVERFETCH_LIMIT, retrieve_batch, search_batch
+from serve_app.stages.user_tower import add_delta, encode_recent
 
 CATEGORIES = ("a", "b", "c")
 N_ITEMS, DIM, HISTORY, BUCKETS = 30, 4, 3, 16
 NO_RULES = RankingConfig(
     cold_start_min_events=0, mmr_lambda=1.0, max_category_share=1.0, popularity_candidates=0
 )
+
+
+# One request through each stage's batch function (a batch of one).
+
+
+def tower_inputs(
+    model: ServingModel, users: list[str], count: np.ndarray, prefs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    return user_tower.tower_inputs(model.tower, users, count, prefs)
+
+
+def user_vectors(
+    model: ServingModel, buckets: np.ndarray, profile: np.ndarray, recent: np.ndarray
+) -> np.ndarray:
+    return user_tower.user_vectors(model.tower, buckets, profile, recent)
+
+
+def embed_users(model: ServingModel, *args: Any) -> list[UserState]:
+    return user_tower.embed_users(model.tower, *args)
+
+
+def search(
+    index: faiss.Index, vector: np.ndarray, n: int, excluded: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    return search_batch(index, vector[None, :], [n], [excluded])[0]
+
+
+def filter_rows(model: ServingModel, filters: Filters) -> np.ndarray:
+    return model.retrieval.catalog.filter_rows(filters)
+
+
+def popularity_rows(
+    model: ServingModel, category: str | None, excluded: np.ndarray, count: int
+) -> np.ndarray:
+    return model.retrieval.popularity.rows(category, excluded, count)
+
+
+def retrieve(model: ServingModel, user: UserState, ranking: RankingConfig) -> Candidates:
+    return retrieve_batch(model.retrieval, [user], ranking)[0]
+
+
+def candidate_features(model: ServingModel, candidates: Candidates) -> np.ndarray:
+    return feature_matrix(model.ranking, [candidates])
+
+
+def score(model: ServingModel, candidates: Candidates) -> Scored:
+    return score_batch(model.ranking, [candidates])[0]
+
+
+def rerank(model: ServingModel, scored: Scored, ranking: RankingConfig) -> Recommendations:
+    return reranker.rerank(model.reranking, scored, ranking)
 
 
 class Tower(nn.Module):

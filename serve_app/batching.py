@@ -1,0 +1,150 @@
+"""Batcher: groups concurrent awaits into batches, bounded in size, wait, concurrency and backlog.
+
+The Ingress groups requests into batches before the first hop, and every stage merges the batches
+that reach it while it is busy, so that each handle hop carries many requests (a hop costs
+milliseconds of CPU in Python; a batch pays it once). Pure asyncio: no Ray in here.
+
+A batch is cut when it reaches `max_batch_size` (summed `size` of its items) or `batch_wait_timeout_s`
+after its first item, and only while fewer than `max_concurrent_batches` run: under load the next batch
+fills while the others run, so batches grow with the load and a hop's cost is paid once per batch.
+Beyond `max_pending` waiting items a `submit` raises `Overloaded` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+from serve_app.config import BatchOptions
+from serve_app.errors import Overloaded
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Batcher(Generic[T, R]):
+    """`await submit(item)` returns `run(batch)[position of item]`; `run` must return one result per
+    item, in order (an exception fails every item of the batch)."""
+
+    def __init__(
+        self,
+        run: Callable[[list[T]], Awaitable[Sequence[R]]],
+        options: BatchOptions,
+        *,
+        size: Callable[[T], int] = lambda _: 1,
+        on_batch: Callable[[int], None] | None = None,
+        name: str = "batch",
+    ) -> None:
+        self._run = run
+        self._options = options
+        self._size = size
+        self._on_batch = on_batch
+        self._name = name
+        self._queue: deque[tuple[T, asyncio.Future[R], int]] = deque()
+        self._queued = 0  # summed size of the queued items
+        self._running = 0
+        self._changed = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def options(self) -> BatchOptions:
+        return self._options
+
+    @property
+    def queued(self) -> int:
+        """Items waiting for a batch (summed size)."""
+        return self._queued
+
+    def configure(self, options: BatchOptions) -> None:
+        """New limits, from the next batch on."""
+        self._options = options
+        self._changed.set()
+
+    async def submit(self, item: T) -> R:
+        size = self._size(item)
+        limit = self._options.max_pending
+        if limit is not None and self._queued + size > limit and self._queued > 0:
+            raise Overloaded(f"{self._queued} requests already waiting, retry")
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future, size))
+        self._queued += size
+        self._changed.set()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._cut_batches())
+        return await future
+
+    async def _wait_change(self, timeout: float | None) -> None:
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    async def _cut_batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue or self._running >= self._options.max_concurrent_batches:
+                await self._wait_change(None)
+            options = self._options
+            deadline = loop.time() + options.batch_wait_timeout_s
+            while self._queued < options.max_batch_size:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                await self._wait_change(remaining)
+            batch = self._take(options.max_batch_size)
+            if not batch:
+                continue
+            self._running += 1
+            task = loop.create_task(self._execute(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _take(self, limit: int) -> list[tuple[T, asyncio.Future[R]]]:
+        """Up to `limit` (summed size) from the queue, at least one item; abandoned ones dropped."""
+        batch: list[tuple[T, asyncio.Future[R]]] = []
+        total = 0
+        while self._queue:
+            item, future, size = self._queue[0]
+            if batch and total + size > limit:
+                break
+            self._queue.popleft()
+            self._queued -= size
+            if future.done():  # the caller gave up (timeout, disconnect): no work for it
+                continue
+            batch.append((item, future))
+            total += size
+        return batch
+
+    async def _execute(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            if self._on_batch is not None:
+                self._on_batch(sum(self._size(item) for item, _ in batch))
+            try:
+                results = await self._run([item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(
+                        f"{self._name}: {len(results)} results for {len(batch)} items"
+                    )
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+        finally:
+            self._running -= 1
+            self._changed.set()
+
+    def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()

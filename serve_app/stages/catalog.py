@@ -1,0 +1,185 @@
+"""What several stages know of a bundle's catalog: item ids and categories, the request filters over
+them, popularity, and the manifest terms a server checks before serving a bundle.
+
+Each table is built from the files it needs (`serve_app.bundle` loaders), so a stage that loads it
+pays only for those: item ids and categories are small next to embeddings, the index or the booster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from serve_app.contract import (
+    ITEM_FEATURE_NAMES,
+    RANKER_FEATURE_NAMES_CF,
+    RANKER_FEATURE_SETS,
+)
+from serve_app.errors import BundleIntegrityError
+from serve_app.schemas import BundleManifest
+from serve_app.stages.records import Filters
+
+if TYPE_CHECKING:
+    from serve_app.bundle import Bundle
+
+DEFAULT_CANDIDATES = 100  # a bundle that does not record its training value
+
+
+@dataclass(frozen=True)
+class BundleTerms:
+    """The manifest's side of the serving contract, checked once per stage and version."""
+
+    version: str
+    categories: tuple[str, ...]
+    embedding_dim: int
+    user_buckets: int
+    history_length: int
+    n_candidates: int
+    uses_collaborative: bool  # the ranker reads CF_FEATURE_NAMES (the bundle must have the models)
+
+    @classmethod
+    def from_manifest(
+        cls,
+        manifest: BundleManifest,
+        version: str | None = None,
+        has_collaborative: bool | None = None,
+    ) -> BundleTerms:
+        """`has_collaborative`: whether the bundle holds the models (default: the manifest lists
+        them)."""
+        features = tuple(manifest.ranker_features)
+        if has_collaborative is None:
+            has_collaborative = bool(manifest.collaborative)
+        if features not in RANKER_FEATURE_SETS:
+            raise BundleIntegrityError(
+                f"ranker features {manifest.ranker_features} are none of this server's "
+                f"{[list(f) for f in RANKER_FEATURE_SETS]}",
+                file="manifest.json",
+            )
+        uses_cf = features == RANKER_FEATURE_NAMES_CF
+        if uses_cf and not has_collaborative:
+            raise BundleIntegrityError(
+                "the ranker reads collaborative features but the bundle has no collaborative models",
+                file="manifest.json",
+            )
+        if tuple(manifest.item_feature_names) != ITEM_FEATURE_NAMES:
+            raise BundleIntegrityError(
+                f"item features {manifest.item_feature_names} are not {list(ITEM_FEATURE_NAMES)}",
+                file="manifest.json",
+            )
+        tower = manifest.user_tower
+        try:
+            user_buckets = int(tower["user_buckets"])
+            history_length = int(tower["history_length"])
+        except (KeyError, TypeError, ValueError):
+            raise BundleIntegrityError(
+                "user_tower lacks user_buckets/history_length", file="manifest.json"
+            ) from None
+        if int(tower.get("profile_dim", 1 + len(manifest.categories))) != 1 + len(
+            manifest.categories
+        ):
+            raise BundleIntegrityError(
+                "user_tower profile_dim is not 1 + categories", file="manifest.json"
+            )
+        return cls(
+            version=version or manifest.model_version or "local",
+            categories=tuple(manifest.categories),
+            embedding_dim=manifest.embedding_dim,
+            user_buckets=user_buckets,
+            history_length=history_length,
+            n_candidates=int(manifest.params.get("ranker.candidates", DEFAULT_CANDIDATES)),
+            uses_collaborative=uses_cf,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Catalog:
+    """Item ids, their rows and categories: what filters and responses are expressed in."""
+
+    item_ids: np.ndarray  # unicode [n]
+    item_index: Mapping[str, int]  # item_id -> row
+    item_categories: np.ndarray  # int32 [n], indexes categories
+    categories: tuple[str, ...]
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def category_codes(self) -> dict[str, int]:
+        return {name: code for code, name in enumerate(self.categories)}
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, terms: BundleTerms) -> Catalog:
+        return cls(bundle.item_ids, bundle.item_index, bundle.item_categories, terms.categories)
+
+    @classmethod
+    def load(cls, directory: Path, manifest: BundleManifest) -> Catalog:
+        from serve_app.bundle import load_item_categories, load_item_ids
+
+        item_ids, item_index = load_item_ids(directory, manifest)
+        return cls(
+            item_ids,
+            item_index,
+            load_item_categories(directory, manifest),
+            tuple(manifest.categories),
+        )
+
+    def filter_rows(self, filters: Filters) -> np.ndarray:
+        """Rows the request's filters leave out (sorted, unique)."""
+        parts = [
+            np.array(
+                [self.item_index[i] for i in filters.exclude_item_ids if i in self.item_index],
+                dtype=np.int64,
+            )
+        ]
+        codes_of = self.category_codes
+        if filters.exclude_categories:
+            codes = [codes_of[c] for c in filters.exclude_categories if c in codes_of]
+            parts.append(np.flatnonzero(np.isin(self.item_categories, codes)))
+        if filters.categories:
+            codes = [codes_of[c] for c in filters.categories if c in codes_of]
+            parts.append(np.flatnonzero(~np.isin(self.item_categories, codes)))
+        return np.unique(np.concatenate(parts).astype(np.int64))
+
+    def rows_of(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Sorted unique rows of the known ids among `item_ids` (unknown ones are skipped)."""
+        index = self.item_index
+        return np.unique(np.array([index[i] for i in item_ids if i in index], dtype=np.int64))
+
+
+@dataclass(frozen=True, eq=False)
+class Popularity:
+    """The bundle's popularity lists as rows: the cold-start candidates and the light-user prior."""
+
+    global_rows: np.ndarray  # int64 rows, most popular first
+    by_category: Mapping[str, np.ndarray]
+    prior: np.ndarray  # float32 [n_items]: 1 for the most popular, 0 if not listed
+
+    @classmethod
+    def from_lists(cls, popularity: Mapping[str, Any], catalog: Catalog) -> Popularity:
+        index = catalog.item_index
+        top = [index[i] for i in popularity.get("global", []) if i in index]
+        prior = np.zeros(catalog.n_items, dtype=np.float32)
+        if top:
+            prior[top] = 1.0 - np.arange(len(top), dtype=np.float32) / len(top)
+        by_category = {
+            str(name): np.array([index[i] for i in ids if i in index], dtype=np.int64)
+            for name, ids in dict(popularity.get("by_category", {})).items()
+        }
+        return cls(np.array(top, dtype=np.int64), by_category, prior)
+
+    def rows(self, category: str | None, excluded: np.ndarray, count: int) -> np.ndarray:
+        """Most popular rows first: the category's list (when known) ahead of the global one."""
+        lists = []
+        if category is not None and category in self.by_category:
+            lists.append(self.by_category[category])
+        lists.append(self.global_rows)
+        merged = np.concatenate(lists) if lists else np.zeros(0, dtype=np.int64)
+        _, first = np.unique(merged, return_index=True)
+        merged = merged[np.sort(first)]
+        merged = merged[~np.isin(merged, excluded)]
+        return merged[:count].astype(np.int64)

@@ -1,0 +1,242 @@
+"""The retrieval stage, pure: one FAISS search over the batch's query matrix, then each user's
+collaborative and popularity candidates. Twin of the `serve_app.retriever` deployment; loads the
+index, the item embeddings, the collaborative arrays, item categories and popularity.
+
+Top-N by inner product without the items the user interacted with positively or the request filters
+out; light and cold users get popularity candidates (by category when known).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from serve_app.config import RankingConfig
+from serve_app.contract import Collaborative, cf_candidates, cf_features, cf_scores
+from serve_app.stages.catalog import BundleTerms, Catalog, Popularity
+from serve_app.stages.records import Candidates, UserState
+
+if TYPE_CHECKING:
+    import faiss
+
+    from serve_app.bundle import Bundle
+
+# Up to this many excluded rows, search over-fetches and drops them; beyond, a FAISS ID selector
+# skips them inside the search (a filter to a few categories can exclude most of the catalog).
+OVERFETCH_LIMIT = 1_000
+
+
+@dataclass(frozen=True, eq=False)
+class RetrievalModel:
+    terms: BundleTerms
+    catalog: Catalog
+    index: faiss.Index
+    item_embeddings: np.ndarray  # float32 [n, d]: scores of the candidates not from the index
+    popularity: Popularity
+    collaborative: Collaborative | None  # set when the ranker reads collaborative features
+
+    @property
+    def version(self) -> str:
+        return self.terms.version
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, terms: BundleTerms) -> RetrievalModel:
+        catalog = Catalog.from_bundle(bundle, terms)
+        return cls(
+            terms,
+            catalog,
+            bundle.index,
+            bundle.item_embeddings,
+            Popularity.from_lists(bundle.popularity, catalog),
+            bundle.collaborative if terms.uses_collaborative else None,
+        )
+
+    @classmethod
+    def from_directory(cls, directory: Path, version: str) -> RetrievalModel:
+        from serve_app.bundle import (
+            load_collaborative,
+            load_index,
+            load_item_embeddings,
+            load_popularity,
+            verify_bundle,
+        )
+
+        manifest = verify_bundle(directory)
+        terms = BundleTerms.from_manifest(manifest, version)
+        catalog = Catalog.load(directory, manifest)
+        return cls(
+            terms,
+            catalog,
+            load_index(directory, manifest),
+            load_item_embeddings(directory, manifest),
+            Popularity.from_lists(load_popularity(directory), catalog),
+            load_collaborative(directory, manifest) if terms.uses_collaborative else None,
+        )
+
+    def warm(self) -> None:
+        """The first FAISS searches allocate; a one-item user runs every signal once."""
+        users = [warm_user(self.item_embeddings[:1][0], len(self.terms.categories), self.terms)]
+        retrieve_batch(self, users, RankingConfig(popularity_candidates=0))
+
+
+def warm_user(vector: np.ndarray, n_categories: int, terms: BundleTerms) -> UserState:
+    """A user who has seen item row 0 only: every stage's warm-up request."""
+    from serve_app.stages.records import Query
+
+    recent = np.zeros(terms.history_length, dtype=np.int64)
+    recent[0] = 1
+    return UserState(
+        query=Query("warm", "warm", 1, model_version=terms.version),
+        vector=np.asarray(vector, dtype=np.float32),
+        event_count=1.0,
+        category_prefs=np.zeros(n_categories, dtype=np.float32),
+        recent=recent,
+        seen=np.zeros(1, dtype=np.int64),
+        interactions=1,
+        degraded=False,
+    )
+
+
+def _selector_params(index: faiss.Index, excluded: np.ndarray) -> faiss.SearchParameters:
+    import faiss
+
+    selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded.astype(np.int64)))
+    params: faiss.SearchParameters
+    if isinstance(index, faiss.IndexHNSW):
+        # Missing from faiss' bundled type stubs.
+        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
+        params.efSearch = index.hnsw.efSearch  # type: ignore[attr-defined]
+    elif isinstance(index, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF()
+        params.nprobe = index.nprobe
+    else:
+        params = faiss.SearchParameters()
+    params.sel = selector
+    # The selector must outlive the search: FAISS keeps a raw pointer to it.
+    params.referenced_selector = selector  # type: ignore[attr-defined]
+    return params
+
+
+def search_batch(
+    index: faiss.Index, vectors: np.ndarray, wanted: Sequence[int], excluded: Sequence[np.ndarray]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per query row: its top-`wanted[i]` rows by inner product, best first, none of `excluded[i]`
+    (sorted unique rows). Queries excluding few rows share one search that over-fetches by the
+    largest exclusion; the others skip their rows inside a search of their own (ID selector)."""
+    out: list[tuple[np.ndarray, np.ndarray]] = [
+        (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+    ] * len(vectors)
+    ntotal = int(index.ntotal)
+    shared: list[int] = []
+    alone: list[int] = []
+    for i, (n, ex) in enumerate(zip(wanted, excluded, strict=True)):
+        if min(n, ntotal - len(ex)) <= 0:
+            continue
+        (shared if len(ex) <= OVERFETCH_LIMIT else alone).append(i)
+    if shared:
+        k = min(ntotal, max(wanted[i] + len(excluded[i]) for i in shared))
+        query = np.ascontiguousarray(vectors[shared], dtype=np.float32)
+        scores, rows = index.search(query, k)
+        for j, i in enumerate(shared):
+            keep = (rows[j] >= 0) & ~np.isin(rows[j], excluded[i])
+            n = min(wanted[i], ntotal - len(excluded[i]))
+            out[i] = (
+                rows[j][keep][:n].astype(np.int64),
+                scores[j][keep][:n].astype(np.float32),
+            )
+    for i in alone:
+        n = min(wanted[i], ntotal - len(excluded[i]))
+        query = np.ascontiguousarray(vectors[i : i + 1], dtype=np.float32)
+        scores, rows = index.search(query, n, params=_selector_params(index, excluded[i]))
+        keep = rows[0] >= 0
+        out[i] = (rows[0][keep].astype(np.int64), scores[0][keep].astype(np.float32))
+    return out
+
+
+def preferred_category(model: RetrievalModel, user: UserState) -> str | None:
+    """The request's segment when the bundle knows it, else the user's top category, if any."""
+    segment = user.query.segment
+    categories = model.terms.categories
+    if segment is not None and segment in categories:
+        return segment
+    prefs = user.category_prefs
+    if len(prefs) and float(prefs.max()) > 0:
+        return str(categories[int(np.argmax(prefs))])
+    return None
+
+
+def retrieve_batch(
+    model: RetrievalModel, users: Sequence[UserState], ranking: RankingConfig
+) -> list[Candidates]:
+    """Candidates of every user of a batch (one bundle version), in order."""
+    excluded = [np.union1d(u.seen, model.catalog.filter_rows(u.query.filters)) for u in users]
+    warm = [i for i, u in enumerate(users) if u.vector is not None]
+    n = ranking.candidates or model.terms.n_candidates
+    found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if warm:
+        vectors = np.stack([users[i].vector for i in warm])  # type: ignore[misc]
+        results = search_batch(
+            model.index,
+            vectors,
+            [max(n, users[i].query.k) for i in warm],
+            [excluded[i] for i in warm],
+        )
+        found = dict(zip(warm, results, strict=True))
+    return [
+        _user_candidates(model, user, excluded[i], found.get(i), ranking)
+        for i, user in enumerate(users)
+    ]
+
+
+def _user_candidates(
+    model: RetrievalModel,
+    user: UserState,
+    excluded: np.ndarray,
+    searched: tuple[np.ndarray, np.ndarray] | None,
+    ranking: RankingConfig,
+) -> Candidates:
+    if user.vector is None or searched is None:
+        rows = model.popularity.rows(
+            preferred_category(model, user),
+            excluded,
+            max(ranking.popularity_candidates, 4 * user.query.k),
+        )
+        return Candidates(user, rows, np.zeros(len(rows), dtype=np.float32), 0, user.timings)
+    rows, scores = searched
+    n_retrieved = len(rows)
+    cf = model.collaborative
+    signal_scores = None
+    if cf is not None:
+        signal_scores = cf_scores(cf, user.seen, user.recent)
+        extra = cf_candidates(signal_scores, excluded, rows, cf.per_source)
+        rows, scores = _append(model, user.vector, rows, scores, extra)
+    n_collaborative = len(rows) - n_retrieved
+    if user.interactions < ranking.cold_start_min_events and ranking.popularity_candidates > 0:
+        extra = model.popularity.rows(
+            preferred_category(model, user),
+            np.union1d(excluded, rows),
+            ranking.popularity_candidates,
+        )
+        rows, scores = _append(model, user.vector, rows, scores, extra)
+    cf_columns = None
+    if signal_scores is not None:
+        seen = np.zeros((1, model.catalog.n_items), dtype=bool)
+        seen[0, user.seen] = True
+        cf_columns = cf_features(signal_scores[:, None, :], rows[None, :], seen)[0]
+    return Candidates(user, rows, scores, n_retrieved, user.timings, n_collaborative, cf_columns)
+
+
+def _append(
+    model: RetrievalModel,
+    vector: np.ndarray,
+    rows: np.ndarray,
+    scores: np.ndarray,
+    extra: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Extra candidates after the others, each with its retrieval score (user . item vector)."""
+    extra_scores = (model.item_embeddings[extra] @ vector).astype(np.float32)
+    return np.concatenate([rows, extra]), np.concatenate([scores, extra_scores])

@@ -1,0 +1,170 @@
+"""The user tower stage, pure: tower inputs from online features, one forward pass per batch, the
+real-time delta added. Twin of the `serve_app.user_tower` deployment; loads only `user_tower.pt`
+(and the item ids, to read histories).
+
+Semantics follow the offline evaluation exactly (`training.two_tower.encode_users`): user bucket =
+hash_bucket(user_id, user_buckets) + 1, or 0 for a user whose snapshot has no positive event; profile
+= [log1p(event_count), category_prefs] in float32; history = item row + 1, newest first, 0-padded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from serve_app.config import RankingConfig
+from serve_app.contract import hash_bucket
+from serve_app.stages.catalog import BundleTerms
+from serve_app.stages.records import Query, UserState
+
+if TYPE_CHECKING:  # serve_app.features imports Feast (seconds): only the deployment reads it
+    import torch
+
+    from serve_app.bundle import Bundle
+    from serve_app.features import UserFeatures
+
+
+@dataclass(frozen=True, eq=False)
+class TowerModel:
+    """What the user tower serves from: the TorchScript tower and the item id -> row map."""
+
+    terms: BundleTerms
+    tower: torch.jit.ScriptModule
+    item_index: Mapping[str, int]
+
+    @property
+    def version(self) -> str:
+        return self.terms.version
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, terms: BundleTerms) -> TowerModel:
+        return cls(terms, bundle.user_tower, bundle.item_index)
+
+    @classmethod
+    def from_directory(cls, directory: Path, version: str) -> TowerModel:
+        from serve_app.bundle import load_item_ids, load_user_tower, verify_bundle
+
+        manifest = verify_bundle(directory)
+        _, item_index = load_item_ids(directory, manifest)
+        return cls(
+            BundleTerms.from_manifest(manifest, version), load_user_tower(directory), item_index
+        )
+
+    def warm(self) -> None:
+        """The first TorchScript calls are slow (profiling, optimisation): make them here."""
+        c = len(self.terms.categories)
+        for batch in (1, 2, 4, 8, 16, 32):
+            user_vectors(
+                self,
+                np.zeros(batch, dtype=np.int64),
+                np.zeros((batch, 1 + c), dtype=np.float32),
+                np.zeros((batch, self.terms.history_length), dtype=np.int64),
+            )
+
+
+def encode_recent(
+    item_ids: Sequence[str], item_index: Mapping[str, int], length: int
+) -> np.ndarray:
+    """History as the tower reads it: row + 1 per known item, newest first, 0-padded to `length`.
+
+    Items the bundle does not know (newer than its catalog) are skipped.
+    """
+    out = np.zeros(length, dtype=np.int64)
+    rows = [item_index[i] + 1 for i in item_ids if i in item_index][:length]
+    out[: len(rows)] = rows
+    return out
+
+
+def tower_inputs(
+    model: TowerModel,
+    user_ids: Sequence[str],
+    event_count: np.ndarray,
+    category_prefs: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(user bucket int64 [B], profile float32 [B, 1 + C]) exactly as `encode_users` builds them."""
+    buckets = np.fromiter(
+        (hash_bucket(u, model.terms.user_buckets) + 1 for u in user_ids), np.int64, len(user_ids)
+    )
+    buckets[event_count == 0] = 0
+    count = np.log1p(event_count.astype(np.float32))[:, None].astype(np.float32)
+    profile = np.hstack([count, category_prefs.astype(np.float32)]).astype(np.float32)
+    return buckets, profile
+
+
+def user_vectors(
+    model: TowerModel, buckets: np.ndarray, profile: np.ndarray, recent: np.ndarray
+) -> np.ndarray:
+    """The user tower's forward pass: float32 [B, D], unit rows."""
+    import torch
+
+    with torch.no_grad():
+        out = model.tower(
+            torch.from_numpy(buckets), torch.from_numpy(profile), torch.from_numpy(recent)
+        )
+    return np.asarray(out.numpy(), dtype=np.float32)
+
+
+def add_delta(vectors: np.ndarray, delta: np.ndarray, weight: float) -> np.ndarray:
+    """Move each user vector toward its real-time delta embedding (EMA of interacted items).
+
+    Rows without a delta are returned bit for bit: re-normalising an already unit vector would
+    change its last digits and with them the offline/online parity.
+    """
+    out = vectors.copy()
+    has = np.abs(delta).sum(axis=1) > 0
+    if weight <= 0 or not has.any():
+        return out
+    moved = vectors[has] + np.float32(weight) * delta[has]
+    norms = np.linalg.norm(moved, axis=1, keepdims=True)
+    out[has] = moved / np.maximum(norms, 1e-12)
+    return out
+
+
+def embed_users(
+    model: TowerModel,
+    queries: Sequence[Query],
+    features: UserFeatures,
+    seen_items: Sequence[Sequence[str]] | None,
+    ranking: RankingConfig,
+) -> list[UserState]:
+    """User states for a batch of queries (one bundle version) from their online features: one
+    forward pass for the batch.
+
+    `seen_items` is `user_profile:seen_items` per user (None: unread, then only the recent items are
+    excluded and the results are marked degraded).
+    """
+    index = model.item_index
+    length = model.terms.history_length
+    user_ids = [q.user_id for q in queries]
+    recent = np.stack([encode_recent(r, index, length) for r in features.recent_items])
+    buckets, profile = tower_inputs(model, user_ids, features.event_count, features.category_prefs)
+    vectors = add_delta(
+        user_vectors(model, buckets, profile, recent),
+        features.delta_embedding,
+        ranking.delta_weight,
+    )
+    states = []
+    for row, query in enumerate(queries):
+        seen_ids = set(features.recent_items[row])
+        if seen_items is not None:
+            seen_ids.update(seen_items[row])
+        seen = np.unique(np.array([index[i] for i in seen_ids if i in index], dtype=np.int64))
+        count = float(features.event_count[row])
+        interactions = max(int(count), len(seen_ids))
+        states.append(
+            UserState(
+                query=query,
+                vector=vectors[row] if interactions > 0 else None,
+                event_count=count,
+                category_prefs=features.category_prefs[row],
+                recent=recent[row],
+                seen=seen,
+                interactions=interactions,
+                degraded=features.degraded or seen_items is None,
+            )
+        )
+    return states

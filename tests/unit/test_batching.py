@@ -1,0 +1,176 @@
+"""The Batcher groups concurrent submissions: bounded size and wait, batches in flight, backlog."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve_app.batching import Batcher
+from serve_app.config import BatchOptions
+from serve_app.errors import Overloaded
+
+
+class Recorder:
+    """A batch function that records every batch and holds it until released."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.running = 0
+        self.most_running = 0
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        await self.release.wait()
+        self.running -= 1
+        return [i * 10 for i in items]
+
+
+async def until(condition: object, timeout: float = 2.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():  # type: ignore[operator]
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
+
+
+def test_concurrent_submissions_share_a_batch_and_get_their_own_results() -> None:
+    async def scenario() -> None:
+        run = Recorder()
+        batcher = Batcher(run, BatchOptions(max_batch_size=8, batch_wait_timeout_s=0.05))
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(5)))
+        assert results == [0, 10, 20, 30, 40]
+        assert run.batches == [[0, 1, 2, 3, 4]]
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_never_exceeds_its_size_and_the_rest_follows() -> None:
+    async def scenario() -> None:
+        run = Recorder()
+        batcher = Batcher(run, BatchOptions(max_batch_size=3, batch_wait_timeout_s=0.05))
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(7)))
+        assert results == [i * 10 for i in range(7)]
+        assert [len(b) for b in run.batches] == [3, 3, 1]
+        assert [i for b in run.batches for i in b] == list(range(7))  # arrival order kept
+
+    asyncio.run(scenario())
+
+
+def test_sizes_are_summed_when_items_are_batches_themselves() -> None:
+    async def scenario() -> None:
+        seen: list[list[list[int]]] = []
+
+        async def run(calls: list[list[int]]) -> list[int]:
+            seen.append(calls)
+            return [len(c) for c in calls]
+
+        batcher: Batcher[list[int], int] = Batcher(
+            run, BatchOptions(max_batch_size=5, batch_wait_timeout_s=0.05), size=len
+        )
+        out = await asyncio.gather(*(batcher.submit([1] * n) for n in (2, 2, 2, 4)))
+        assert out == [2, 2, 2, 4]
+        assert [[len(c) for c in calls] for calls in seen] == [[2, 2], [2], [4]]
+
+    asyncio.run(scenario())
+
+
+def test_batches_in_flight_are_bounded_and_the_next_one_fills_meanwhile() -> None:
+    async def scenario() -> None:
+        run = Recorder()
+        run.release.clear()
+        batcher = Batcher(
+            run,
+            BatchOptions(max_batch_size=100, batch_wait_timeout_s=0.0, max_concurrent_batches=1),
+        )
+        first = asyncio.ensure_future(batcher.submit(0))
+        await until(lambda: run.batches == [[0]])
+        later = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 6)]
+        await asyncio.sleep(0.02)
+        assert run.batches == [[0]] and batcher.queued == 5  # waiting for the running batch
+        run.release.set()
+        assert await first == 0 and await asyncio.gather(*later) == [10, 20, 30, 40, 50]
+        assert run.batches == [[0], [1, 2, 3, 4, 5]] and run.most_running == 1
+
+    asyncio.run(scenario())
+
+
+def test_beyond_max_pending_a_submission_is_refused_at_once() -> None:
+    async def scenario() -> None:
+        run = Recorder()
+        run.release.clear()
+        options = BatchOptions(
+            max_batch_size=2, batch_wait_timeout_s=0.0, max_concurrent_batches=1, max_pending=3
+        )
+        batcher = Batcher(run, options)
+        running = asyncio.ensure_future(batcher.submit(0))
+        await until(lambda: run.batches == [[0]])
+        waiting = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2, 3)]
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(Overloaded):
+            await batcher.submit(4)
+        assert loop.time() - start < 0.05
+        run.release.set()
+        assert await running == 0 and await asyncio.gather(*waiting) == [10, 20, 30]
+        assert await batcher.submit(5) == 50  # the backlog drained: accepted again
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_batch_fails_its_items_and_the_batcher_goes_on() -> None:
+    async def scenario() -> None:
+        calls = 0
+
+        async def run(items: list[int]) -> list[int]:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise ValueError("stage down")
+            return items
+
+        batcher = Batcher(run, BatchOptions(max_batch_size=4, batch_wait_timeout_s=0.02))
+        outcomes = await asyncio.gather(
+            batcher.submit(1), batcher.submit(2), return_exceptions=True
+        )
+        assert all(isinstance(o, ValueError) for o in outcomes)
+        assert await batcher.submit(3) == 3
+
+    asyncio.run(scenario())
+
+
+def test_an_abandoned_submission_is_left_out_of_its_batch() -> None:
+    async def scenario() -> None:
+        run = Recorder()
+        run.release.clear()
+        batcher = Batcher(
+            run, BatchOptions(max_batch_size=10, batch_wait_timeout_s=0.0, max_concurrent_batches=1)
+        )
+        first = asyncio.ensure_future(batcher.submit(0))
+        await until(lambda: len(run.batches) == 1)
+        gone = asyncio.ensure_future(batcher.submit(1))
+        kept = asyncio.ensure_future(batcher.submit(2))
+        await asyncio.sleep(0)
+        gone.cancel()  # the caller timed out while waiting
+        run.release.set()
+        assert await first == 0 and await kept == 20
+        assert run.batches == [[0], [2]]
+
+    asyncio.run(scenario())
+
+
+def test_new_options_apply_to_the_next_batch() -> None:
+    async def scenario() -> None:
+        run = Recorder()
+        batcher = Batcher(run, BatchOptions(max_batch_size=1, batch_wait_timeout_s=0.02))
+        await asyncio.gather(*(batcher.submit(i) for i in range(3)))
+        batcher.configure(BatchOptions(max_batch_size=10, batch_wait_timeout_s=0.02))
+        await asyncio.gather(*(batcher.submit(i) for i in range(3)))
+        assert [len(b) for b in run.batches] == [1, 1, 1, 3]
+
+    asyncio.run(scenario())
