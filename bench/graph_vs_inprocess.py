@@ -48,6 +48,7 @@ from bench.serving_load import (  # noqa: E402
     ray_process_cpu,
     ray_processes,
     sample_users,
+    send_on_schedule,
     write_results,
 )
 from bench.serving_load import graph as serving_graph  # noqa: E402
@@ -100,14 +101,7 @@ async def open_loop(
             )
 
         start = loop.time()
-        tasks = []
-        for i in range(count):
-            scheduled = start + i / rate
-            delay = scheduled - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i, scheduled)))
-        await asyncio.gather(*tasks)
+        await send_on_schedule(rate, count, one)
     return outcomes
 
 

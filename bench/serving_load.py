@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -165,6 +165,23 @@ class RunResult:
     round: int = 0
 
 
+async def send_on_schedule(
+    rate: float, count: int, one: Callable[[int, float], Awaitable[None]]
+) -> None:
+    """Start `one(i, scheduled)` for i < count at `rate` per second, whatever the answers (open
+    loop: latency counts from `scheduled`, the loop time it was due), and wait for them all."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    tasks = []
+    for i in range(count):
+        scheduled = start + i / rate
+        delay = scheduled - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, scheduled)))
+    await asyncio.gather(*tasks)
+
+
 async def open_loop(
     base_url: str, rate: float, duration: float, max_requests: int, users: Sequence[str], k: int
 ) -> RunResult:
@@ -211,14 +228,7 @@ async def open_loop(
             fallbacks[str(payload["fallback"])] += 1
 
         start = loop.time()
-        tasks = []
-        for i in range(count):
-            scheduled = start + i / rate
-            delay = scheduled - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i, scheduled)))
-        await asyncio.gather(*tasks)
+        await send_on_schedule(rate, count, one)
         elapsed = loop.time() - start
     return RunResult(
         rate=rate,

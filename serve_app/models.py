@@ -22,6 +22,8 @@ from serve_app.batching import Batcher
 from serve_app.config import RankingConfig, ServeSettings, StageConfig
 from serve_app.errors import RecserveError
 from serve_app.metrics import StageMetrics
+from serve_app.schemas import BundleManifest
+from serve_app.stages.records import by_version
 
 if TYPE_CHECKING:  # loading needs torch/FAISS/XGBoost; the router only resolves aliases
     from serve_app.recommend import ServingModel
@@ -172,7 +174,9 @@ class VersionedStage(Generic[M]):
     _ranking: RankingConfig
     _config: StageConfig
 
-    def _init_models(self, settings: ServeSettings, load: Callable[[Path, str], M]) -> None:
+    def _init_models(
+        self, settings: ServeSettings, load: Callable[[Path, str, BundleManifest], M]
+    ) -> None:
         self._settings = settings
         self._ranking = settings.ranking
         self._config = StageConfig()
@@ -191,7 +195,10 @@ class VersionedStage(Generic[M]):
                 logger.warning("no bundle for %s at start (%s)", ref, exc.message)
 
     def _load_version(self, version: str) -> M:
-        model = self._load(self._source.fetch(version), version)
+        from serve_app.bundle import read_manifest
+
+        path = self._source.fetch(version)  # verified against the manifest's checksums
+        model = self._load(path, version, read_manifest(path))
         model.warm()
         return model
 
@@ -229,8 +236,6 @@ class VersionedStage(Generic[M]):
         run: Callable[[M, list[In]], list[Out]],
     ) -> list[Out]:
         """`run` once per version present in `batch`, results back in the batch's order."""
-        from serve_app.stages.records import by_version
-
         out: list[Out | None] = [None] * len(batch)
         for name, positions in by_version(batch, version).items():
             model = await self.model(name)

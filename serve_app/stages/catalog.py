@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,7 +109,7 @@ class Catalog:
     def n_items(self) -> int:
         return len(self.item_ids)
 
-    @property
+    @cached_property  # read by every request's filters
     def category_codes(self) -> dict[str, int]:
         return {name: code for code, name in enumerate(self.categories)}
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from serve_app.contract import ranker_features
+from serve_app.schemas import BundleManifest
 from serve_app.stages.catalog import BundleTerms
 from serve_app.stages.records import Candidates, Scored
 
@@ -42,7 +43,11 @@ class RankingModel:
         return cls(terms, bundle.ranker, bundle.item_features, bundle.item_categories)
 
     @classmethod
-    def from_directory(cls, directory: Path, version: str) -> RankingModel:
+    def from_directory(
+        cls, directory: Path, version: str, manifest: BundleManifest | None = None
+    ) -> RankingModel:
+        """`manifest`: the bundle's, already verified (`fetch_bundle` checked every file); None:
+        verify the directory here."""
         from serve_app.bundle import (
             load_item_categories,
             load_item_features,
@@ -50,7 +55,7 @@ class RankingModel:
             verify_bundle,
         )
 
-        manifest = verify_bundle(directory)
+        manifest = manifest or verify_bundle(directory)
         return cls(
             BundleTerms.from_manifest(manifest, version),
             load_ranker(directory, manifest),

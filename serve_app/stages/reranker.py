@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from serve_app.config import RankingConfig
+from serve_app.schemas import BundleManifest
 from serve_app.stages.catalog import BundleTerms, Catalog, Popularity
 from serve_app.stages.records import (
     Candidates,
@@ -54,10 +55,14 @@ class ReRankingModel:
         )
 
     @classmethod
-    def from_directory(cls, directory: Path, version: str) -> ReRankingModel:
+    def from_directory(
+        cls, directory: Path, version: str, manifest: BundleManifest | None = None
+    ) -> ReRankingModel:
+        """`manifest`: the bundle's, already verified (`fetch_bundle` checked every file); None:
+        verify the directory here."""
         from serve_app.bundle import load_item_embeddings, load_popularity, verify_bundle
 
-        manifest = verify_bundle(directory)
+        manifest = manifest or verify_bundle(directory)
         catalog = Catalog.load(directory, manifest)
         return cls(
             BundleTerms.from_manifest(manifest, version),

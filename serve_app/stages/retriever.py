@@ -17,6 +17,7 @@ import numpy as np
 
 from serve_app.config import RankingConfig
 from serve_app.contract import Collaborative, cf_candidates, cf_features, cf_scores
+from serve_app.schemas import BundleManifest
 from serve_app.stages.catalog import BundleTerms, Catalog, Popularity
 from serve_app.stages.records import Candidates, UserState
 
@@ -56,7 +57,11 @@ class RetrievalModel:
         )
 
     @classmethod
-    def from_directory(cls, directory: Path, version: str) -> RetrievalModel:
+    def from_directory(
+        cls, directory: Path, version: str, manifest: BundleManifest | None = None
+    ) -> RetrievalModel:
+        """`manifest`: the bundle's, already verified (`fetch_bundle` checked every file); None:
+        verify the directory here."""
         from serve_app.bundle import (
             load_collaborative,
             load_index,
@@ -65,7 +70,7 @@ class RetrievalModel:
             verify_bundle,
         )
 
-        manifest = verify_bundle(directory)
+        manifest = manifest or verify_bundle(directory)
         terms = BundleTerms.from_manifest(manifest, version)
         catalog = Catalog.load(directory, manifest)
         return cls(

@@ -18,6 +18,7 @@ import numpy as np
 
 from serve_app.config import RankingConfig
 from serve_app.contract import hash_bucket
+from serve_app.schemas import BundleManifest
 from serve_app.stages.catalog import BundleTerms
 from serve_app.stages.records import Query, UserState
 
@@ -45,10 +46,14 @@ class TowerModel:
         return cls(terms, bundle.user_tower, bundle.item_index)
 
     @classmethod
-    def from_directory(cls, directory: Path, version: str) -> TowerModel:
+    def from_directory(
+        cls, directory: Path, version: str, manifest: BundleManifest | None = None
+    ) -> TowerModel:
+        """`manifest`: the bundle's, already verified (`fetch_bundle` checked every file); None:
+        verify the directory here."""
         from serve_app.bundle import load_item_ids, load_user_tower, verify_bundle
 
-        manifest = verify_bundle(directory)
+        manifest = manifest or verify_bundle(directory)
         _, item_index = load_item_ids(directory, manifest)
         return cls(
             BundleTerms.from_manifest(manifest, version), load_user_tower(directory), item_index
