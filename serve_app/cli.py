@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,56 @@ def _free_to_bind(host: str, port: int) -> bool:
     return True
 
 
+def holder_of(port: int) -> str | None:
+    """'haproxy (pid 123)': the process listening on TCP `port`, when this user may see it."""
+    import psutil
+
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        return None
+    for conn in connections:
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            if conn.pid is None:
+                return None
+            try:
+                return f"{psutil.Process(conn.pid).name()} (pid {conn.pid})"
+            except psutil.Error:
+                return f"pid {conn.pid}"
+    return None
+
+
+def port_in_use_message(host: str, port: int, what: str) -> str:
+    """What to tell the user when `port` is taken, naming the process when it can be seen (often a
+    HAProxy or Ray worker left by a run that was killed)."""
+    holder = holder_of(port)
+    if holder is None:
+        return f"{host}:{port} ({what}) is in use by another process (pick another with --port)"
+    return (
+        f"{host}:{port} ({what}) is held by {holder}, perhaps left by an earlier run: stop it "
+        f"(kill {holder.rsplit('pid ', 1)[-1].rstrip(')')}) or pick another port"
+    )
+
+
+# HAProxy's own listeners (Serve's HAProxy ingress): a stale HAProxy on them fails the next start.
+HAPROXY_PORTS = {
+    "RAY_SERVE_HAPROXY_METRICS_PORT": 9101,
+    "RAY_SERVE_HAPROXY_STATS_PORT": 8404,
+}
+
+
+def check_ports_free(host: str, port: int) -> None:
+    """Refuse to start, saying who holds it, when the HTTP port or HAProxy's ports are taken."""
+    if not _free_to_bind(host, port):
+        raise SystemExit(port_in_use_message(host, port, "HTTP"))
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", RAY_ENV["RAY_SERVE_ENABLE_HA_PROXY"]) != "1":
+        return
+    for variable, default in HAPROXY_PORTS.items():
+        haproxy_port = int(os.environ.get(variable, default))
+        if not _free_to_bind("0.0.0.0", haproxy_port):
+            raise SystemExit(port_in_use_message("0.0.0.0", haproxy_port, f"HAProxy, {variable}"))
+
+
 def _get(url: str, timeout: float = 2.0) -> tuple[int, dict[str, Any]]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -182,6 +232,9 @@ def init_ray(num_cpus: int | None, metrics_export_port: int | None = None) -> No
         runtime_env={"env_vars": {"PYTHONPATH": project}},
         _metrics_export_port=metrics_export_port,
     )
+    if threading.current_thread() is threading.main_thread():
+        # ray.init replaces the SIGTERM handler with sys.exit(15): keep ours (an orderly stop, exit 0).
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def deploy(
@@ -212,8 +265,7 @@ def running_graph(args: argparse.Namespace, settings: dict[str, Any]) -> Iterato
     http = config.get("http_options", {})
     host = args.host or http.get("host", "127.0.0.1")
     port = args.port or int(http.get("port", 8000))
-    if not _free_to_bind(host, port):
-        raise SystemExit(f"{host}:{port} is in use (pick another with --port)")
+    check_ports_free(host, port)
     metrics_port = args.metrics_port
     if metrics_port is not None and not _free_to_bind("0.0.0.0", metrics_port):
         logger.warning("metrics port %d is in use: Ray picks another", metrics_port)
@@ -231,10 +283,45 @@ def running_graph(args: argparse.Namespace, settings: dict[str, Any]) -> Iterato
             # A second Ctrl-C (a terminal's reaches the demo's parent too) must not cut this short.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         logger.info("shutting down Serve and Ray")
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        stop_ray(ray.shutdown)
+
+
+# Serve's own shutdown waits for every replica's graceful shutdown and the controller (tens of
+# seconds here). A local stop skips it: stopping Ray stops the replicas with it (in-flight requests
+# end with the process, as they would on a crash), and the stop takes a few seconds.
+REAP_GRACE_SECONDS = 3.0
+
+
+def stop_ray(shutdown_ray: Any) -> None:
+    """Stop Ray, then every process it started that is still alive.
+
+    Ray's daemons (dashboard agent, runtime-env agent) and Serve's HAProxy can outlive
+    `ray.shutdown()`; a HAProxy left on port 8000 answers 500 to everything and fails the next
+    start. They are all descendants of this process until it stops, so they are listed first.
+    (Serve's shutdown in a thread while Ray stops aborts the process: Ray's core worker is shared.)
+    """
+    import psutil
+
+    family = psutil.Process().children(recursive=True)
+    try:
+        shutdown_ray()
+    finally:
+        reap(family, REAP_GRACE_SECONDS)
+
+
+def reap(processes: list[Any], grace: float) -> None:
+    """SIGTERM the processes still alive, SIGKILL those alive `grace` seconds later."""
+    import psutil
+
+    alive = [p for p in processes if p.is_running()]
+    for process in alive:
+        with suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, left = psutil.wait_procs(alive, timeout=grace)
+    for process in left:
+        with suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(left, timeout=grace)
 
 
 def _interrupt(signum: int, _frame: Any) -> None:

@@ -458,7 +458,9 @@ def serve_config(environ: Mapping[str, str], path: Path = SERVE_CONFIG_PATH) -> 
 
     `RECSERVE_DEPLOYMENT__RANKER__MAX_ONGOING_REQUESTS=8` or
     `RECSERVE_DEPLOYMENT__USER_TOWER__AUTOSCALING_CONFIG__MAX_REPLICAS=3` set one option of one
-    deployment (names match case- and underscore-insensitively, values are parsed as YAML);
+    deployment (names match case- and underscore-insensitively, values are parsed as YAML; a value
+    that is not YAML raises ValueError naming the variable; variables without these prefixes are
+    never read);
     `RECSERVE_HTTP__PORT=8001` sets an `http_options` field. An override naming an unknown
     deployment raises ValueError rather than being ignored.
     """
@@ -467,7 +469,13 @@ def serve_config(environ: Mapping[str, str], path: Path = SERVE_CONFIG_PATH) -> 
     app = config["applications"][0]
     by_name = {_normalise(d["name"]): d for d in app["deployments"]}
     for key in sorted(environ):
-        value = yaml.safe_load(environ[key])
+        # Only our own variables: any other (TMUX_PANE=%0 is a YAML directive) is none of ours.
+        if not key.startswith((DEPLOYMENT_ENV_PREFIX, HTTP_ENV_PREFIX)):
+            continue
+        try:
+            value = yaml.safe_load(environ[key])
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{key}: not a YAML value ({exc})") from exc
         if key.startswith(DEPLOYMENT_ENV_PREFIX):
             parts = key[len(DEPLOYMENT_ENV_PREFIX) :].split("__")
             if len(parts) < 2 or not all(parts):

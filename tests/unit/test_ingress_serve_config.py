@@ -57,6 +57,14 @@ def test_environment_overrides_set_one_option_of_one_deployment() -> None:
         serve_config({"RECSERVE_DEPLOYMENT__RANKR__MAX_ONGOING_REQUESTS": "8"})
 
 
+def test_only_recserve_variables_are_parsed_and_a_bad_one_is_named() -> None:
+    # tmux sets TMUX_PANE=%0, which YAML reads as a directive: it must not be parsed at all.
+    config = serve_config({"TMUX_PANE": "%0", "OTHER": "[unclosed", "RECSERVE_HTTP__PORT": "8124"})
+    assert config["http_options"]["port"] == 8124
+    with pytest.raises(ValueError, match="RECSERVE_DEPLOYMENT__RANKER__MAX_ONGOING_REQUESTS"):
+        serve_config({"RECSERVE_DEPLOYMENT__RANKER__MAX_ONGOING_REQUESTS": "[unclosed"})
+
+
 def test_app_args_and_serving_settings_are_typed() -> None:
     from serve_app.app import AppArgs
 
