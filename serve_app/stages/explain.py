@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 TOP_PER_SOURCE = 10  # candidates listed per source
 MAX_LISTED = 20  # item ids listed per rule (the count says how many there were)
 TOP_FEATURES = 3  # ranker features listed per item, by |contribution|
+SHAP_PER_K, SHAP_MIN = 3, 30  # candidates given SHAP contributions: the best max(3k, 30) scored
 MAX_VECTOR_DIM = 1_024  # a longer user vector is cut (the trace says its full dimension)
 DIGITS = 5
 
@@ -86,14 +87,20 @@ class ItemExplanation(_Out):
     relevance: float = Field(description="what MMR weighed: ranker score, or its popularity blend")
     relevance_rank: int = Field(description="rank by relevance among what the rules left")
     features: list[FeatureContribution] = Field(
-        default_factory=list, max_length=TOP_FEATURES, description="strongest ranker features"
+        default_factory=list,
+        max_length=TOP_FEATURES,
+        description="strongest ranker features (empty: not ranked, or far down the ranker's order)",
     )
 
 
 class RuleRemoval(_Out):
     rule: Rule
-    count: int
+    count: int = Field(description="items this rule kept out of the list")
     item_ids: list[str] = Field(max_length=MAX_LISTED, description="the first of them")
+    at_rerank: int = Field(
+        description="of them, candidates dropped by the re-ranker (the retriever leaves seen and "
+        "filtered items out of its search: those never become candidates)"
+    )
 
 
 class MmrTrace(_Out):
@@ -120,37 +127,57 @@ class ExplainTrace(_Out):
 
 @dataclass(frozen=True, eq=False)
 class RankerTrace:
-    """Per candidate of one request: its feature row and each feature's SHAP contribution."""
+    """Per candidate of one request: its feature row and, for the best-scored ones, each feature's
+    SHAP contribution (the others cannot be served: their rows stay 0, `explained` False)."""
 
     names: tuple[str, ...]
     features: np.ndarray  # float32 [N, F]
     contributions: np.ndarray  # float32 [N, F]
+    explained: np.ndarray  # bool [N]
     bias: float
 
 
+def shap_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """The candidates whose contributions are computed: the `SHAP_PER_K * k` best scored (a SHAP
+    pass costs per row; MMR and the cap pick from the top of the ranker's order)."""
+    n = min(len(scores), max(SHAP_PER_K * k, SHAP_MIN))
+    return np.sort(np.argsort(-scores, kind="stable")[:n])
+
+
 def ranker_traces(
-    model: RankingModel, x: np.ndarray, ends: np.ndarray, chosen: Sequence[Candidates]
+    model: RankingModel,
+    x: np.ndarray,
+    predicted: np.ndarray,
+    ends: np.ndarray,
+    chosen: Sequence[Candidates],
 ) -> dict[int, RankerTrace]:
     """Traces of the requests of `chosen` that ask to explain (position in `chosen` -> trace), from
-    the batch's feature matrix `x` (request j's rows end at `ends[j]`): one SHAP pass over them."""
+    the batch's feature matrix `x` and scores (request j's rows end at `ends[j]`): one SHAP pass."""
     import xgboost as xgb
 
     asked = [j for j, c in enumerate(chosen) if c.user.query.explain]
     if not asked:
         return {}
     starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
-    parts = [x[starts[j] : ends[j]] for j in asked]
+    picks = [shap_rows(predicted[starts[j] : ends[j]], chosen[j].user.query.k) for j in asked]
+    rows = np.concatenate([starts[j] + p for j, p in zip(asked, picks, strict=True)])
     booster = model.booster
-    matrix = xgb.DMatrix(np.concatenate(parts), feature_names=booster.feature_names)
+    # nthread=1: the default thread pool costs several times the pass itself on these sizes.
+    matrix = xgb.DMatrix(x[rows], feature_names=booster.feature_names, nthread=1)
     shap = np.asarray(booster.predict(matrix, pred_contribs=True), dtype=np.float32)
     names = RANKER_FEATURE_NAMES_CF if model.terms.uses_collaborative else RANKER_FEATURE_NAMES
     out = {}
     offset = 0
-    for j, part in zip(asked, parts, strict=True):
-        rows = shap[offset : offset + len(part)]
-        offset += len(part)
-        bias = float(rows[0, -1]) if len(rows) else 0.0
-        out[j] = RankerTrace(tuple(names), part, rows[:, :-1], bias)
+    for j, pick in zip(asked, picks, strict=True):
+        part = x[starts[j] : ends[j]]
+        contributions = np.zeros_like(part, dtype=np.float32)
+        explained = np.zeros(len(part), dtype=bool)
+        block = shap[offset : offset + len(pick)]
+        offset += len(pick)
+        contributions[pick] = block[:, :-1]
+        explained[pick] = True
+        bias = float(block[0, -1]) if len(block) else 0.0
+        out[j] = RankerTrace(tuple(names), part, contributions, explained, bias)
     return out
 
 
@@ -229,9 +256,16 @@ def candidates_by_source(model: ReRankingModel, candidates: Candidates) -> list[
     return out
 
 
-def _removal(rule: Rule, rows: np.ndarray, item_ids: np.ndarray) -> RuleRemoval:
+def _removal(
+    rule: Rule, rows: np.ndarray, item_ids: np.ndarray, before: np.ndarray | None = None
+) -> RuleRemoval:
+    """`rows`: candidates the re-ranker dropped; `before`: catalog rows the retriever left out."""
+    kept_out = rows if before is None else np.union1d(before, rows)
     return RuleRemoval(
-        rule=rule, count=len(rows), item_ids=[str(item_ids[r]) for r in rows[:MAX_LISTED]]
+        rule=rule,
+        count=len(kept_out),
+        item_ids=[str(item_ids[r]) for r in kept_out[:MAX_LISTED]],
+        at_rerank=len(rows),
     )
 
 
@@ -247,16 +281,17 @@ def rule_removals(
     repeated = np.ones(len(rows), dtype=bool)
     repeated[first] = False
     seen = ~repeated & np.isin(rows, user.seen)
-    filtered = ~repeated & ~seen & np.isin(rows, model.catalog.filter_rows(user.query.filters))
+    filter_rows = model.catalog.filter_rows(user.query.filters)
+    filtered = ~repeated & ~seen & np.isin(rows, filter_rows)
     return (
         _removal("duplicate", rows[repeated], item_ids),
-        _removal("seen", rows[seen], item_ids),
-        _removal("filters", rows[filtered], item_ids),
+        _removal("seen", rows[seen], item_ids, user.seen),
+        _removal("filters", rows[filtered], item_ids, np.setdiff1d(filter_rows, user.seen)),
     )
 
 
 def _strongest(trace: RankerTrace | None, position: int) -> list[FeatureContribution]:
-    if trace is None:
+    if trace is None or not trace.explained[position]:
         return []
     contributions = trace.contributions[position]
     top = np.argsort(-np.abs(contributions), kind="stable")[:TOP_FEATURES]

@@ -113,7 +113,9 @@ def score_batch(model: RankingModel, batch: Sequence[Candidates]) -> list[Scored
     predicted = np.asarray(model.booster.inplace_predict(x), dtype=np.float32).reshape(-1)
     ends = np.cumsum([len(c.rows) for c in chosen])
     traces = (
-        ranker_traces(model, x, ends, chosen) if any(c.user.query.explain for c in chosen) else {}
+        ranker_traces(model, x, predicted, ends, chosen)
+        if any(c.user.query.explain for c in chosen)
+        else {}
     )
     for j, (i, c, part) in enumerate(
         zip(ranked, chosen, np.split(predicted, ends[:-1]), strict=True)

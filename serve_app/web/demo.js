@@ -276,8 +276,11 @@ function openExplain(itemId) {
   parts.push(el("h3", {}, "Candidates per source"), table(["source", "count", "best (score)"],
     trace.candidates.map((s) => [s.source, s.count,
       s.top.slice(0, 5).map((c) => `${c.item_id} (${c.score.toFixed(3)})`).join(", ") || "-"])));
-  parts.push(el("h3", {}, "Removed by the rules"), table(["rule", "count", "items"],
-    trace.removed.map((r) => [r.rule, r.count, r.item_ids.join(", ") || "-"])));
+  parts.push(el("h3", {}, "Removed by the rules"),
+    el("p", { class: "muted" }, "kept out of the list; the retriever never searches seen or "
+      + "filtered items, the re-ranker drops what still reaches it"),
+    table(["rule", "kept out", "at re-rank", "items"],
+      trace.removed.map((r) => [r.rule, r.count, r.at_rerank, r.item_ids.join(", ") || "-"])));
   const mmr = trace.mmr;
   parts.push(el("h3", {}, "Diversity (MMR)"), el("p", {},
     `lambda ${mmr.mmr_lambda}, category cap ${mmr.category_cap === undefined ? "none" : mmr.category_cap}: `

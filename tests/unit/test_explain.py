@@ -16,7 +16,13 @@ from serve_app.config import RankingConfig
 from serve_app.features import FeatureShapes, assemble_user_features
 from serve_app.recommend import ServingModel, recommend_in_process
 from serve_app.stages import reranker
-from serve_app.stages.explain import MAX_LISTED, TOP_FEATURES, TOP_PER_SOURCE, ExplainTrace
+from serve_app.stages.explain import (
+    MAX_LISTED,
+    TOP_FEATURES,
+    TOP_PER_SOURCE,
+    ExplainTrace,
+    shap_rows,
+)
 from serve_app.stages.ranker import feature_matrix, score_batch
 from serve_app.stages.records import Candidates, Filters, Query, Scored
 from tests.unit.test_recommend import DIM, HISTORY, NO_RULES, make_model, user_state
@@ -86,10 +92,13 @@ def test_the_trace_names_what_each_rule_removed(model: ServingModel) -> None:
     assert removed == {
         "duplicate": ["i04"],
         "seen": ["i03"],
-        "filters": ["i02"],
+        "filters": [f"i{r:02d}" for r in range(2, 30, 3)],  # every item of category c
         "category_cap": [],
     }
-    assert [r.count for r in result.trace.removed] == [1, 1, 1, 0]
+    assert [r.at_rerank for r in result.trace.removed] == [1, 1, 1, 0]
+    # Kept out of the list: also what the retriever never searched (seen row 3, category c).
+    counts = {r.rule: r.count for r in result.trace.removed}
+    assert counts == {"duplicate": 1, "seen": 1, "filters": 10, "category_cap": 0}
     assert result.trace.mmr.moved == 0 and result.trace.mmr.promoted == []
 
 
@@ -166,3 +175,10 @@ def test_lists_in_the_trace_are_bounded(model: ServingModel) -> None:
     assert seen_rule.count == MAX_LISTED + 5 and len(seen_rule.item_ids) == MAX_LISTED
     retrieval = next(s for s in result.trace.candidates if s.source == "retrieval")
     assert retrieval.count == 30 and len(retrieval.top) == TOP_PER_SOURCE
+
+
+def test_only_the_best_scored_candidates_get_contributions() -> None:
+    scores = np.arange(100, dtype=np.float32)[::-1].copy()  # candidate 0 best
+    assert shap_rows(scores, 5).tolist() == list(range(30))  # at least 30
+    assert shap_rows(scores, 20).tolist() == list(range(60))  # 3 per item asked
+    assert shap_rows(np.array([0.1, 0.9], np.float32), 10).tolist() == [0, 1]
