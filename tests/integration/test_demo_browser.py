@@ -207,3 +207,38 @@ def test_the_ops_view_polls_rate_latency_and_ctr(
     )[0]
     assert "lists" in row.text and "[" in row.text
     shot(driver, screenshots, "4-ops")
+
+
+def test_a_new_user_starts_cold_and_one_click_gives_them_a_vector(
+    browser: WebDriver, serving_app: ServingApp, screenshots: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    driver = browser
+    driver.get(f"{serving_app.url}/demo")
+    wait(driver, lambda d: attribute(d, "body", "data-ready") == "true", "the page never got ready")
+    refreshes = int(attribute(driver, "#recs", "data-refreshes"))
+    Select(driver.find_element(By.ID, "user-select")).select_by_value("__new__")
+    wait(
+        driver,
+        lambda d: (
+            int(attribute(d, "#recs", "data-refreshes")) > refreshes
+            and d.find_element(By.ID, "recs-for").text.startswith("for new-")
+        ),
+        "picking a new user did not refresh the list",
+    )
+    assert driver.find_element(By.ID, "fallback").text == "fallback: cold_start"
+    assert attribute(driver, "#heat-combined", "data-values") == ""  # no vector: popularity
+    assert len(recommended(driver)) == 10
+    product = driver.find_elements(By.CSS_SELECTOR, "#catalog .product")[0]
+    product.find_element(By.CSS_SELECTOR, 'button[data-event="purchase"]').click()
+    wait(
+        driver,
+        lambda d: attribute(d, "#heat-combined", "data-values") != "",
+        "one purchase did not give the new user a vector",
+    )
+    assert not driver.find_element(By.ID, "fallback").is_displayed()
+    clicked = str(product.get_attribute("data-item-id"))
+    assert clicked not in {item for item, _ in recommended(driver)}
+    shot(driver, screenshots, "5-new-user-after-a-purchase")
