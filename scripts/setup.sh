@@ -8,11 +8,14 @@ PY=${PYTHON:-python3}
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-# System packages: Redis (online store, event log) and PostgreSQL (Feast registry in the cluster profile).
+# System packages: Redis (online store, event log), PostgreSQL (Feast registry in the cluster profile),
+# chromium and its driver (the demo page's browser test, tests/integration/test_demo_browser.py).
 need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
 command -v unzip >/dev/null || need_apt+=(unzip)
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   $SUDO apt-get update -qq

@@ -3,7 +3,8 @@
 Thin: flags become `AppArgs`; Ray and Serve are started here, and stopped cleanly on Ctrl-C or SIGTERM.
 `demo` expects what `recserve train --promote` leaves in the data dir (a registered champion and the
 feature tables): it applies and materializes the features, makes sure a Redis answers (starting a
-private one in the data dir if none does), serves, sends one request and one event, and prints curls.
+private one in the data dir if none does), serves, sends one request and one event, and prints curls
+and the `/demo` page's URL.
 """
 
 from __future__ import annotations
@@ -350,6 +351,11 @@ def curl_examples(base_url: str, user_id: str, item_id: str) -> str:
     )
 
 
+def demo_urls(base_url: str) -> str:
+    """Where the demo page and the ops view are (served by the Ingress itself)."""
+    return f"demo page: {base_url}/demo   (ops view: {base_url}/demo/ops)"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_overrides(args)
     with running_graph(args, settings) as base_url:
@@ -358,6 +364,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"serving {state.get('model_uri')} version {state.get('model_version')} at {base_url}"
         )
         print(f"docs: {base_url}/docs")
+        print(demo_urls(base_url))
         print(curl_examples(base_url, "u0", "i0"))
         sys.stdout.flush()
         wait_for_signal()
@@ -455,6 +462,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 f"{state.get('model_version')} at {base_url} (docs: {base_url}/docs). Try:\n"
             )
             print(curl_examples(base_url, user_id, item_id))
+            print(f"\n{demo_urls(base_url)}")
             print("\nCtrl-C stops it.")
             sys.stdout.flush()
             wait_for_signal()

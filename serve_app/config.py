@@ -359,6 +359,35 @@ class MonitoringConfig(BaseModel):
     )
 
 
+class DemoConfig(BaseModel):
+    """The `/demo` page's tables: a catalog to browse and the users to pick from (local files)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="serve /demo, /demo/ops and /v1/demo/*")
+    catalog_path: Path | None = Field(
+        None,
+        description="catalog Parquet (item_id, category, price, title); None: the only "
+        "datasets/*/catalog.parquet under feature_store.data_dir, else its item_profile table "
+        "(no titles)",
+    )
+    users_path: Path | None = Field(
+        None,
+        description="Parquet with user_id and event_count; None: feature_store.data_dir's "
+        "user_profile table",
+    )
+    max_users: int = Field(50, ge=1, le=1_000, description="known users offered, most active first")
+
+    def catalog_file(self, data_dir: Path) -> Path:
+        if self.catalog_path is not None:
+            return self.catalog_path
+        found = sorted(data_dir.glob("datasets/*/catalog.parquet"))
+        return found[0] if len(found) == 1 else data_dir / "features" / "item_profile.parquet"
+
+    def users_file(self, data_dir: Path) -> Path:
+        return self.users_path or data_dir / "features" / "user_profile.parquet"
+
+
 class ServeSettings(BaseSettings):
     """Everything the serving graph needs; create it once (app builder) and pass sections down."""
 
@@ -393,6 +422,7 @@ class ServeSettings(BaseSettings):
     api: ApiConfig = Field(default_factory=ApiConfig)
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -31,6 +31,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from serve_app.config import ApiConfig, ExperimentConfig, ServeSettings, StageConfig
+from serve_app.demo import mount_demo
 from serve_app.errors import (
     BadRequest,
     FeatureStoreUnavailable,
@@ -44,6 +45,7 @@ from serve_app.metrics import RequestMetrics
 from serve_app.models import SwapOutcome
 from serve_app.router import Readiness, Router, StageHandles, root_cause
 from serve_app.schemas import ID_PATTERN, MAX_ID_LENGTH, Event
+from serve_app.stages.explain import ExplainTrace
 from serve_app.stages.records import Filters, Query, Recommendations
 
 logger = logging.getLogger(__name__)
@@ -93,6 +95,9 @@ class RecommendationRequest(_Strict):
     context: RecommendationContext | None = None
     filters: RecommendationFilters | None = None
     options: RecommendationOptions | None = None
+    explain: bool = Field(
+        False, strict=True, description="add a trace of how the list was made (bounded in size)"
+    )
 
 
 class RecommendedItemOut(BaseModel):
@@ -110,6 +115,7 @@ class RecommendationResponse(BaseModel):
     items: list[RecommendedItemOut]
     fallback: Literal["cold_start", "degraded", "model_missing"] | None
     debug: dict[str, Any] | None = Field(None, description="only with ?debug=1: stage timings")
+    explain: ExplainTrace | None = Field(None, description="only with explain: true")
 
 
 class EventsRequest(_Strict):
@@ -315,6 +321,7 @@ def to_query(body: RecommendationRequest, request_id: str) -> Query:
         segment=body.context.segment if body.context else None,
         mmr_lambda=options.mmr_lambda,
         category_cap=options.category_cap,
+        explain=body.explain,
     )
 
 
@@ -331,6 +338,7 @@ def to_response(result: Recommendations, debug: bool, total_ms: float) -> Recomm
             if debug
             else None
         ),
+        explain=result.trace,
     )
 
 
@@ -546,6 +554,7 @@ class Ingress:
         self._backend = ServeBackend(router, events)
         self._config = settings.api
         self._experiment = settings.experiment
+        self._settings = settings
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         """Ray Serve `user_config` (a `StageConfig`): how requests are grouped before the first hop
@@ -553,4 +562,7 @@ class Ingress:
         self._router.configure(StageConfig.model_validate(user_config or {}).batching)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self._backend, self._config, RequestMetrics(), self._experiment)
+        metrics = RequestMetrics()
+        app = create_api(self._backend, self._config, metrics, self._experiment)
+        mount_demo(app, self._backend, self._settings, metrics)
+        return app

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from ray.serve import metrics
 
+from serve_app.live import LiveWindow
+
 # Ray's Prometheus exporter puts this in front of every application metric name.
 EXPORT_PREFIX = "ray_"
 
@@ -370,6 +372,7 @@ class RequestMetrics:
         self.events_accepted = create(EVENTS_ACCEPTED)
         self.events_duplicate = create(EVENTS_DUPLICATE)
         self.events_rejected = create(EVENTS_REJECTED)
+        self.live = LiveWindow()  # recommendations of the last minute, for /demo/ops
 
     def start(self, variants: Iterable[str]) -> None:
         """Series of the known label values at 0 (every variant of the experiment)."""
@@ -385,6 +388,8 @@ class RequestMetrics:
         tags = {"route": route, "status": str(status)}
         self.requests.inc(tags=tags)
         self.latency.observe(milliseconds, tags=tags)
+        if route == "recommendations":
+            self.live.request(status, milliseconds)
 
     def counted(self, route: str, status: int) -> None:
         """A request refused before its handler ran (invalid body): counted, not timed."""
@@ -392,6 +397,7 @@ class RequestMetrics:
 
     def served(self, variant: str, items: int, fallback: str | None) -> None:
         self.recommendations.inc(tags={"variant": variant})
+        self.live.served(fallback)
         if items:  # Ray counters refuse increments of 0
             self.impressions.inc(items, tags={"variant": variant})
         if fallback is not None:

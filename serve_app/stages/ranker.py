@@ -19,6 +19,7 @@ import numpy as np
 from serve_app.contract import ranker_features
 from serve_app.schemas import BundleManifest
 from serve_app.stages.catalog import BundleTerms
+from serve_app.stages.explain import ranker_traces
 from serve_app.stages.records import Candidates, Scored
 
 if TYPE_CHECKING:
@@ -111,6 +112,13 @@ def score_batch(model: RankingModel, batch: Sequence[Candidates]) -> list[Scored
     x = feature_matrix(model, chosen)
     predicted = np.asarray(model.booster.inplace_predict(x), dtype=np.float32).reshape(-1)
     ends = np.cumsum([len(c.rows) for c in chosen])
-    for i, c, part in zip(ranked, chosen, np.split(predicted, ends[:-1]), strict=True):
-        out[i] = Scored(c, part, c.timings)
+    traces = (
+        ranker_traces(model, x, predicted, ends, chosen)
+        if any(c.user.query.explain for c in chosen)
+        else {}
+    )
+    for j, (i, c, part) in enumerate(
+        zip(ranked, chosen, np.split(predicted, ends[:-1]), strict=True)
+    ):
+        out[i] = Scored(c, part, c.timings, traces.get(j))
     return out

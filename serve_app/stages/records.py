@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
+
+if TYPE_CHECKING:  # the trace records import these ones
+    from serve_app.stages.explain import ExplainTrace, RankerTrace
 
 Source = Literal["retrieval", "collaborative", "popularity"]
 # model_missing: the user's variant had no loaded version; another variant's version answered.
@@ -42,6 +45,7 @@ class Query:
     category_cap: bool = True  # False: no per-category cap (filters and no-repeat still hold)
     model_version: str = ""  # set by the router
     variant: str = ""
+    explain: bool = False  # True: every stage keeps what `stages.explain` needs for a trace
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,9 @@ class UserState:
     interactions: int  # distinct positive items known, snapshot and since
     degraded: bool
     timings: Timings = ()
+    # Only when the query asks to explain: the tower's output and the real-time delta (float32 [D]).
+    base_vector: np.ndarray | None = None
+    delta_vector: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,7 @@ class Scored:
     candidates: Candidates
     scores: np.ndarray  # float32 [N]
     timings: Timings = ()
+    ranker_trace: RankerTrace | None = None  # only when the query asks to explain
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,7 @@ class Recommendations:
     items: tuple[RecommendedItem, ...]
     fallback: Fallback | None
     timings: Timings = ()
+    trace: ExplainTrace | None = None  # only when the query asks to explain
 
 
 def _ms(start: float, end: float) -> float:

@@ -20,6 +20,7 @@ import numpy as np
 from serve_app.config import RankingConfig
 from serve_app.schemas import BundleManifest
 from serve_app.stages.catalog import BundleTerms, Catalog, Popularity
+from serve_app.stages.explain import explain_trace
 from serve_app.stages.records import (
     Candidates,
     Fallback,
@@ -184,6 +185,13 @@ def rerank(model: ReRankingModel, scored: Scored, ranking: RankingConfig) -> Rec
         lam,
         cap,
     )
+    trace = (
+        explain_trace(
+            model, scored, ranking.delta_weight, positions, relevance, picked, final, lam, cap
+        )
+        if query.explain
+        else None
+    )
     item_ids = model.catalog.item_ids
     items = tuple(
         RecommendedItem(
@@ -202,6 +210,7 @@ def rerank(model: ReRankingModel, scored: Scored, ranking: RankingConfig) -> Rec
         items=items,
         fallback=fallback,
         timings=scored.timings,
+        trace=trace,
     )
 
 

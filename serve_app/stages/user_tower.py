@@ -147,11 +147,8 @@ def embed_users(
     user_ids = [q.user_id for q in queries]
     recent = np.stack([encode_recent(r, index, length) for r in features.recent_items])
     buckets, profile = tower_inputs(model, user_ids, features.event_count, features.category_prefs)
-    vectors = add_delta(
-        user_vectors(model, buckets, profile, recent),
-        features.delta_embedding,
-        ranking.delta_weight,
-    )
+    base = user_vectors(model, buckets, profile, recent)
+    vectors = add_delta(base, features.delta_embedding, ranking.delta_weight)
     states = []
     for row, query in enumerate(queries):
         seen_ids = set(features.recent_items[row])
@@ -170,6 +167,8 @@ def embed_users(
                 seen=seen,
                 interactions=interactions,
                 degraded=features.degraded or seen_items is None,
+                base_vector=base[row] if query.explain else None,
+                delta_vector=features.delta_embedding[row] if query.explain else None,
             )
         )
     return states

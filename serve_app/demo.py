@@ -1,0 +1,314 @@
+"""The demo page's server side, mounted on the Ingress's API: `/demo` and `/demo/ops` (static files in
+`serve_app/web/`, vanilla JS), and the small JSON endpoints they read under `/v1/demo/`.
+
+The page itself talks to the real API (`POST /v1/events`, `POST /v1/recommendations` with
+`"explain": true`, `GET /v1/experiments`); what is here only lists the catalog and the known users
+(local Parquet files, `DemoConfig`), reads one user's vectors through the graph, and reports this
+replica's last minute (`serve_app.live`) with the shadow log's overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI
+from fastapi import Path as PathParam
+from fastapi import Query as QueryParam
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from serve_app.config import ServeSettings
+from serve_app.experiments import ExperimentLog, ShadowSummary
+from serve_app.metrics import RequestMetrics
+from serve_app.schemas import ID_PATTERN, MAX_ID_LENGTH
+from serve_app.stages.explain import UserVectors
+from serve_app.stages.records import Query
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).with_name("web")
+MAX_PAGE = 200  # catalog items per response
+SHADOW_SAMPLE = 500  # latest shadow comparisons the ops view summarises
+NO_CACHE = {"Cache-Control": "no-cache"}
+
+
+# --- records -------------------------------------------------------------------------------------
+
+
+class CatalogItemOut(BaseModel):
+    item_id: str
+    title: str
+    category: str
+    price: float
+
+
+class CatalogPage(BaseModel):
+    total: int = Field(description="items matching the search and category")
+    offset: int
+    limit: int
+    categories: list[str] = Field(description="every category of the catalog, sorted")
+    items: list[CatalogItemOut] = Field(max_length=MAX_PAGE)
+
+
+class KnownUser(BaseModel):
+    user_id: str
+    event_count: float = Field(description="positive interactions in the feature snapshot")
+    top_category: str | None = Field(description="the category most of their seen items are in")
+
+
+class KnownUsers(BaseModel):
+    users: list[KnownUser] = Field(max_length=1_000, description="most active first")
+
+
+class UserVectorsResponse(BaseModel):
+    user_id: str
+    variant: str
+    model_version: str
+    fallback: str | None
+    vectors: UserVectors
+
+
+class ShadowStats(BaseModel):
+    mirrored: int = Field(0, description=f"comparisons among the latest {SHADOW_SAMPLE}")
+    mean_jaccard: float | None = None
+    mean_rbo: float | None = None
+    errors: dict[str, int] = Field(default_factory=dict)
+    error: str | None = Field(None, description="why the shadow log could not be read")
+
+
+class LiveStats(BaseModel):
+    """This Ingress replica's POST /v1/recommendations over the last window."""
+
+    window_seconds: float
+    requests: int
+    requests_per_second: float
+    errors: int
+    p50_ms: float | None
+    p99_ms: float | None
+    served: int
+    fallbacks: dict[str, int]
+    fallback_share: float | None
+    shadow: ShadowStats
+
+
+# --- the tables ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoTables:
+    """The catalog and the known users, as the page lists them."""
+
+    items: list[CatalogItemOut]
+    categories: list[str]
+    users: list[KnownUser]
+
+    @classmethod
+    def load(cls, catalog_file: Path, users_file: Path, max_users: int) -> DemoTables:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(catalog_file)
+        columns = set(table.column_names)
+        missing = {"item_id", "category", "price"} - columns
+        if missing:
+            raise ValueError(f"{catalog_file} lacks columns {sorted(missing)}")
+        rows = table.select(
+            [c for c in ("item_id", "category", "price", "title") if c in columns]
+        ).to_pylist()
+        items = [
+            CatalogItemOut(
+                item_id=str(r["item_id"]),
+                title=str(r.get("title") or r["item_id"]),
+                category=str(r["category"]),
+                price=round(float(r["price"]), 2),
+            )
+            for r in rows
+        ]
+        category_of = {i.item_id: i.category for i in items}
+        users_table = pq.read_table(users_file)
+        user_columns = [
+            c for c in ("user_id", "event_count", "seen_items") if c in users_table.column_names
+        ]
+        users = []
+        for r in users_table.select(user_columns).to_pylist():
+            seen = Counter(
+                category_of.get(i) for i in r.get("seen_items") or () if i in category_of
+            )
+            users.append(
+                KnownUser(
+                    user_id=str(r["user_id"]),
+                    event_count=float(r.get("event_count") or 0.0),
+                    top_category=seen.most_common(1)[0][0] if seen else None,
+                )
+            )
+        users.sort(key=lambda u: (-u.event_count, u.user_id))
+        return cls(items, sorted({i.category for i in items}), users[:max_users])
+
+
+def catalog_page(
+    tables: DemoTables, q: str, category: str | None, offset: int, limit: int
+) -> CatalogPage:
+    """Items whose id, title or category contains `q` (case-insensitive), of `category` if given."""
+    needle = q.strip().lower()
+    matching = [
+        i
+        for i in tables.items
+        if (category is None or i.category == category)
+        and (
+            not needle
+            or needle in i.title.lower()
+            or needle in i.item_id.lower()
+            or needle in i.category.lower()
+        )
+    ]
+    return CatalogPage(
+        total=len(matching),
+        offset=offset,
+        limit=limit,
+        categories=tables.categories,
+        items=matching[offset : offset + limit],
+    )
+
+
+# --- routes --------------------------------------------------------------------------------------
+
+
+UserId = Annotated[
+    str,
+    PathParam(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN.pattern),
+]
+
+
+def mount_demo(
+    app: FastAPI, backend: Any, settings: ServeSettings, metrics: RequestMetrics | None
+) -> None:
+    """Add the demo routes to the API (`backend`: the ingress's `Backend`)."""
+    from serve_app.ingress import ERRORS, _backend_error, error_response
+
+    demo = settings.demo
+    if not demo.enabled:
+        return
+    data_dir = settings.feature_store.data_dir
+    loaded: list[DemoTables] = []
+    lock = asyncio.Lock()
+    experiment = settings.experiment
+
+    async def tables() -> DemoTables:
+        async with lock:
+            if not loaded:
+                loaded.append(
+                    await asyncio.to_thread(
+                        DemoTables.load,
+                        demo.catalog_file(data_dir),
+                        demo.users_file(data_dir),
+                        demo.max_users,
+                    )
+                )
+        return loaded[0]
+
+    def unavailable(exc: Exception) -> JSONResponse:
+        logger.warning("demo tables unavailable: %s", exc)
+        return error_response(
+            503, "demo_unavailable", f"the demo's catalog or users cannot be read: {exc}"
+        )
+
+    shadow_log: list[ExperimentLog] = []
+
+    def read_shadow() -> ShadowSummary:
+        if not shadow_log:
+            from serve_app.redis_client import connect_redis
+
+            shadow_log.append(
+                ExperimentLog(
+                    connect_redis(settings.event_redis_url, settings.redis_timeout_seconds),
+                    experiment.key_prefix,
+                    experiment.name,
+                    experiment.attribution_window_seconds,
+                )
+            )
+        return ShadowSummary.of(shadow_log[0].shadow_log(SHADOW_SAMPLE))
+
+    app.mount("/demo/static", StaticFiles(directory=STATIC), name="demo-static")
+
+    @app.get("/demo", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers=NO_CACHE)
+
+    @app.get("/demo/ops", include_in_schema=False)
+    async def ops_page() -> FileResponse:
+        return FileResponse(STATIC / "ops.html", headers=NO_CACHE)
+
+    @app.get("/v1/demo/catalog", response_model=CatalogPage, responses=ERRORS)
+    async def catalog(
+        q: Annotated[str, QueryParam(max_length=64, description="search text")] = "",
+        category: Annotated[str | None, QueryParam(max_length=MAX_ID_LENGTH)] = None,
+        offset: Annotated[int, QueryParam(ge=0, le=1_000_000)] = 0,
+        limit: Annotated[int, QueryParam(ge=1, le=MAX_PAGE)] = 60,
+    ) -> Any:
+        """The demo catalog (title, category, price), searchable and filtered by category."""
+        try:
+            found = await tables()
+        except Exception as exc:
+            return unavailable(exc)
+        if category is not None and category not in found.categories:
+            return error_response(
+                422, "invalid_request", f"unknown category {category!r}", "category"
+            )
+        return catalog_page(found, q, category, offset, limit)
+
+    @app.get("/v1/demo/users", response_model=KnownUsers, responses=ERRORS)
+    async def users() -> Any:
+        """Known users of the feature snapshot, most active first (at most demo.max_users)."""
+        try:
+            return KnownUsers(users=(await tables()).users)
+        except Exception as exc:
+            return unavailable(exc)
+
+    @app.get(
+        "/v1/demo/users/{user_id}/vectors", response_model=UserVectorsResponse, responses=ERRORS
+    )
+    async def vectors(user_id: UserId) -> Any:
+        """The user's base, real-time delta and combined vectors, read through the graph (one
+        explained request for one item: it counts as a served request)."""
+        query = Query(request_id=uuid.uuid4().hex, user_id=user_id, k=1, explain=True)
+        try:
+            result = await asyncio.wait_for(
+                backend.recommend(query), timeout=settings.api.request_timeout_seconds
+            )
+        except Exception as exc:
+            return _backend_error(exc)
+        assert result.trace is not None, "an explained request carries its trace"
+        return UserVectorsResponse(
+            user_id=user_id,
+            variant=result.variant,
+            model_version=result.model_version,
+            fallback=result.fallback,
+            vectors=result.trace.user,
+        )
+
+    @app.get("/v1/demo/stats", response_model=LiveStats, responses=ERRORS)
+    async def stats() -> Any:
+        """This replica's last minute of recommendations (rate, latency, fallbacks) and the shadow
+        log's overlap (every replica's)."""
+        snapshot = metrics.live.snapshot() if metrics is not None else None
+        shadow = ShadowStats()
+        if experiment.shadow_ref is not None:
+            try:
+                summary = await asyncio.wait_for(asyncio.to_thread(read_shadow), timeout=2.0)
+                shadow = ShadowStats(
+                    mirrored=summary.mirrored,
+                    mean_jaccard=summary.mean_jaccard,
+                    mean_rbo=summary.mean_rbo,
+                    errors=dict(summary.errors),
+                )
+            except Exception as exc:  # Redis down: the rest of the view still answers
+                shadow = ShadowStats(error=f"shadow log unavailable: {type(exc).__name__}")
+        if snapshot is None:
+            return error_response(503, "no_metrics", "this API runs without request metrics")
+        return LiveStats(**asdict(snapshot), shadow=shadow)

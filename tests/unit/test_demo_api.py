@@ -1,0 +1,204 @@
+"""The demo page's HTTP side without Ray: static pages, the catalog/users/vectors/stats endpoints and
+`"explain": true`, over FastAPI's TestClient, with the pure stages of test_recommend answering in process.
+
+Expectations come from the hand-written Parquet tables below and from the trace's own contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from fastapi.testclient import TestClient
+
+from serve_app.config import RankingConfig, ServeSettings
+from serve_app.demo import MAX_PAGE, mount_demo
+from serve_app.features import FeatureShapes, assemble_user_features
+from serve_app.ingress import create_api
+from serve_app.metrics import RequestMetrics
+from serve_app.recommend import ServingModel, recommend_in_process
+from serve_app.stages.records import Query, Recommendations
+from tests.unit.test_ingress import Unreachable, assert_error
+from tests.unit.test_recommend import DIM, HISTORY, make_model
+
+CATEGORIES = ["a", "b", "c"]
+
+
+class InProcess(Unreachable):
+    """The four pure stages over the tiny bundle; every user has clicked i01 and i02."""
+
+    def __init__(self, model: ServingModel) -> None:
+        self.model = model
+        self.queries: list[Query] = []
+
+    async def recommend(self, query: Query) -> Recommendations:
+        self.queries.append(query)
+        shapes = FeatureShapes(n_categories=3, embedding_dim=DIM, history_length=HISTORY)
+        batch: dict[str, list[Any]] = {
+            "event_count": [6.0],
+            "category_prefs": [[0.1, 0.6, 0.3]],
+            "base_embedding": [None],
+            "recent_items": [["i01", "i02"]],
+        }
+        features = assemble_user_features([query.user_id], batch, None, shapes, "7", False)
+        stamped = replace(query, model_version="7", variant="champion")
+        (result,) = recommend_in_process(
+            self.model, [stamped], features, [("i01", "i02")], RankingConfig()
+        )
+        return result
+
+
+@pytest.fixture(scope="module")
+def model() -> ServingModel:
+    return make_model()
+
+
+@pytest.fixture
+def tables(tmp_path: Path) -> Path:
+    pq.write_table(
+        pa.table(
+            {
+                "item_id": [f"i{i:02d}" for i in range(30)],
+                "category": [CATEGORIES[i % 3] for i in range(30)],
+                "price": [float(i) + 0.5 for i in range(30)],
+                "title": [f"Thing {i}" if i != 7 else "Red Lamp" for i in range(30)],
+            }
+        ),
+        tmp_path / "catalog.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": ["light", "heavy", "middle"],
+                "event_count": [1.0, 9.0, 4.0],
+                "seen_items": [["i00"], ["i01", "i04", "i02"], []],
+            }
+        ),
+        tmp_path / "users.parquet",
+    )
+    return tmp_path
+
+
+def demo_client(backend: Any, tables: Path, **demo: Any) -> TestClient:
+    settings = ServeSettings(
+        feature_store={"data_dir": tables},
+        demo={
+            "catalog_path": tables / "catalog.parquet",
+            "users_path": tables / "users.parquet",
+            **demo,
+        },
+    )
+    metrics = RequestMetrics()
+    api = create_api(backend, settings.api, metrics)
+    mount_demo(api, backend, settings, metrics)
+    return TestClient(api, raise_server_exceptions=False)
+
+
+def test_the_pages_and_their_assets_are_served(model: ServingModel, tables: Path) -> None:
+    api = demo_client(InProcess(model), tables)
+    page = api.get("/demo")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'src="/demo/static/demo.js"' in page.text
+    ops = api.get("/demo/ops")
+    assert ops.status_code == 200 and 'src="/demo/static/ops.js"' in ops.text
+    for asset in ("demo.js", "ops.js", "demo.css"):
+        assert api.get(f"/demo/static/{asset}").status_code == 200
+    assert_error(api.get("/demo/static/../demo.py"), 404, "not_found")
+
+
+def test_catalog_is_searchable_filterable_and_paged(model: ServingModel, tables: Path) -> None:
+    api = demo_client(InProcess(model), tables)
+    body = api.get("/v1/demo/catalog", params={"limit": 5}).json()
+    assert body["total"] == 30 and body["categories"] == CATEGORIES
+    assert body["items"][0] == {"item_id": "i00", "title": "Thing 0", "category": "a", "price": 0.5}
+    assert len(body["items"]) == 5
+    lamp = api.get("/v1/demo/catalog", params={"q": "red lamp"}).json()
+    assert [i["item_id"] for i in lamp["items"]] == ["i07"]
+    b = api.get("/v1/demo/catalog", params={"category": "b", "offset": 8}).json()
+    assert b["total"] == 10 and [i["item_id"] for i in b["items"]] == ["i25", "i28"]
+
+
+def test_bad_catalog_queries_get_4xx_naming_the_field(model: ServingModel, tables: Path) -> None:
+    api = demo_client(InProcess(model), tables)
+    assert_error(
+        api.get("/v1/demo/catalog", params={"category": "z"}), 422, "invalid_request", "category"
+    )
+    assert_error(
+        api.get("/v1/demo/catalog", params={"limit": MAX_PAGE + 1}), 422, "invalid_request", "limit"
+    )
+    assert_error(
+        api.get("/v1/demo/catalog", params={"offset": -1}), 422, "invalid_request", "offset"
+    )
+    assert_error(api.get("/v1/demo/catalog", params={"q": "x" * 65}), 422, "invalid_request", "q")
+
+
+def test_known_users_come_most_active_first_with_their_main_category(
+    model: ServingModel, tables: Path
+) -> None:
+    api = demo_client(InProcess(model), tables, max_users=2)
+    users = api.get("/v1/demo/users").json()["users"]
+    # heavy saw i01 (b), i04 (b), i02 (c): mostly b.
+    assert users == [
+        {"user_id": "heavy", "event_count": 9.0, "top_category": "b"},
+        {"user_id": "middle", "event_count": 4.0, "top_category": None},
+    ]
+
+
+def test_missing_tables_answer_503_json(model: ServingModel, tables: Path) -> None:
+    api = demo_client(InProcess(model), tables, catalog_path=tables / "nope.parquet")
+    assert_error(api.get("/v1/demo/users"), 503, "demo_unavailable")
+    assert_error(api.get("/v1/demo/catalog"), 503, "demo_unavailable")
+
+
+def test_explain_is_off_by_default_and_typed_when_asked(model: ServingModel, tables: Path) -> None:
+    backend = InProcess(model)
+    api = demo_client(backend, tables)
+    plain = api.post("/v1/recommendations", json={"user_id": "u1", "k": 4})
+    assert plain.status_code == 200 and "explain" not in plain.json()
+    assert backend.queries[-1].explain is False
+    asked = api.post("/v1/recommendations", json={"user_id": "u1", "k": 4, "explain": True})
+    assert asked.status_code == 200
+    body = asked.json()
+    assert backend.queries[-1].explain is True
+    assert body["items"] == plain.json()["items"]
+    trace = body["explain"]
+    assert [i["item_id"] for i in trace["items"]] == [i["item_id"] for i in body["items"]]
+    assert {r["rule"] for r in trace["removed"]} == {"duplicate", "seen", "filters", "category_cap"}
+    assert len(trace["user"]["combined"]) == DIM
+    assert_error(
+        api.post("/v1/recommendations", json={"user_id": "u1", "explain": "yes"}),
+        422,
+        "invalid_request",
+        "explain",
+    )
+    schema = api.get("/openapi.json").json()["components"]["schemas"]
+    assert {"ExplainTrace", "ItemExplanation", "CatalogPage", "UserVectorsResponse"} <= set(schema)
+
+
+def test_user_vectors_are_read_through_the_graph(model: ServingModel, tables: Path) -> None:
+    backend = InProcess(model)
+    api = demo_client(backend, tables)
+    body = api.get("/v1/demo/users/u1/vectors").json()
+    assert backend.queries[-1].explain is True and backend.queries[-1].k == 1
+    assert body["user_id"] == "u1" and body["model_version"] == "7"
+    vectors = body["vectors"]
+    combined = np.array(vectors["combined"])
+    assert len(combined) == DIM and np.linalg.norm(combined) == pytest.approx(1.0, abs=1e-4)
+    assert vectors["delta"] == [0.0] * DIM
+    assert_error(api.get("/v1/demo/users/not%20ok/vectors"), 422, "invalid_request", "user_id")
+
+
+def test_stats_count_this_replicas_recommendations(model: ServingModel, tables: Path) -> None:
+    api = demo_client(InProcess(model), tables)
+    for _ in range(3):
+        assert api.post("/v1/recommendations", json={"user_id": "u1", "k": 2}).status_code == 200
+    api.post("/v1/recommendations", json={"user_id": "u1", "k": 0})  # 422: counted, not timed
+    stats = api.get("/v1/demo/stats").json()
+    assert stats["requests"] == 3 and stats["served"] == 3 and stats["errors"] == 0
+    assert stats["fallback_share"] == 0.0 and stats["p99_ms"] >= stats["p50_ms"] > 0
+    assert stats["shadow"]["mirrored"] == 0  # no shadow configured
