@@ -246,6 +246,21 @@ class ApiConfig(BaseModel):
     )
 
 
+class StageDeadlines(BaseModel):
+    """How long the router waits for each stage's answer to a batch before it answers from what it
+    has (`fallback: degraded`): UserTower missing -> the user as a cold one (popularity, by segment
+    when known); Ranker missing -> retrieval order; ReRanker missing -> the ranker's order of the
+    candidates (the retriever already left out seen and filtered items). The Retriever has no
+    fallback yet: its failure answers 503."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_tower: float = Field(0.5, gt=0.0, description="seconds")
+    retriever: float = Field(0.5, gt=0.0, description="seconds")
+    ranker: float = Field(0.5, gt=0.0, description="seconds")
+    reranker: float = Field(0.5, gt=0.0, description="seconds")
+
+
 _LABEL = r"^[A-Za-z0-9_.\-]{1,64}$"
 _MODEL_REF = r"^([0-9]+|[A-Za-z0-9_.\-]{1,128})$"
 
@@ -423,6 +438,7 @@ class ServeSettings(BaseSettings):
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
+    deadlines: StageDeadlines = Field(default_factory=StageDeadlines)
 
     @model_validator(mode="before")
     @classmethod

@@ -54,3 +54,13 @@ class Overloaded(RecserveError):
     Retry-After) rather than queued for seconds."""
 
     code = "overloaded"
+
+
+class StageUnavailable(RecserveError):
+    """A stage failed or missed its deadline and the request has no fallback around it (503)."""
+
+    code = "stage_unavailable"
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(f"the {stage} stage is unavailable, retry")
+        self.stage = stage

@@ -38,6 +38,7 @@ from serve_app.errors import (
     ModelUnavailable,
     Overloaded,
     RecserveError,
+    StageUnavailable,
 )
 from serve_app.event_writer import EventWriteSummary
 from serve_app.experiments import assign_variant
@@ -243,7 +244,7 @@ def _backend_error(exc: BaseException) -> JSONResponse:
         )
     if isinstance(cause, BadRequest):
         return error_response(400, cause.code, cause.message, cause.field)
-    if isinstance(cause, FeatureStoreUnavailable | ModelUnavailable):
+    if isinstance(cause, FeatureStoreUnavailable | ModelUnavailable | StageUnavailable):
         return error_response(503, cause.code, cause.message, headers={"Retry-After": "1"})
     if isinstance(cause, RecserveError):
         return error_response(503, cause.code, cause.message)

@@ -27,11 +27,12 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
+import numpy as np
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.batching import Batcher
-from serve_app.config import BatchOptions, ServeSettings
-from serve_app.errors import ModelUnavailable
+from serve_app.config import BatchOptions, ServeSettings, StageDeadlines
+from serve_app.errors import BadRequest, ModelUnavailable, StageUnavailable
 from serve_app.experiments import (
     ExperimentLog,
     Served,
@@ -44,7 +45,18 @@ from serve_app.experiments import (
 )
 from serve_app.metrics import ModelMetrics, StageMetrics
 from serve_app.models import AliasWatcher, ModelSource, SwapOutcome
-from serve_app.stages.records import Query, Recommendations, stamp, with_timing
+from serve_app.stages.records import (
+    Candidates,
+    Query,
+    Recommendations,
+    RecommendedItem,
+    Scored,
+    cold_user,
+    retrieval_order,
+    source_of,
+    stamp,
+    with_timing,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +134,16 @@ def describe(exc: BaseException) -> str:
     return str(message) if message else f"{type(cause).__name__}: {cause}"
 
 
+def is_unavailable(exc: BaseException) -> bool:
+    """A dead or unreachable replica (killed, restarting, no replica yet), not an error it raised."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    cause = root_cause(exc)
+    return isinstance(cause, ActorDiedError | ActorUnavailableError | RayActorError) or isinstance(
+        exc, ActorDiedError | ActorUnavailableError | RayActorError
+    )
+
+
 @dataclass
 class _Arm:
     """A registry ref (alias or version) the router follows, and the variants that use it."""
@@ -144,6 +166,10 @@ class Router:
         self._weights = experiment.weights
         self._metrics = {v.name: ModelMetrics(v.name) for v in experiment.variants}
         self._graph = StageMetrics("graph")
+        # Stage failures the router answered around, counted where they are seen (here).
+        self._stage_metrics = {name: StageMetrics(name) for name in stages.named()}
+        # Each served version's item ids: the ReRanker's fallback names items without it.
+        self._item_ids: dict[str, np.ndarray] = {}
         self._arms: dict[str, _Arm] = {}
         self._variant_ref = experiment.variant_refs(settings.models.alias)
         for name, ref in self._variant_ref.items():
@@ -228,8 +254,20 @@ class Router:
             for variant in arm.variants:
                 self._metrics[variant].refused_version()
             raise ModelUnavailable("; ".join(failures))
+        if version not in self._item_ids:
+            self._item_ids[version] = await asyncio.to_thread(self._load_item_ids, version)
+        in_use = self._versions_in_use() | {version}
+        for stale in [v for v in self._item_ids if v not in in_use]:
+            del self._item_ids[stale]
         for variant in arm.variants:
             self._metrics[variant].swapped(arm.watcher.current, version)
+
+    def _load_item_ids(self, version: str) -> np.ndarray:
+        from serve_app.bundle import load_item_ids, read_manifest
+
+        path = self._source.fetch(version)
+        item_ids, _ = load_item_ids(path, read_manifest(path))
+        return item_ids
 
     def _versions_in_use(self) -> set[str]:
         return {a.watcher.current for a in self._arms.values() if a.watcher.current is not None}
@@ -264,15 +302,77 @@ class Router:
         return "; ".join(errors) or None
 
     async def _run(self, queries: list[Query]) -> list[Recommendations]:
-        """One batch through the four stages (its queries may name different versions)."""
+        """One batch through the four stages (its queries may name different versions). A stage that
+        fails or misses its deadline is answered around (`StageDeadlines`), flagged degraded."""
         stages = self._stages
-        # Each response goes straight into the next call. (Measured: stages calling each other
-        # in a chain cost more CPU and latency here than this, bench/graph_vs_inprocess.py.)
-        users = stages.user_tower.embed.remote(queries)
-        candidates = stages.retriever.retrieve.remote(users)
-        scored = stages.ranker.rank.remote(candidates)
-        results: list[Recommendations] = await stages.reranker.rerank.remote(scored)
+        deadlines = self._settings.deadlines
+        users = await self._stage("user_tower", stages.user_tower.embed.remote(queries), deadlines)
+        if users is None:
+            users = [cold_user(q) for q in queries]
+        candidates: list[Candidates] | None = await self._stage(
+            "retriever", stages.retriever.retrieve.remote(users), deadlines
+        )
+        if candidates is None:
+            raise StageUnavailable("retriever")
+        scored = await self._stage("ranker", stages.ranker.rank.remote(candidates), deadlines)
+        if scored is None:
+            scored = [retrieval_order(c) for c in candidates]
+        results = await self._stage("reranker", stages.reranker.rerank.remote(scored), deadlines)
+        if results is None:
+            results = [self._ranker_order(s) for s in scored]
         return results
+
+    async def _stage(self, name: str, call: Any, deadlines: StageDeadlines) -> Any:
+        """The stage's answer, or None when it failed or missed its deadline (counted per stage and
+        cause in recserve_stage_errors_total: timeout, unavailable, error). `call` is a stage
+        handle's DeploymentResponse."""
+        try:
+            return await asyncio.wait_for(call, timeout=getattr(deadlines, name))
+        except TimeoutError:
+            call.cancel()
+            cause = "timeout"
+        except Exception as exc:
+            if isinstance(root_cause(exc), BadRequest):
+                raise  # the request's own fault: no fallback makes it right
+            cause = "unavailable" if is_unavailable(exc) else "error"
+            logger.warning("stage %s failed (%s): %s", name, cause, describe(exc))
+        self._stage_metrics[name].failed(cause)
+        return None
+
+    def _ranker_order(self, scored: Scored) -> Recommendations:
+        """The ReRanker's fallback: the best-scored candidates (retrieval order for a cold user),
+        no repeats; seen and filtered items were left out by the retriever already."""
+        candidates = scored.candidates
+        query = candidates.user.query
+        item_ids = self._item_ids.get(query.model_version)
+        if item_ids is None:
+            raise StageUnavailable("reranker")
+        rows = candidates.rows
+        if len(scored.scores) == len(rows):
+            order = np.argsort(-scored.scores, kind="stable")
+        else:
+            order = np.arange(len(rows))
+        _, first = np.unique(rows[order], return_index=True)
+        picked = order[np.sort(first)][: query.k]
+        scores = scored.scores if len(scored.scores) == len(rows) else None
+        items = tuple(
+            RecommendedItem(
+                item_id=str(item_ids[rows[p]]),
+                score=float(scores[p]) if scores is not None else 1.0 - i / max(len(picked), 1),
+                rank=i + 1,
+                source=source_of(int(p), candidates),
+            )
+            for i, p in enumerate(picked)
+        )
+        return Recommendations(
+            request_id=query.request_id,
+            user_id=query.user_id,
+            variant=query.variant,
+            model_version=query.model_version,
+            items=items,
+            fallback="degraded",
+            timings=scored.timings,
+        )
 
     async def recommend(self, query: Query) -> Recommendations:
         """The query's answer, from the batch it joins (Overloaded when too many are waiting)."""
@@ -321,7 +421,9 @@ class Router:
                 error = "unavailable"
             else:
                 shadow = await asyncio.wait_for(
-                    self._shadow_batcher.submit(stamp(query, version, served.variant)),
+                    self._shadow_batcher.submit(
+                        stamp(replace(query, explain=False), version, served.variant)
+                    ),
                     timeout=self._experiment.shadow.timeout_seconds,
                 )
         except TimeoutError:

@@ -117,6 +117,38 @@ class Recommendations:
     trace: ExplainTrace | None = None  # only when the query asks to explain
 
 
+def source_of(position: int, candidates: Candidates) -> Source:
+    """Which source put candidate `position` in the list (retrieval, collaborative, popularity)."""
+    if position < candidates.n_retrieved:
+        return "retrieval"
+    if position < candidates.n_retrieved + candidates.n_collaborative:
+        return "collaborative"
+    return "popularity"
+
+
+def cold_user(query: Query) -> UserState:
+    """The UserTower's fallback: the user as an unknown one (the retriever answers popularity, by
+    the request's segment when the bundle knows it), flagged degraded."""
+    empty = np.zeros(0, dtype=np.int64)
+    return UserState(
+        query=query,
+        vector=None,
+        event_count=0.0,
+        category_prefs=np.zeros(0, dtype=np.float32),
+        recent=empty,
+        seen=empty,
+        interactions=0,
+        degraded=True,
+    )
+
+
+def retrieval_order(candidates: Candidates) -> Scored:
+    """The Ranker's fallback: candidates scored by retrieval (user . item), flagged degraded."""
+    user = replace(candidates.user, degraded=True)
+    scores = candidates.retrieval_scores if user.vector is not None else np.zeros(0, np.float32)
+    return Scored(replace(candidates, user=user), scores, candidates.timings)
+
+
 def _ms(start: float, end: float) -> float:
     return round((end - start) * 1000.0, 3)
 

@@ -22,12 +22,11 @@ from serve_app.schemas import BundleManifest
 from serve_app.stages.catalog import BundleTerms, Catalog, Popularity
 from serve_app.stages.explain import explain_trace
 from serve_app.stages.records import (
-    Candidates,
     Fallback,
     Recommendations,
     RecommendedItem,
     Scored,
-    Source,
+    source_of,
 )
 
 if TYPE_CHECKING:
@@ -198,7 +197,7 @@ def rerank(model: ReRankingModel, scored: Scored, ranking: RankingConfig) -> Rec
             item_id=str(item_ids[rows[p]]),
             score=float(final[i]),
             rank=i + 1,
-            source=_source(positions[p], candidates),
+            source=source_of(int(positions[p]), candidates),
         )
         for i, p in enumerate(picked)
     )
@@ -212,14 +211,6 @@ def rerank(model: ReRankingModel, scored: Scored, ranking: RankingConfig) -> Rec
         timings=scored.timings,
         trace=trace,
     )
-
-
-def _source(position: int, candidates: Candidates) -> Source:
-    if position < candidates.n_retrieved:
-        return "retrieval"
-    if position < candidates.n_retrieved + candidates.n_collaborative:
-        return "collaborative"
-    return "popularity"
 
 
 def rerank_batch(
