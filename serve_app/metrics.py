@@ -224,7 +224,8 @@ STAGE_LATENCY = _spec(
 STAGE_ERRORS = _spec(
     "recserve_stage_errors_total",
     "counter",
-    "Requests a stage failed, by error code.",
+    "Requests a stage failed (the router answered around it, flagged degraded), by cause: "
+    "timeout, unavailable (dead or restarting replica), error.",
     "stage",
     "code",
 )
@@ -354,8 +355,8 @@ class StageMetrics:
         for _, ms in timings:
             self.latency.observe(ms)
 
-    def failed(self, code: str) -> None:
-        self.errors.inc(tags={"code": code})
+    def failed(self, code: str, requests: int = 1) -> None:
+        self.errors.inc(requests, tags={"code": code})
 
 
 class RequestMetrics:

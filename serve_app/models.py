@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from serve_app.batching import Batcher
 from serve_app.config import RankingConfig, ServeSettings, StageConfig
-from serve_app.errors import RecserveError
+from serve_app.errors import RecserveError, StageUnavailable
 from serve_app.metrics import StageMetrics
 from serve_app.schemas import BundleManifest
 from serve_app.stages.records import by_version
@@ -90,7 +90,8 @@ class AliasWatcher:
     """Polls `resolve()` and makes a new version current once `activate(version)` succeeded.
 
     A version whose activation failed (verification, incompatible bundle, a stage that could not
-    load it) is remembered as refused and not retried until the alias moves or `check(force=True)`.
+    load it) is remembered as refused and not retried until the alias moves or `check(force=True)`;
+    one deferred because a stage had no live replica (StageUnavailable) is tried again next check.
     """
 
     resolve: Callable[[], str]
@@ -124,6 +125,10 @@ class AliasWatcher:
                 return SwapOutcome(previous, previous, False, self.refused[version])
             try:
                 await self.activate(version)
+            except StageUnavailable as exc:  # a replica restarting: try again at the next check
+                self.last_error = f"version {version} deferred: {exc.message}"
+                logger.warning("version %s deferred, still serving %s: %s", version, previous, exc)
+                return SwapOutcome(previous, previous, False, self.last_error)
             except Exception as exc:
                 message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
                 self.refused[version] = message

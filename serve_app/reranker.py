@@ -15,8 +15,14 @@ from ray import serve
 from serve_app.config import ServeSettings
 from serve_app.metrics import StageMetrics
 from serve_app.models import VersionedStage
-from serve_app.stages.records import Recommendations, Scored, version_of, with_timing
-from serve_app.stages.reranker import ReRankingModel, rerank_batch
+from serve_app.stages.records import (
+    Recommendations,
+    Scored,
+    UserState,
+    version_of,
+    with_timing,
+)
+from serve_app.stages.reranker import ReRankingModel, popular_batch, rerank_batch
 
 
 @serve.deployment
@@ -37,4 +43,15 @@ class ReRanker(VersionedStage[ReRankingModel]):
         )
         end = time.perf_counter()
         self._metrics.observe((end - start) * 1000.0)
+        return [replace(r, timings=with_timing(r.timings, "reranker", start, end)) for r in batch]
+
+    async def popular(self, users: list[UserState]) -> list[Recommendations]:
+        """The Retriever's fallback (the router calls it when the Retriever fails): popularity
+        lists through the same rules, flagged degraded. Not batched: it runs only while the
+        Retriever is down."""
+        start = time.perf_counter()
+        batch = await self.each_version(
+            users, version_of, lambda model, part: popular_batch(model, part, self._ranking)
+        )
+        end = time.perf_counter()
         return [replace(r, timings=with_timing(r.timings, "reranker", start, end)) for r in batch]

@@ -31,7 +31,7 @@ import numpy as np
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.batching import Batcher
-from serve_app.config import BatchOptions, ServeSettings, StageDeadlines
+from serve_app.config import BatchOptions, ServeSettings
 from serve_app.errors import BadRequest, ModelUnavailable, StageUnavailable
 from serve_app.experiments import (
     ExperimentLog,
@@ -237,23 +237,37 @@ class Router:
         return options.model_copy(update={"max_pending": None, "max_concurrent_batches": 1})
 
     async def _activate(self, ref: str, version: str) -> None:
-        """Have every stage load `version`; raise (refusing it) if any stage cannot."""
+        """Have every replica of every stage load and warm `version` before any request names it
+        (the old version serves meanwhile). One stage at a time: loading competes with serving for
+        the node's cores. A bundle a stage cannot load is refused (raise ModelUnavailable); a stage
+        with no live replica (restarting) defers the swap to the watcher's next check
+        (StageUnavailable), so a swap during a replica restart is not refused for good."""
         arm = self._arms[ref]
-        stages = self._stages.named()
-        calls = {name: handle.warm.remote(version) for name, handle in stages.items()}
-        results = await asyncio.wait_for(
-            asyncio.gather(*calls.values(), return_exceptions=True),
-            timeout=self._settings.models.warm_timeout_seconds,
-        )
-        failures = [
-            f"{name}: {describe(result)}"
-            for name, result in zip(calls, results, strict=True)
-            if isinstance(result, BaseException)
-        ]
+        timeout = self._settings.models.warm_timeout_seconds
+        failures: list[str] = []
+        absent: list[str] = []
+        for name, handle in self._stages.named().items():
+            try:
+                results = await handle.broadcast("warm", version).results_async(
+                    timeout_s=timeout, return_exceptions=True
+                )
+            except TimeoutError:
+                failures.append(f"{name}: not loaded within {timeout:.0f} s")
+                continue
+            if not results:
+                absent.append(name)
+            for result in results:
+                if isinstance(result, BaseException):
+                    if is_unavailable(result):
+                        absent.append(name)
+                    else:
+                        failures.append(f"{name}: {describe(result)}")
         if failures:
             for variant in arm.variants:
                 self._metrics[variant].refused_version()
             raise ModelUnavailable("; ".join(failures))
+        if absent:
+            raise StageUnavailable(", ".join(sorted(set(absent))))
         if version not in self._item_ids:
             self._item_ids[version] = await asyncio.to_thread(self._load_item_ids, version)
         in_use = self._versions_in_use() | {version}
@@ -303,31 +317,35 @@ class Router:
 
     async def _run(self, queries: list[Query]) -> list[Recommendations]:
         """One batch through the four stages (its queries may name different versions). A stage that
-        fails or misses its deadline is answered around (`StageDeadlines`), flagged degraded."""
-        stages = self._stages
-        deadlines = self._settings.deadlines
-        users = await self._stage("user_tower", stages.user_tower.embed.remote(queries), deadlines)
+        fails or misses its deadline (`deadlines.*`) is answered around, flagged degraded: UserTower
+        -> the user as a cold one; Retriever -> popularity lists from the ReRanker; Ranker ->
+        retrieval order; ReRanker -> ranker order. Only a Retriever and ReRanker both down is a 503."""
+        stages, n = self._stages, len(queries)
+        users = await self._stage("user_tower", stages.user_tower.embed.remote(queries), n)
         if users is None:
             users = [cold_user(q) for q in queries]
         candidates: list[Candidates] | None = await self._stage(
-            "retriever", stages.retriever.retrieve.remote(users), deadlines
+            "retriever", stages.retriever.retrieve.remote(users), n
         )
         if candidates is None:
-            raise StageUnavailable("retriever")
-        scored = await self._stage("ranker", stages.ranker.rank.remote(candidates), deadlines)
+            popular = await self._stage("reranker", stages.reranker.popular.remote(users), n)
+            if popular is None:
+                raise StageUnavailable("retriever")
+            return popular
+        scored = await self._stage("ranker", stages.ranker.rank.remote(candidates), n)
         if scored is None:
             scored = [retrieval_order(c) for c in candidates]
-        results = await self._stage("reranker", stages.reranker.rerank.remote(scored), deadlines)
+        results = await self._stage("reranker", stages.reranker.rerank.remote(scored), n)
         if results is None:
             results = [self._ranker_order(s) for s in scored]
         return results
 
-    async def _stage(self, name: str, call: Any, deadlines: StageDeadlines) -> Any:
-        """The stage's answer, or None when it failed or missed its deadline (counted per stage and
-        cause in recserve_stage_errors_total: timeout, unavailable, error). `call` is a stage
-        handle's DeploymentResponse."""
+    async def _stage(self, name: str, call: Any, requests: int) -> Any:
+        """The stage's answer, or None when it failed or missed its deadline (the batch's requests
+        counted per stage and cause in recserve_stage_errors_total: timeout, unavailable, error).
+        `call` is a stage handle's DeploymentResponse."""
         try:
-            return await asyncio.wait_for(call, timeout=getattr(deadlines, name))
+            return await asyncio.wait_for(call, timeout=getattr(self._settings.deadlines, name))
         except TimeoutError:
             call.cancel()
             cause = "timeout"
@@ -336,7 +354,7 @@ class Router:
                 raise  # the request's own fault: no fallback makes it right
             cause = "unavailable" if is_unavailable(exc) else "error"
             logger.warning("stage %s failed (%s): %s", name, cause, describe(exc))
-        self._stage_metrics[name].failed(cause)
+        self._stage_metrics[name].failed(cause, requests)
         return None
 
     def _ranker_order(self, scored: Scored) -> Recommendations:

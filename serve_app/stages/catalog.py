@@ -22,7 +22,7 @@ from serve_app.contract import (
 )
 from serve_app.errors import BundleIntegrityError
 from serve_app.schemas import BundleManifest
-from serve_app.stages.records import Filters
+from serve_app.stages.records import Filters, UserState
 
 if TYPE_CHECKING:
     from serve_app.bundle import Bundle
@@ -184,3 +184,14 @@ class Popularity:
         merged = merged[np.sort(first)]
         merged = merged[~np.isin(merged, excluded)]
         return merged[:count].astype(np.int64)
+
+
+def preferred_category(categories: Sequence[str], user: UserState) -> str | None:
+    """The request's segment when the bundle knows it, else the user's top category, if any."""
+    segment = user.query.segment
+    if segment is not None and segment in categories:
+        return segment
+    prefs = user.category_prefs
+    if len(prefs) and float(prefs.max()) > 0:
+        return str(categories[int(np.argmax(prefs))])
+    return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,13 +19,15 @@ import numpy as np
 
 from serve_app.config import RankingConfig
 from serve_app.schemas import BundleManifest
-from serve_app.stages.catalog import BundleTerms, Catalog, Popularity
+from serve_app.stages.catalog import BundleTerms, Catalog, Popularity, preferred_category
 from serve_app.stages.explain import explain_trace
 from serve_app.stages.records import (
+    Candidates,
     Fallback,
     Recommendations,
     RecommendedItem,
     Scored,
+    UserState,
     source_of,
 )
 
@@ -219,3 +221,25 @@ def rerank_batch(
     """Final lists of a batch (one bundle version), in order. MMR is a greedy loop per list: a
     batch shares the model and the call, not the loop."""
     return [rerank(model, scored, ranking) for scored in batch]
+
+
+def popular_batch(
+    model: ReRankingModel, users: Sequence[UserState], ranking: RankingConfig
+) -> list[Recommendations]:
+    """The Retriever's fallback, answered here (this stage holds popularity and the catalog): each
+    user's popularity list, by segment or top category when known, through the same rules (no
+    repeats, filters, category cap, MMR), flagged degraded."""
+    out = []
+    for user in users:
+        excluded = np.union1d(user.seen, model.catalog.filter_rows(user.query.filters))
+        rows = model.popularity.rows(
+            preferred_category(model.terms.categories, user),
+            excluded,
+            max(ranking.popularity_candidates, 4 * user.query.k),
+        )
+        unknown = replace(user, vector=None, degraded=True)
+        candidates = Candidates(unknown, rows, np.zeros(len(rows), np.float32), 0, user.timings)
+        out.append(
+            rerank(model, Scored(candidates, np.zeros(0, np.float32), user.timings), ranking)
+        )
+    return out

@@ -18,7 +18,7 @@ import numpy as np
 from serve_app.config import RankingConfig
 from serve_app.contract import Collaborative, cf_candidates, cf_features, cf_scores
 from serve_app.schemas import BundleManifest
-from serve_app.stages.catalog import BundleTerms, Catalog, Popularity
+from serve_app.stages.catalog import BundleTerms, Catalog, Popularity, preferred_category
 from serve_app.stages.records import Candidates, UserState
 
 if TYPE_CHECKING:
@@ -162,18 +162,6 @@ def search_batch(
     return out
 
 
-def preferred_category(model: RetrievalModel, user: UserState) -> str | None:
-    """The request's segment when the bundle knows it, else the user's top category, if any."""
-    segment = user.query.segment
-    categories = model.terms.categories
-    if segment is not None and segment in categories:
-        return segment
-    prefs = user.category_prefs
-    if len(prefs) and float(prefs.max()) > 0:
-        return str(categories[int(np.argmax(prefs))])
-    return None
-
-
 def retrieve_batch(
     model: RetrievalModel, users: Sequence[UserState], ranking: RankingConfig
 ) -> list[Candidates]:
@@ -206,7 +194,7 @@ def _user_candidates(
 ) -> Candidates:
     if user.vector is None or searched is None:
         rows = model.popularity.rows(
-            preferred_category(model, user),
+            preferred_category(model.terms.categories, user),
             excluded,
             max(ranking.popularity_candidates, 4 * user.query.k),
         )
@@ -222,7 +210,7 @@ def _user_candidates(
     n_collaborative = len(rows) - n_retrieved
     if user.interactions < ranking.cold_start_min_events and ranking.popularity_candidates > 0:
         extra = model.popularity.rows(
-            preferred_category(model, user),
+            preferred_category(model.terms.categories, user),
             np.union1d(excluded, rows),
             ranking.popularity_candidates,
         )

@@ -59,7 +59,7 @@ def recommend(api: httpx.Client, user: str) -> dict[str, Any]:
     return body
 
 
-@pytest.mark.parametrize("deployment", ["Ranker", "ReRanker", "UserTower"])
+@pytest.mark.parametrize("deployment", ["Ranker", "ReRanker", "UserTower", "Retriever"])
 def test_a_killed_stage_replica_is_answered_around_flagged_degraded(
     deployment: str, api: httpx.Client, heavy_user: tuple[str, set[str]]
 ) -> None:

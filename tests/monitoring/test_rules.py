@@ -26,6 +26,7 @@ REQUIRED = {
     "event lag": "RecserveEventLag",
     "shadow divergence": "RecserveShadowDivergence",
     "no ready model": "RecserveNoReadyModel",
+    "stage failures answered around": "RecserveStageFailing",
 }
 
 

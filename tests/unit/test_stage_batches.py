@@ -14,7 +14,7 @@ from serve_app.models import VersionedStage
 from serve_app.recommend import ServingModel
 from serve_app.stages.ranker import score_batch
 from serve_app.stages.records import Filters, Query, Recommendations, UserState, version_of
-from serve_app.stages.reranker import rerank_batch
+from serve_app.stages.reranker import popular_batch, rerank_batch
 from serve_app.stages.retriever import retrieve_batch
 from tests.unit.test_recommend import HISTORY, make_model
 
@@ -116,3 +116,23 @@ def test_a_batch_mixing_versions_is_answered_by_each_version_in_order() -> None:
     assert [listing(r) for r in pipeline(old, users(old, "7"))] != [
         listing(r) for r in pipeline(new, users(new, "8"))
     ]
+
+
+def test_the_retrievers_fallback_is_popularity_by_segment_through_the_same_rules() -> None:
+    model = make_model()
+    batch = users(model, model.version)
+    answers = popular_batch(model.reranking, batch, RANKING)
+    assert [a.request_id for a in answers] == [u.query.request_id for u in batch]
+    catalog = model.reranking.catalog
+    for user, answer in zip(batch, answers, strict=True):
+        assert answer.fallback == "degraded"
+        assert 0 < len(answer.items) <= user.query.k  # the bundle lists a few popular items
+        assert {i.source for i in answer.items} == {"popularity"}
+        rows = catalog.rows_of([i.item_id for i in answer.items])
+        assert not np.isin(rows, user.seen).any()  # no repeats, as in a whole answer
+        assert not np.isin(rows, catalog.filter_rows(user.query.filters)).any()
+    assert len(answers[0].items) == batch[0].query.k
+    # The segment's (or the user's top category's) popular items lead, as in a cold start.
+    segment_user = batch[4]
+    top = model.reranking.popularity.rows("b", segment_user.seen, 1)
+    assert answers[4].items[0].item_id == str(catalog.item_ids[top[0]])
