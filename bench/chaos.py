@@ -4,6 +4,7 @@ Starts `recserve-serve serve` as a child process (its own Ray, on a Redis of thi
 recommendations and event batches at fixed rates (open loop), and injects one fault per phase, a few
 seconds in:
 
+- `none`: no fault, the reference row;
 - `swap`: a new version registered and aliased `champion` (a hot swap; same artifacts, new version,
   so every stage loads it);
 - `kill-<Deployment>`: `kill -9` of the deployment's only replica (UserTower, Retriever, Ranker,
@@ -53,7 +54,7 @@ from bench.serving_load import (  # noqa: E402
 )
 
 STAGES = ("UserTower", "Retriever", "Ranker", "ReRanker")
-DEFAULT_FAULTS = ("swap", *(f"kill-{s}" for s in STAGES), "redis")
+DEFAULT_FAULTS = ("none", "swap", *(f"kill-{s}" for s in STAGES), "redis")
 EVENTS_PER_BATCH = 5
 
 
@@ -110,20 +111,24 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: fl
         time.sleep(every)
 
 
-def replica_processes(deployment: str) -> list[Any]:
+def replica_processes(deployment: str, root: int) -> list[Any]:
+    """The live processes of `deployment`'s replicas under `root` (the server: its Ray is its own)."""
     import psutil
 
     title = f"ray::ServeReplica:recserve:{deployment}"
     found = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
+    for process in psutil.Process(root).children(recursive=True):
+        try:
+            cmdline = process.cmdline()
+        except psutil.NoSuchProcess:
+            continue
         if cmdline and cmdline[0].startswith(title) and process.status() != psutil.STATUS_ZOMBIE:
             found.append(process)
     return found
 
 
-def kill_replica(deployment: str) -> str:
-    replicas = replica_processes(deployment)
+def kill_replica(deployment: str, root: int) -> str:
+    replicas = replica_processes(deployment, root)
     if len(replicas) != 1:
         return f"expected one {deployment} replica, found {len(replicas)}"
     replicas[0].kill()
@@ -375,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     known = next(u for u in users if not u.startswith("cold-"))
     import pandas as pd
 
-    items = [str(i) for i in pd.read_parquet(data_dir / "items.parquet")["item_id"].head(500)]
+    profile = pd.read_parquet(data_dir / "features" / "item_profile.parquet", columns=["item_id"])
+    items = [str(i) for i in profile["item_id"].head(500)]
     with tempfile.TemporaryDirectory(prefix="recserve-chaos-") as tmp:
         redis_server = RedisServer(Path(tmp))
         redis_server.start()
@@ -400,9 +406,10 @@ def main(argv: list[str] | None = None) -> int:
                     return f"redis down {args.outage:.0f} s"
 
                 actions: dict[str, Callable[[], str]] = {
+                    "none": lambda: "no fault (the reference)",
                     "swap": lambda: swap(tracking_uri, settings),
                     "redis": outage,
-                    **{f"kill-{s}": (lambda s=s: kill_replica(s)) for s in STAGES},
+                    **{f"kill-{s}": (lambda s=s: kill_replica(s, process.pid)) for s in STAGES},
                 }
                 for name in faults:
                     phase = Phase(name)

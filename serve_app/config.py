@@ -249,9 +249,10 @@ class ApiConfig(BaseModel):
 class StageDeadlines(BaseModel):
     """How long the router waits for each stage's answer to a batch before it answers from what it
     has (`fallback: degraded`): UserTower missing -> the user as a cold one (popularity, by segment
-    when known); Ranker missing -> retrieval order; ReRanker missing -> the ranker's order of the
-    candidates (the retriever already left out seen and filtered items). The Retriever has no
-    fallback yet: its failure answers 503."""
+    when known); Retriever missing -> popularity lists from the ReRanker; Ranker missing ->
+    retrieval order; ReRanker missing -> the ranker's order of the candidates (the retriever already
+    left out seen and filtered items). A stage that was dead or late is not called again for
+    `cooldown` seconds (its requests go straight to the fallback), then tried again."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -259,6 +260,11 @@ class StageDeadlines(BaseModel):
     retriever: float = Field(0.5, gt=0.0, description="seconds")
     ranker: float = Field(0.5, gt=0.0, description="seconds")
     reranker: float = Field(0.5, gt=0.0, description="seconds")
+    cooldown: float = Field(
+        1.0,
+        ge=0.0,
+        description="seconds a dead or late stage is skipped before the next try (0: never skip)",
+    )
 
 
 _LABEL = r"^[A-Za-z0-9_.\-]{1,64}$"

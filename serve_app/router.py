@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -137,11 +137,16 @@ def describe(exc: BaseException) -> str:
 def is_unavailable(exc: BaseException) -> bool:
     """A dead or unreachable replica (killed, restarting, no replica yet), not an error it raised."""
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
-    cause = root_cause(exc)
-    return isinstance(cause, ActorDiedError | ActorUnavailableError | RayActorError) or isinstance(
-        exc, ActorDiedError | ActorUnavailableError | RayActorError
+    gone = (
+        ActorDiedError,
+        ActorUnavailableError,
+        RayActorError,
+        DeploymentUnavailableError,
+        ReplicaUnavailableError,
     )
+    return isinstance(exc, gone) or isinstance(root_cause(exc), gone)
 
 
 @dataclass
@@ -170,6 +175,9 @@ class Router:
         self._stage_metrics = {name: StageMetrics(name) for name in stages.named()}
         # Each served version's item ids: the ReRanker's fallback names items without it.
         self._item_ids: dict[str, np.ndarray] = {}
+        # Stages skipped until a time (self._clock) after they were dead or late, and why.
+        self._skip: dict[str, tuple[float, str]] = {}
+        self._clock = time.monotonic
         self._arms: dict[str, _Arm] = {}
         self._variant_ref = experiment.variant_refs(settings.models.alias)
         for name, ref in self._variant_ref.items():
@@ -248,20 +256,22 @@ class Router:
         absent: list[str] = []
         for name, handle in self._stages.named().items():
             try:
-                results = await handle.broadcast("warm", version).results_async(
+                # One call first: it waits for a replica, as a stage that is still starting has
+                # none and a broadcast fails at once; then every live replica.
+                first = await asyncio.wait_for(handle.warm.remote(version), timeout)
+                results = [first] + await handle.broadcast("warm", version).results_async(
                     timeout_s=timeout, return_exceptions=True
                 )
             except TimeoutError:
                 failures.append(f"{name}: not loaded within {timeout:.0f} s")
                 continue
-            if not results:
-                absent.append(name)
+            except Exception as exc:
+                results = [exc]
             for result in results:
-                if isinstance(result, BaseException):
-                    if is_unavailable(result):
-                        absent.append(name)
-                    else:
-                        failures.append(f"{name}: {describe(result)}")
+                if isinstance(result, BaseException) and is_unavailable(result):
+                    absent.append(name)
+                elif isinstance(result, BaseException):
+                    failures.append(f"{name}: {describe(result)}")
         if failures:
             for variant in arm.variants:
                 self._metrics[variant].refused_version()
@@ -321,39 +331,53 @@ class Router:
         -> the user as a cold one; Retriever -> popularity lists from the ReRanker; Ranker ->
         retrieval order; ReRanker -> ranker order. Only a Retriever and ReRanker both down is a 503."""
         stages, n = self._stages, len(queries)
-        users = await self._stage("user_tower", stages.user_tower.embed.remote(queries), n)
+        users = await self._stage("user_tower", lambda: stages.user_tower.embed.remote(queries), n)
         if users is None:
             users = [cold_user(q) for q in queries]
         candidates: list[Candidates] | None = await self._stage(
-            "retriever", stages.retriever.retrieve.remote(users), n
+            "retriever", lambda: stages.retriever.retrieve.remote(users), n
         )
         if candidates is None:
-            popular = await self._stage("reranker", stages.reranker.popular.remote(users), n)
+            popular = await self._stage(
+                "reranker", lambda: stages.reranker.popular.remote(users), n
+            )
             if popular is None:
                 raise StageUnavailable("retriever")
             return popular
-        scored = await self._stage("ranker", stages.ranker.rank.remote(candidates), n)
+        scored = await self._stage("ranker", lambda: stages.ranker.rank.remote(candidates), n)
         if scored is None:
             scored = [retrieval_order(c) for c in candidates]
-        results = await self._stage("reranker", stages.reranker.rerank.remote(scored), n)
+        results = await self._stage("reranker", lambda: stages.reranker.rerank.remote(scored), n)
         if results is None:
             results = [self._ranker_order(s) for s in scored]
         return results
 
-    async def _stage(self, name: str, call: Any, requests: int) -> Any:
+    async def _stage(self, name: str, call: Callable[[], Any], requests: int) -> Any:
         """The stage's answer, or None when it failed or missed its deadline (the batch's requests
         counted per stage and cause in recserve_stage_errors_total: timeout, unavailable, error).
-        `call` is a stage handle's DeploymentResponse."""
+        `call()` makes the stage handle's call. A stage that was dead or late is skipped (None at
+        once, counted as its last cause) until `deadlines.cooldown` has passed."""
+        deadlines = self._settings.deadlines
+        skipped = self._skip.get(name)
+        if skipped is not None and self._clock() < skipped[0]:
+            self._stage_metrics[name].failed(skipped[1], requests)
+            return None
+        response = call()
         try:
-            return await asyncio.wait_for(call, timeout=getattr(self._settings.deadlines, name))
+            answer = await asyncio.wait_for(response, timeout=getattr(deadlines, name))
         except TimeoutError:
-            call.cancel()
+            response.cancel()
             cause = "timeout"
         except Exception as exc:
             if isinstance(root_cause(exc), BadRequest):
                 raise  # the request's own fault: no fallback makes it right
             cause = "unavailable" if is_unavailable(exc) else "error"
             logger.warning("stage %s failed (%s): %s", name, cause, describe(exc))
+        else:
+            self._skip.pop(name, None)
+            return answer
+        if cause != "error" and deadlines.cooldown > 0:
+            self._skip[name] = (self._clock() + deadlines.cooldown, cause)
         self._stage_metrics[name].failed(cause, requests)
         return None
 

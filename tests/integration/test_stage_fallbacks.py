@@ -42,11 +42,16 @@ def heavy_user(serving_app: ServingApp) -> tuple[str, set[str]]:
 
 
 def replica_processes(deployment: str) -> list[psutil.Process]:
-    """The live processes of `deployment`'s replicas (the session app is named recserve)."""
+    """The live processes of `deployment`'s replicas (the session app is named recserve), among
+    this process's descendants: the session's Ray was started here (another Ray on the machine
+    may run an app of the same name)."""
     title = f"ray::ServeReplica:recserve:{deployment}"
     found = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            cmdline = process.cmdline()
+        except psutil.NoSuchProcess:
+            continue
         if cmdline and cmdline[0].startswith(title) and process.status() != psutil.STATUS_ZOMBIE:
             found.append(process)
     return found
