@@ -251,8 +251,8 @@ class StageDeadlines(BaseModel):
     has (`fallback: degraded`): UserTower missing -> the user as a cold one (popularity, by segment
     when known); Retriever missing -> popularity lists from the ReRanker; Ranker missing ->
     retrieval order; ReRanker missing -> the ranker's order of the candidates (the retriever already
-    left out seen and filtered items). A stage that was dead or late is not called again for
-    `cooldown` seconds (its requests go straight to the fallback), then tried again."""
+    left out seen and filtered items). A stage that was dead or late is not called again (its
+    requests go straight to the fallback) until a probe every `cooldown` seconds gets an answer."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -263,7 +263,8 @@ class StageDeadlines(BaseModel):
     cooldown: float = Field(
         1.0,
         ge=0.0,
-        description="seconds a dead or late stage is skipped before the next try (0: never skip)",
+        description="seconds between probes of a dead or late stage, skipped meanwhile (0: never "
+        "skip: every batch tries it and waits out its deadline)",
     )
 
 

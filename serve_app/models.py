@@ -255,6 +255,10 @@ class VersionedStage(Generic[M]):
         await self.model(version)
         return version
 
+    async def ping(self) -> bool:
+        """The router's probe of a stage it skips (dead or late): answering is the whole test."""
+        return True
+
     # --- batching of the calls that reach this replica ----------------------------------------
 
     def _init_batching(

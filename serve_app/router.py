@@ -175,9 +175,8 @@ class Router:
         self._stage_metrics = {name: StageMetrics(name) for name in stages.named()}
         # Each served version's item ids: the ReRanker's fallback names items without it.
         self._item_ids: dict[str, np.ndarray] = {}
-        # Stages skipped until a time (self._clock) after they were dead or late, and why.
-        self._skip: dict[str, tuple[float, str]] = {}
-        self._clock = time.monotonic
+        # Stages skipped (dead or late, and which) until their probe gets an answer (`_probe`).
+        self._skip: dict[str, str] = {}
         self._arms: dict[str, _Arm] = {}
         self._variant_ref = experiment.variant_refs(settings.models.alias)
         for name, ref in self._variant_ref.items():
@@ -356,15 +355,16 @@ class Router:
         """The stage's answer, or None when it failed or missed its deadline (the batch's requests
         counted per stage and cause in recserve_stage_errors_total: timeout, unavailable, error).
         `call()` makes the stage handle's call. A stage that was dead or late is skipped (None at
-        once, counted as its last cause) until `deadlines.cooldown` has passed."""
+        once, counted under that cause) until a probe (`ping`, every `deadlines.cooldown` seconds)
+        finds it answering: no request waits out a deadline on a stage known to be down."""
         deadlines = self._settings.deadlines
         skipped = self._skip.get(name)
-        if skipped is not None and self._clock() < skipped[0]:
-            self._stage_metrics[name].failed(skipped[1], requests)
+        if skipped is not None:
+            self._stage_metrics[name].failed(skipped, requests)
             return None
         response = call()
         try:
-            answer = await asyncio.wait_for(response, timeout=getattr(deadlines, name))
+            return await asyncio.wait_for(response, timeout=getattr(deadlines, name))
         except TimeoutError:
             response.cancel()
             cause = "timeout"
@@ -373,13 +373,30 @@ class Router:
                 raise  # the request's own fault: no fallback makes it right
             cause = "unavailable" if is_unavailable(exc) else "error"
             logger.warning("stage %s failed (%s): %s", name, cause, describe(exc))
-        else:
-            self._skip.pop(name, None)
-            return answer
-        if cause != "error" and deadlines.cooldown > 0:
-            self._skip[name] = (self._clock() + deadlines.cooldown, cause)
         self._stage_metrics[name].failed(cause, requests)
+        if cause != "error" and deadlines.cooldown > 0 and name not in self._skip:
+            self._skip[name] = cause
+            self._tasks.append(asyncio.get_running_loop().create_task(self._probe(name)))
         return None
+
+    async def _probe(self, name: str) -> None:
+        """Ping a skipped stage every `deadlines.cooldown` seconds; its first answer ends the skip."""
+        handle = self._stages.named()[name]
+        deadlines = self._settings.deadlines
+        try:
+            while True:
+                await asyncio.sleep(deadlines.cooldown)
+                try:
+                    if await asyncio.wait_for(handle.ping.remote(), getattr(deadlines, name)):
+                        logger.info("stage %s answers again", name)
+                        return
+                except Exception as exc:  # still down: probe again
+                    logger.debug("stage %s still down: %s", name, describe(exc))
+        finally:
+            self._skip.pop(name, None)
+            task = asyncio.current_task()
+            if task in self._tasks:
+                self._tasks.remove(task)
 
     def _ranker_order(self, scored: Scored) -> Recommendations:
         """The ReRanker's fallback: the best-scored candidates (retrieval order for a cold user),
