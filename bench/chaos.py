@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         "events": events,
         "stop": stop,
     }
-    write_results(args.json, "bench/chaos.py", argv or sys.argv[1:], results)
+    write_results(args.json, "chaos.py", argv or sys.argv[1:], results)
     return 0
 
 
