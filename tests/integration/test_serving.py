@@ -8,6 +8,7 @@ the graph's private Redis: it runs last in this module.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -234,9 +235,11 @@ def test_admin_reload_health_readiness_and_docs(api: httpx.Client, serving_app: 
     assert "/v1/recommendations" in api.get("/openapi.json").json()["paths"]
 
 
-def test_with_redis_stopped_recommendations_degrade_and_events_get_503(
+def test_with_redis_stopped_recommendations_degrade_and_events_are_spooled_then_replayed(
     api: httpx.Client, serving_app: ServingApp, events: pd.DataFrame
 ) -> None:
+    import redis
+
     user = heavy_users(events, 10)[3]
     serving_app.redis.stop()
     try:
@@ -246,19 +249,31 @@ def test_with_redis_stopped_recommendations_degrade_and_events_get_503(
         assert len(set(ids)) == 10 and not set(ids) & positives(events, user)
         cold = recommend(api, "stranger-during-outage", 5)
         assert cold["fallback"] == "degraded" and len(cold["items"]) == 5
-        response = api.post(
-            "/v1/events",
-            json={"events": [{"user_id": user, "item_id": ids[0], "event_type": "click"}]},
-        )
-        assert response.status_code == 503
-        assert response.json()["error"]["code"] == "feature_store_unavailable"
+        click = {"user_id": user, "item_id": ids[0], "event_type": "click"}
+        response = api.post("/v1/events", json={"events": [click]})
+        # Accepted into the event writer's local spool, not refused.
+        assert response.status_code == 202, response.text
+        assert response.json() == {"accepted": 1, "rejected": [], "spooled": 1}
     finally:
         serving_app.redis.start()
     # The breaker retries Redis after its cooldown (1 s): answers are whole again.
     deadline = datetime.now(UTC).timestamp() + 15
     while recommend(api, user, 10)["fallback"] is not None:
         assert datetime.now(UTC).timestamp() < deadline, "still degraded after Redis came back"
+    # The spooled click reaches the (restarted, empty) stream by the replay.
+    client: Any = redis.Redis.from_url(serving_app.redis.url)
+    deadline = datetime.now(UTC).timestamp() + 15
+    while True:
+        logged = [
+            (f[b"user_id"].decode(), f[b"item_id"].decode(), f[b"event_type"].decode())
+            for _, f in client.xrange("recserve:events")
+        ]
+        if (user, ids[0], "click") in logged:
+            break
+        assert datetime.now(UTC).timestamp() < deadline, "the spooled click was not replayed"
+        time.sleep(0.05)
+    assert logged.count((user, ids[0], "click")) == 1
     response = api.post(
         "/v1/events", json={"events": [{"user_id": user, "item_id": "i1", "event_type": "view"}]}
     )
-    assert response.status_code == 202
+    assert response.status_code == 202 and response.json()["spooled"] == 0

@@ -26,6 +26,8 @@ REQUIRED = {
     "event lag": "RecserveEventLag",
     "shadow divergence": "RecserveShadowDivergence",
     "no ready model": "RecserveNoReadyModel",
+    "events spooled (Redis down)": "RecserveEventSpoolNotEmpty",
+    "event spool near its bound": "RecserveEventSpoolNearlyFull",
 }
 
 
