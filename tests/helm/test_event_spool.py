@@ -71,7 +71,8 @@ def test_an_existing_claim_is_mounted_and_none_created(helm: Path) -> None:
     ]
     for where, spec in ray_pods(docs):
         volume = spool_volume(spec)
-        assert volume is not None and volume["persistentVolumeClaim"] == {"claimName": "spool-nfs"}
+        assert volume is not None, where
+        assert volume["persistentVolumeClaim"] == {"claimName": "spool-nfs"}, where
 
 
 def test_with_the_spool_disabled_no_volume_and_the_settings_say_so(
