@@ -15,7 +15,9 @@ MOUNT = "/var/lib/recserve/event-spool"
 
 
 def ray_pods(docs: Any) -> list[tuple[str, dict[str, Any]]]:
-    return [(where, spec) for where, spec, _ in chart.pod_templates(docs) if where.startswith("ray-")]
+    return [
+        (where, spec) for where, spec, _ in chart.pod_templates(docs) if where.startswith("ray-")
+    ]
 
 
 def spool_volume(spec: dict[str, Any]) -> dict[str, Any] | None:
@@ -31,7 +33,9 @@ def test_every_ray_pod_mounts_an_emptydir_spool_where_the_settings_point(
     pods = ray_pods(docs)
     assert len(pods) >= 2  # the head and at least one worker group: the EventWriter may land on any
     for where, spec in pods:
-        assert spool_volume(spec) == {"name": "event-spool", "emptyDir": {"sizeLimit": "1Gi"}}, where
+        assert spool_volume(spec) == {"name": "event-spool", "emptyDir": {"sizeLimit": "1Gi"}}, (
+            where
+        )
         mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
         assert mounts["event-spool"] == MOUNT, where
     assert not [d for d in chart.of_kind(docs, "PersistentVolumeClaim") if "spool" in str(d)]
