@@ -32,7 +32,7 @@ from serve_app.metrics import EventLogMetrics
 from serve_app.models import ModelSource
 from serve_app.router import ServedVersions
 from serve_app.schemas import Event
-from serve_app.spool import EventSpool, ReplayStep, SpooledLog, replay_forever
+from serve_app.spool import EventSpool, ReplayStep, SpooledLog, replay_forever, replay_orphans
 
 if TYPE_CHECKING:  # imported in the replica only: they pull in Feast, the ingress must not
     from serve_app.events import EventLogWriter, ItemEmbeddings
@@ -97,6 +97,7 @@ class EventWriter:
         self._spooled: SpooledLog[EventWriteSummary] | None = None
         self._wake = asyncio.Event()
         spool = settings.event_spool
+        self._replay_batch = spool.replay_batch_events
         if spool.enabled:
             self._spooled = SpooledLog(
                 EventSpool.open(
@@ -129,8 +130,9 @@ class EventWriter:
     async def _sample_stream(self, interval: float) -> None:
         """The stream's length and every consumer group's backlog, every `interval` seconds."""
         while True:
-            if self._spooled is not None:  # set again each time: Ray drops idle gauge values
-                spool = self._spooled.spool
+            if self._spooled is not None:
+                await self._replay_orphans()
+                spool = self._spooled.spool  # set again each time: Ray drops idle gauge values
                 self._metrics.spool_size(spool.size_bytes, spool.max_bytes)
             try:
                 stats = await asyncio.to_thread(self._writer.stream_stats)
@@ -142,6 +144,22 @@ class EventWriter:
             except Exception as exc:  # Redis down: the write path reports it; keep sampling
                 logger.warning("event stream stats unavailable: %s", exc)
             await asyncio.sleep(interval)
+
+    async def _replay_orphans(self) -> None:
+        """Spools left in the directory by replicas that are gone (scaled down) are replayed here."""
+        assert self._spooled is not None
+        spool = self._spooled.spool
+        try:
+            await asyncio.to_thread(
+                replay_orphans,
+                spool.directory,
+                spool.slot,
+                self._write,
+                self._replay_batch,
+                self._replayed,
+            )
+        except Exception as exc:  # the next sample retries
+            logger.warning("event spools of departed replicas not replayed: %s", exc)
 
     def _follow(self, served: ServedVersions) -> None:
         """Serve deltas in the spaces of `served` (the ingress's versions); load new ones in the

@@ -116,14 +116,23 @@ class EventSpool:
         """Claim the first free slot in `directory` (created if missing) and recover its file."""
         directory.mkdir(parents=True, exist_ok=True)
         for slot in range(MAX_SLOTS):
-            lock = open(directory / f"slot-{slot}.lock", "wb")  # noqa: SIM115
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.close()
-                continue
-            return cls(directory, slot, lock, max_bytes, retry_after_seconds)
+            spool = cls.claim(directory, slot, max_bytes, retry_after_seconds)
+            if spool is not None:
+                return spool
         raise RuntimeError(f"all {MAX_SLOTS} spool slots in {directory} are held")
+
+    @classmethod
+    def claim(
+        cls, directory: Path, slot: int, max_bytes: int, retry_after_seconds: int = 5
+    ) -> EventSpool | None:
+        """The spool of `slot` if no live process holds it, else None."""
+        lock = open(directory / f"slot-{slot}.lock", "wb")  # noqa: SIM115
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            return None
+        return cls(directory, slot, lock, max_bytes, retry_after_seconds)
 
     def _recover(self) -> None:
         """Drop a torn last line, read the cursor and the ids the file holds."""
@@ -331,6 +340,37 @@ class SpooledLog(Generic[T]):
         result = self._apply([r.event for r in chunk.records]) if chunk.records else None
         emptied = self.spool.commit(chunk)
         return ReplayStep(len(chunk.records), result, chunk.corrupt, emptied)
+
+
+def replay_orphans(
+    directory: Path,
+    own_slot: int,
+    apply: Callable[[list[Event]], T],
+    replay_batch: int,
+    on_step: Callable[[ReplayStep[T]], None] = lambda step: None,
+) -> int:
+    """Replay the spools no live replica holds (left by a replica that was scaled away) and empty
+    them; the events replayed. A slot whose replay fails (Redis down) is released and tried again
+    at the next call."""
+    replayed = 0
+    for path in sorted(directory.glob("slot-*.jsonl")):
+        slot = int(path.stem.partition("-")[2])
+        if slot == own_slot or path.stat().st_size == 0:
+            continue
+        spool = EventSpool.claim(directory, slot, 1 << 62)  # no bound: nothing is appended
+        if spool is None:
+            continue  # a live replica's own
+        try:
+            log = SpooledLog(spool, apply, replay_batch)
+            while (step := log.replay_step()) is not None:
+                replayed += step.events
+                on_step(step)
+            logger.info("event spool slot %d of a departed replica replayed", slot)
+        except FeatureStoreUnavailable:
+            pass
+        finally:
+            spool.close()
+    return replayed
 
 
 async def replay_forever(

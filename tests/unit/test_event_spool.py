@@ -14,7 +14,14 @@ import pytest
 from serve_app.errors import FeatureStoreUnavailable, SpoolFull
 from serve_app.events import event_id
 from serve_app.schemas import Event
-from serve_app.spool import EventSpool, SpooledLog, decode_record, encode_record, replay_forever
+from serve_app.spool import (
+    EventSpool,
+    SpooledLog,
+    decode_record,
+    encode_record,
+    replay_forever,
+    replay_orphans,
+)
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -281,3 +288,25 @@ async def _until(condition: object, timeout: float = 5.0) -> None:
     while not condition():  # type: ignore[operator]
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.005)
+
+
+def test_the_spool_of_a_departed_replica_is_replayed_by_a_live_one(tmp_path: Path) -> None:
+    live = EventSpool.open(tmp_path, 1 << 20)
+    departed = EventSpool.open(tmp_path, 1 << 20)
+    departed.append([(event_id(e), e) for e in (_ev(0), _ev(1), _ev(2))])
+    fake = FakeLog()
+    steps: list[int] = []
+    # While its replica lives, its slot is its own.
+    assert replay_orphans(tmp_path, live.slot, fake.apply, 2, lambda s: steps.append(s.events)) == 0
+    departed.close()  # the replica is gone (its flock released with its process)
+    assert replay_orphans(tmp_path, live.slot, fake.apply, 2, lambda s: steps.append(s.events)) == 3
+    assert fake.applied == ["i0", "i1", "i2"] and steps == [2, 1]
+    assert (tmp_path / "slot-1.jsonl").stat().st_size == 0
+    fake.up = False  # Redis down: a slot stays for the next call
+    other = EventSpool.claim(tmp_path, 1, 1 << 20)
+    assert other is not None
+    other.append([(event_id(_ev(3)), _ev(3))])
+    other.close()
+    assert replay_orphans(tmp_path, live.slot, fake.apply, 2) == 0
+    assert EventSpool.claim(tmp_path, 1, 1 << 20) is not None  # released again
+    live.close()
