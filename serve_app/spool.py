@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ FORMAT_VERSION = 1
 # Slots: one spool file per live EventWriter replica sharing a directory, claimed with flock; a
 # restarted replica claims a free slot, the one a dead replica held first, and replays it.
 MAX_SLOTS = 64
+# Ids of the latest spooled events kept in memory, so that a client's retry during the outage is not
+# spooled twice (~110 bytes each). Older retries are spooled again and skipped by Redis at replay.
+RECENT_IDS = 100_000
 
 
 # --- records ---------------------------------------------------------------------------------------
@@ -104,7 +108,8 @@ class EventSpool:
         self._lock_file = lock
         self._mutex = threading.Lock()
         self._file = open(self.path, "ab+")  # noqa: SIM115 - held open for the spool's life
-        self._ids: set[str] = set()
+        self._ids: set[str] = set()  # the last RECENT_IDS spooled, oldest first in _order
+        self._order: deque[str] = deque()
         self._pending = 0  # events after the cursor
         self._size = 0
         self._cursor = 0
@@ -147,7 +152,9 @@ class EventSpool:
                 good = last_start
         if good < len(data):
             self.torn_bytes = len(data) - good
-            logger.warning("event spool %s: dropped a torn tail of %d bytes", self.path, len(data))
+            logger.warning(
+                "event spool %s: dropped a torn tail of %d bytes", self.path, self.torn_bytes
+            )
             self._file.truncate(good)
             os.fsync(self._file.fileno())
         self._size = good
@@ -159,9 +166,17 @@ class EventSpool:
                 record = decode_record(line)
             except ValueError:
                 continue  # counted when the replay reaches it
-            self._ids.add(record.event_id)
+            self._remember(record.event_id)
             if offset >= self._cursor:
                 self._pending += 1
+
+    def _remember(self, eid: str) -> None:
+        if eid in self._ids:
+            return
+        self._ids.add(eid)
+        self._order.append(eid)
+        if len(self._order) > RECENT_IDS:
+            self._ids.discard(self._order.popleft())
 
     def _read_cursor(self) -> int:
         try:
@@ -197,8 +212,8 @@ class EventSpool:
         return self._cursor < self._size
 
     def append(self, records: Sequence[tuple[str, Event]]) -> tuple[int, int]:
-        """Append the records whose id the spool does not hold yet, in one fsync'd write: (events
-        spooled, duplicates skipped). SpoolFull, with nothing written, when they would not fit."""
+        """Append the records whose id is not among the latest spooled, in one fsync'd write:
+        (events spooled, duplicates skipped). SpoolFull, with nothing written, when they would not fit."""
         with self._mutex:
             lines, fresh = [], set()
             for eid, event in records:
@@ -227,7 +242,9 @@ class EventSpool:
                     ) from exc
                 self._size += len(blob)
                 self._pending += len(lines)
-                self._ids |= fresh
+                for eid, _ in records:
+                    if eid in fresh:
+                        self._remember(eid)
             return len(lines), len(records) - len(lines)
 
     def read(self, max_events: int) -> SpoolChunk:
@@ -268,6 +285,7 @@ class EventSpool:
             self._write_cursor(0)
             self._size = self._cursor = self._pending = 0
             self._ids.clear()
+            self._order.clear()
             return True
 
     def close(self) -> None:

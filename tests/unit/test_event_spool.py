@@ -310,3 +310,20 @@ def test_the_spool_of_a_departed_replica_is_replayed_by_a_live_one(tmp_path: Pat
     assert replay_orphans(tmp_path, live.slot, fake.apply, 2) == 0
     assert EventSpool.claim(tmp_path, 1, 1 << 20) is not None  # released again
     live.close()
+
+
+def test_a_retry_older_than_the_remembered_ids_is_spooled_again_and_applied_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import serve_app.spool
+
+    monkeypatch.setattr(serve_app.spool, "RECENT_IDS", 2)
+    fake = FakeLog(up=False)
+    log = _log(EventSpool.open(tmp_path, 1 << 20), fake)
+    assert log.write([_ev(0)]).spooled == 1
+    assert log.write([_ev(1), _ev(2)]).spooled == 2
+    assert log.write([_ev(2)]).duplicates == 1  # still remembered
+    assert log.write([_ev(0)]).spooled == 1  # forgotten: spooled again
+    fake.up = True
+    _drain(log)
+    assert fake.applied == ["i0", "i1", "i2"]  # Redis's seen marker skipped the second i0
