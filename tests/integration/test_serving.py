@@ -158,7 +158,11 @@ def test_clicks_on_one_category_raise_its_share_and_hide_the_clicked_items(
             ]
         },
     )
-    assert response.status_code == 202 and response.json() == {"accepted": 5, "rejected": []}
+    assert response.status_code == 202 and response.json() == {
+        "accepted": 5,
+        "rejected": [],
+        "spooled": 0,
+    }
     after = [i["item_id"] for i in recommend(api, user, 10)["items"]]
     share_before = shares.get(target, 0) / 10
     share_after = Counter(catalog.loc[after, "category"]).get(target, 0) / 10
