@@ -298,9 +298,15 @@ def test_twenty_seconds_of_hung_redis_at_six_event_batches_a_second_lose_and_dou
     start = datetime.now(UTC) - timedelta(seconds=40)
     sent: list[dict[str, Any]] = []
     spooled = statuses = 0
+    latencies: list[float] = []
+    when: list[float] = []
+    t0 = time.perf_counter()
 
     def post(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        began = time.perf_counter()
         response = api.post("/v1/events", json={"events": batch})
+        latencies.append((time.perf_counter() - began) * 1000)
+        when.append(began - t0)
         assert response.status_code == 202, response.text
         sent.extend(batch)
         body: dict[str, Any] = response.json()
@@ -360,9 +366,16 @@ def test_twenty_seconds_of_hung_redis_at_six_event_batches_a_second_lose_and_dou
     assert len(set(expected)) == len(expected)
     lost = set(expected) - set(logged)
     duplicated = len(logged) - len(set(logged))
+    ms = sorted(latencies)
     print(
         f"\n{len(sent)} events sent in {statuses} batches, {spooled} spooled; lost {len(lost)}, "
-        f"duplicated {duplicated}"
+        f"duplicated {duplicated}; POST /v1/events p50 {ms[len(ms) // 2]:.1f} ms, "
+        f"p99 {ms[int(len(ms) * 0.99)]:.1f} ms, max {ms[-1]:.1f} ms"
+    )
+    slowest = sorted(zip(latencies, when, strict=True), reverse=True)[:4]
+    print(
+        "slowest POSTs (ms, s after start; frozen 3-23 s):",
+        [f"{a:.0f}@{b:.1f}" for a, b in slowest],
     )
     assert (len(lost), duplicated) == (0, 0)
     assert logged == expected
