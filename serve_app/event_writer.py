@@ -110,7 +110,11 @@ class EventWriter:
             # Events left by a previous replica in this slot are replayed from the start.
             self._replayer = loop.create_task(
                 replay_forever(
-                    self._spooled, self._wake, spool.probe_interval_seconds, self._replayed
+                    self._spooled,
+                    self._wake,
+                    spool.probe_interval_seconds,
+                    self._replayed,
+                    probe=self._writer.ping,
                 )
             )
         self._sampler = loop.create_task(

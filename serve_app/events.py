@@ -307,6 +307,13 @@ class EventLogWriter:
             ) from exc
         return WriteResult(tuple(ids), tuple(bool(r) for r in replies))
 
+    def ping(self) -> None:
+        """One round trip; FeatureStoreUnavailable when Redis does not answer."""
+        try:
+            self._client.ping()
+        except redis.RedisError as exc:
+            raise FeatureStoreUnavailable(f"event log unavailable: {exc}") from exc
+
     def stream_stats(self) -> StreamStats:
         """Length of the stream and the backlog of each consumer group (raises redis errors)."""
         client, stream = self._client, self._log.stream_key

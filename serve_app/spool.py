@@ -396,13 +396,21 @@ async def replay_forever(
     wake: asyncio.Event,
     probe_seconds: float,
     on_step: Callable[[ReplayStep[T]], None] = lambda step: None,
+    probe: Callable[[], None] | None = None,
 ) -> None:
-    """Replay whenever the spool holds events: at once while Redis answers, every `probe_seconds`
-    while it does not; sleeps on `wake` (set after a batch was spooled) when the spool is empty."""
+    """Replay whenever the spool holds events: at once while Redis answers; after a failure, every
+    `probe_seconds` `probe` (a cheap round trip raising FeatureStoreUnavailable; None: the replay
+    itself) until Redis answers, so a hung Redis is not sent chunks it would run on waking up.
+    Sleeps on `wake` (set after a batch was spooled) when the spool is empty."""
+    down = False
     while True:
         try:
+            if down and probe is not None:
+                await asyncio.to_thread(probe)
+            down = False
             step = await asyncio.to_thread(log.replay_step)
         except FeatureStoreUnavailable:
+            down = True
             await asyncio.sleep(probe_seconds)
             continue
         except Exception:  # keep the loop alive: the spool stays, the next probe retries

@@ -147,7 +147,7 @@ def test_twenty_seconds_of_redis_outage_at_six_batches_a_second_lose_and_double_
 
     async def scenario() -> None:
         wake = asyncio.Event()
-        replayer = asyncio.create_task(replay_forever(log, wake, 0.1, replayed))
+        replayer = asyncio.create_task(replay_forever(log, wake, 0.1, replayed, probe=writer.ping))
         t0 = time.perf_counter()
         stopped = restarted = False
         for n in range(total):

@@ -282,6 +282,34 @@ def test_the_replay_task_drains_when_woken_and_probes_while_redis_is_down(
     asyncio.run(scenario())
 
 
+def test_while_redis_is_down_the_replay_probes_with_a_ping_not_with_chunks(
+    tmp_path: Path,
+) -> None:
+    fake = FakeLog(up=False)
+    log = _log(EventSpool.open(tmp_path, 1 << 20), fake)
+    pings = 0
+
+    def ping() -> None:
+        nonlocal pings
+        pings += 1
+        if not fake.up:
+            raise FeatureStoreUnavailable("down")
+
+    async def scenario() -> None:
+        wake = asyncio.Event()
+        task = asyncio.create_task(replay_forever(log, wake, 0.01, probe=ping))
+        log.write([_ev(k) for k in range(4)])  # one failed write: the spool holds 4
+        wake.set()
+        await _until(lambda: pings >= 5)
+        assert fake.calls == 2  # the failed write and the first replay attempt; then pings only
+        fake.up = True
+        await _until(lambda: not log.spool.has_pending)
+        assert fake.applied == ["i0", "i1", "i2", "i3"]
+        task.cancel()
+
+    asyncio.run(scenario())
+
+
 async def _until(condition: object, timeout: float = 5.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
