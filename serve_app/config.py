@@ -3,7 +3,7 @@
 Sources, highest first: explicit arguments, environment variables (`RECSERVE_*`, nested with `__`, e.g.
 `RECSERVE_REALTIME__EMA_RATE=0.2`), the defaults here. `REDIS_URL` (the conventional name) is accepted
 for `redis_url`, `MLFLOW_TRACKING_URI` for the registry. Sections: the feature store (Feast profile), the
-real-time state, the event log, the model registry (`models`), ranking knobs (`ranking`) and the HTTP
+real-time state, the event log and its local spool (`event_spool`), the model registry (`models`), ranking knobs (`ranking`) and the HTTP
 API (`api`). Batching is a deployment's `user_config` (`StageConfig`, serve_config.yaml).
 
 Deployment options (replicas, autoscaling, queues, CPUs) are not settings of the graph but of Ray Serve:
@@ -95,6 +95,39 @@ class EventLogConfig(BaseModel):
         ge=1_000,
         description="safety cap on the stream length (approximate); entries beyond it that the "
         "exporter has not drained are lost. None: unbounded, the exporter trims what it exported",
+    )
+
+
+class SpoolConfig(BaseModel):
+    """The EventWriter's local spool (`serve_app.spool`): accepted events go there while the event
+    log is unavailable (answered 202 with `spooled`) and are replayed in order, deduplicated by
+    event id, when it answers again. Replays are deduplicated by the event log's `seen` markers:
+    keep `event_log.dedupe_ttl_seconds` longer than the longest outage to ride out."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        True, description="spool events while Redis is down; False: answer 503 (retry) instead"
+    )
+    directory: Path | None = Field(
+        None,
+        description="spool directory (a volume that outlives the process: the chart mounts one); "
+        "None: <feature_store.data_dir>/event_spool",
+    )
+    max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=64 * 1024,
+        description="bound of one replica's spool file (~250 bytes an event); a batch that does "
+        "not fit is refused whole: 503 event_spool_full with Retry-After",
+    )
+    retry_after_seconds: int = Field(
+        5, ge=1, description="Retry-After of the 503 answered when the spool is full"
+    )
+    replay_batch_events: int = Field(
+        500, ge=1, le=10_000, description="events per Redis round trip while replaying"
+    )
+    probe_interval_seconds: float = Field(
+        0.5, gt=0.0, le=30.0, description="how often Redis is retried while the spool waits"
     )
 
 
@@ -432,6 +465,7 @@ class ServeSettings(BaseSettings):
     feature_store: FeatureStoreConfig = Field(default_factory=FeatureStoreConfig)
     realtime: RealtimeConfig = Field(default_factory=RealtimeConfig)
     event_log: EventLogConfig = Field(default_factory=EventLogConfig)
+    event_spool: SpoolConfig = Field(default_factory=SpoolConfig)
     mlflow_tracking_uri: str | None = Field(
         None,
         validation_alias=AliasChoices(
@@ -479,6 +513,10 @@ class ServeSettings(BaseSettings):
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
         return f"sqlite:///{(self.feature_store.data_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def event_spool_dir(self) -> Path:
+        return self.event_spool.directory or self.feature_store.data_dir / "event_spool"
 
     @property
     def bundle_cache_dir(self) -> Path:

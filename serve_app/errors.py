@@ -64,3 +64,18 @@ class StageUnavailable(RecserveError):
     def __init__(self, stage: str) -> None:
         super().__init__(f"the {stage} stage is unavailable, retry")
         self.stage = stage
+
+
+class SpoolFull(RecserveError):
+    """The event log is unavailable and the local spool has no room for the batch (503 with
+    Retry-After: nothing of the batch was accepted, the client retries it whole)."""
+
+    code = "event_spool_full"
+
+    def __init__(self, message: str, retry_after_seconds: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+    def __reduce__(self) -> tuple[type[SpoolFull], tuple[str, int]]:
+        # Crosses the Ray handle pickled: keep the Retry-After it carries.
+        return (SpoolFull, (self.message, self.retry_after_seconds))

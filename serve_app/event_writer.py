@@ -1,10 +1,15 @@
 """EventWriter deployment: appends events to the Redis Stream, updates real-time features, attributes.
 
-A thin shell over `serve_app.events.EventLogWriter`. A user's delta embedding is built from the item
-vectors of the version their A/B variant serves (the ingress sends its router's versions with every
-batch; a version's vectors load in the background, the default space is used meanwhile), so each arm's
-user tower reads a delta in its own space. A failure of Redis raises `FeatureStoreUnavailable`, which the ingress answers with 503: events are never dropped silently.
-Newly logged events (not retries) are then credited to the variant that served them
+A thin shell over `serve_app.events.EventLogWriter`, behind the local spool (`serve_app.spool`): while
+Redis is unavailable accepted events are spooled (answered 202 with `spooled`) and a background task
+replays them in order through the same write path when it answers again, so real-time features and
+attribution catch up exactly once; a full spool raises `SpoolFull` (503, Retry-After). With the spool
+disabled a failure of Redis raises `FeatureStoreUnavailable` (503): never dropped silently.
+
+A user's delta embedding is built from the item vectors of the version their A/B variant serves (the
+ingress sends its router's versions with every batch; a version's vectors load in the background, the
+default space is used meanwhile), so each arm's user tower reads a delta in its own space. Newly
+logged events (not retries) are then credited to the variant that served them
 (`ExperimentLog.attribute`); an attribution failure is logged and does not fail the write.
 """
 
@@ -27,6 +32,7 @@ from serve_app.metrics import EventLogMetrics
 from serve_app.models import ModelSource
 from serve_app.router import ServedVersions
 from serve_app.schemas import Event
+from serve_app.spool import EventSpool, ReplayStep, SpooledLog, replay_forever, replay_orphans
 
 if TYPE_CHECKING:  # imported in the replica only: they pull in Feast, the ingress must not
     from serve_app.events import EventLogWriter, ItemEmbeddings
@@ -42,6 +48,7 @@ class EventWriteSummary:
     written: int
     duplicates: int
     clicks: dict[str, int] = field(default_factory=dict)
+    spooled: int = 0  # events kept in the local spool (Redis unavailable), replayed later
     attributed: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
@@ -87,13 +94,50 @@ class EventWriter:
             logger.warning("no bundle at start (%s): events logged without delta", exc.message)
         self._metrics = EventLogMetrics()
         loop = asyncio.get_running_loop()
+        self._spooled: SpooledLog[EventWriteSummary] | None = None
+        self._wake = asyncio.Event()
+        spool = settings.event_spool
+        self._replay_batch = spool.replay_batch_events
+        if spool.enabled:
+            self._spooled = SpooledLog(
+                EventSpool.open(
+                    settings.event_spool_dir, spool.max_bytes, spool.retry_after_seconds
+                ),
+                self._write,
+                spool.replay_batch_events,
+            )
+            self._metrics.spool_size(0, spool.max_bytes)
+            # Events left by a previous replica in this slot are replayed from the start.
+            self._replayer = loop.create_task(
+                replay_forever(
+                    self._spooled,
+                    self._wake,
+                    spool.probe_interval_seconds,
+                    self._replayed,
+                    probe=self._writer.ping,
+                )
+            )
         self._sampler = loop.create_task(
             self._sample_stream(settings.monitoring.sample_interval_seconds)
         )
 
+    def _replayed(self, step: ReplayStep[EventWriteSummary]) -> None:
+        result = step.result or EventWriteSummary(0, 0)
+        self._metrics.replayed(result.written, result.duplicates, step.corrupt)
+        self._metrics.replayed_clicks(result.clicks, result.attributed)
+        if self._spooled is not None:
+            spool = self._spooled.spool
+            self._metrics.spool_size(spool.size_bytes, spool.max_bytes)
+        if step.emptied:
+            logger.info("event spool replayed and emptied")
+
     async def _sample_stream(self, interval: float) -> None:
         """The stream's length and every consumer group's backlog, every `interval` seconds."""
         while True:
+            if self._spooled is not None:
+                await self._replay_orphans()
+                spool = self._spooled.spool  # set again each time: Ray drops idle gauge values
+                self._metrics.spool_size(spool.size_bytes, spool.max_bytes)
             try:
                 stats = await asyncio.to_thread(self._writer.stream_stats)
                 self._metrics.stream_length(stats.length)
@@ -104,6 +148,22 @@ class EventWriter:
             except Exception as exc:  # Redis down: the write path reports it; keep sampling
                 logger.warning("event stream stats unavailable: %s", exc)
             await asyncio.sleep(interval)
+
+    async def _replay_orphans(self) -> None:
+        """Spools left in the directory by replicas that are gone (scaled down) are replayed here."""
+        assert self._spooled is not None
+        spool = self._spooled.spool
+        try:
+            await asyncio.to_thread(
+                replay_orphans,
+                spool.directory,
+                spool.slot,
+                self._write,
+                self._replay_batch,
+                self._replayed,
+            )
+        except Exception as exc:  # the next sample retries
+            logger.warning("event spools of departed replicas not replayed: %s", exc)
 
     def _follow(self, served: ServedVersions) -> None:
         """Serve deltas in the spaces of `served` (the ingress's versions); load new ones in the
@@ -182,14 +242,24 @@ class EventWriter:
     async def write(
         self, events: Sequence[Event], served: ServedVersions | None = None
     ) -> EventWriteSummary:
-        """Log and apply `events` in order; FeatureStoreUnavailable when Redis fails. `served`: the
-        versions the caller's router serves, when it knows them."""
+        """Log and apply `events` in order, or spool them while Redis is unavailable (or the spool
+        still holds older ones); SpoolFull when they do not fit (FeatureStoreUnavailable when Redis
+        fails and the spool is disabled). `served`: the versions the caller's router serves."""
         if served is not None and served.default is not None:
             self._follow(served)
         # In a thread: pipelined round trips, and other batches may be written meanwhile.
-        return await asyncio.to_thread(self._write, list(events))
+        if self._spooled is None:
+            return await asyncio.to_thread(self._write, list(events))
+        outcome = await asyncio.to_thread(self._spooled.write, list(events))
+        if outcome.result is not None:
+            return outcome.result
+        self._wake.set()
+        spool = self._spooled.spool
+        self._metrics.spooled(outcome.spooled, spool.size_bytes, spool.max_bytes)
+        return EventWriteSummary(written=0, duplicates=outcome.duplicates, spooled=outcome.spooled)
 
     def __del__(self) -> None:
-        task: Any = getattr(self, "_sampler", None)
-        if task is not None:
-            task.cancel()
+        for name in ("_sampler", "_replayer"):
+            task: Any = getattr(self, name, None)
+            if task is not None:
+                task.cancel()

@@ -5,7 +5,7 @@ XADD it to the stream (the durable log `training.exporter` drains), then update 
 (delta embedding EMA, bounded recent list, one-minute counter slots, last event time) and the item's
 counters. Atomic scripts mean concurrent events for one user never lose an update and the state always
 equals a serial replay of the stream in stream order. Failures raise `FeatureStoreUnavailable` (the
-ingress answers 503): an event is never dropped silently. The Ray deployment wrapping this comes later.
+ingress answers 503, or the EventWriter spools the batch: `serve_app.spool`): never dropped silently.
 
 The script touches four keys in different hash slots, so it needs a single Redis (or Sentinel); on Redis
 Cluster it would be split per slot (log, user, item), each part idempotent through its own marker.
@@ -306,6 +306,13 @@ class EventLogWriter:
                 f"event log unavailable, events not accepted: {exc}"
             ) from exc
         return WriteResult(tuple(ids), tuple(bool(r) for r in replies))
+
+    def ping(self) -> None:
+        """One round trip; FeatureStoreUnavailable when Redis does not answer."""
+        try:
+            self._client.ping()
+        except redis.RedisError as exc:
+            raise FeatureStoreUnavailable(f"event log unavailable: {exc}") from exc
 
     def stream_stats(self) -> StreamStats:
         """Length of the stream and the backlog of each consumer group (raises redis errors)."""

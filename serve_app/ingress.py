@@ -38,6 +38,7 @@ from serve_app.errors import (
     ModelUnavailable,
     Overloaded,
     RecserveError,
+    SpoolFull,
     StageUnavailable,
 )
 from serve_app.event_writer import EventWriteSummary
@@ -129,8 +130,14 @@ class EventRejection(BaseModel):
 
 
 class EventsResponse(BaseModel):
-    accepted: int
+    accepted: int = Field(description="valid events taken: logged, retries, or spooled")
     rejected: list[EventRejection]
+    spooled: int = Field(
+        0,
+        ge=0,
+        description="of the accepted, events kept in the event writer's local spool because the "
+        "event log was unavailable; replayed in order, deduplicated by event id, when it returns",
+    )
 
 
 class ErrorBody(BaseModel):
@@ -244,6 +251,9 @@ def _backend_error(exc: BaseException) -> JSONResponse:
         )
     if isinstance(cause, BadRequest):
         return error_response(400, cause.code, cause.message, cause.field)
+    if isinstance(cause, SpoolFull):
+        retry = str(cause.retry_after_seconds)
+        return error_response(503, cause.code, cause.message, headers={"Retry-After": retry})
     if isinstance(cause, FeatureStoreUnavailable | ModelUnavailable | StageUnavailable):
         return error_response(503, cause.code, cause.message, headers={"Retry-After": "1"})
     if isinstance(cause, RecserveError):
@@ -364,7 +374,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "body larger than api.max_body_bytes",
         415: "body is not application/json",
         422: "invalid field (named in error.field)",
-        503: "a dependency is down or overloaded (retry)",
+        503: "a dependency is down or overloaded, or (events) Redis is down and the event "
+        "spool is full: retry after the Retry-After header's seconds",
     }.items()
 }
 
@@ -469,22 +480,25 @@ def create_api(
             except ValidationError as exc:
                 rejected.append(EventRejection(index=index, error=event_error(exc)))
                 reasons[str(exc.errors()[0]["type"])] += 1  # pydantic's error types: a closed set
-        duplicates, clicks, attributed = 0, {}, {}
+        duplicates, clicks, attributed, spooled = 0, {}, {}, 0
         if valid:
             try:
                 summary = await backend.write_events(valid)
             except Exception as exc:
                 response = _backend_error(exc)
                 if metrics is not None:
-                    metrics.events({}, reasons + Counter(unavailable=len(valid)))
+                    full = isinstance(root_cause(exc), SpoolFull)
+                    reason = "spool_full" if full else "unavailable"
+                    metrics.events({}, reasons + Counter({reason: len(valid)}))
                 observe("events", response.status_code, start)
                 return response
             duplicates, clicks, attributed = summary.duplicates, summary.clicks, summary.attributed
+            spooled = summary.spooled
         if metrics is not None:
             accepted = Counter(e.event_type.value for e in valid)
             metrics.events(accepted, reasons, duplicates, clicks, attributed)
         observe("events", 202, start)
-        return EventsResponse(accepted=len(valid), rejected=rejected)
+        return EventsResponse(accepted=len(valid), rejected=rejected, spooled=spooled)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

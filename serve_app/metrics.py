@@ -140,7 +140,7 @@ FALLBACKS = _spec(
 EVENTS_ACCEPTED = _spec(
     "recserve_events_accepted_total",
     "counter",
-    "Events accepted into the event log (retries included), by event type.",
+    "Events accepted into the event log or its local spool (retries included), by event type.",
     "event_type",
 )
 EVENTS_DUPLICATE = _spec(
@@ -151,8 +151,9 @@ EVENTS_DUPLICATE = _spec(
 EVENTS_REJECTED = _spec(
     "recserve_events_rejected_total",
     "counter",
-    "Events refused, by reason: the validation error type of the event, too_many_events, or "
-    "unavailable (the event log could not be written: 503).",
+    "Events refused, by reason: the validation error type of the event, too_many_events, "
+    "unavailable (the event log could not be written: 503) or spool_full (Redis unavailable and "
+    "the local spool full: 503).",
     "reason",
 )
 MODEL_INFO = _spec(
@@ -278,6 +279,30 @@ CONSUMER_LAG_SECONDS = _spec(
     "Age of the oldest stream entry a consumer group has not acknowledged (0: caught up).",
     "group",
 )
+SPOOLED_EVENTS = _spec(
+    "recserve_events_spooled_total",
+    "counter",
+    "Accepted events written to the EventWriter's local spool because the event log (Redis) was "
+    "unavailable or the spool still held older events; replayed when Redis answers again.",
+)
+REPLAYED_EVENTS = _spec(
+    "recserve_events_replayed_total",
+    "counter",
+    "Spooled events replayed into the event log, by outcome: applied, duplicate (its event id was "
+    "already in Redis: not applied twice), damaged (a spool line that failed its checks: skipped).",
+    "outcome",
+)
+SPOOL_BYTES = _spec(
+    "recserve_event_spool_bytes",
+    "gauge",
+    "Size of the EventWriter replica's spool file (0: empty, events go straight to Redis).",
+)
+SPOOL_CAPACITY = _spec(
+    "recserve_event_spool_capacity_bytes",
+    "gauge",
+    "Bound of the spool file (event_spool.max_bytes); past it events are refused with 503.",
+)
+REPLAY_OUTCOMES = ("applied", "duplicate", "damaged")
 
 CATALOG: tuple[MetricSpec, ...] = (
     HTTP_REQUESTS,
@@ -309,6 +334,10 @@ CATALOG: tuple[MetricSpec, ...] = (
     CONSUMER_LAG,
     CONSUMER_PENDING,
     CONSUMER_LAG_SECONDS,
+    SPOOLED_EVENTS,
+    REPLAYED_EVENTS,
+    SPOOL_BYTES,
+    SPOOL_CAPACITY,
 )
 
 
@@ -519,13 +548,48 @@ class FeatureMetrics:
 
 
 class EventLogMetrics:
-    """At the event writer: the stream's length and each consumer group's backlog."""
+    """At the event writer: the stream's length, each consumer group's backlog, the local spool
+    (events spooled and replayed, its size and bound) and the clicks its replay credits."""
 
     def __init__(self) -> None:
         self.length = create(STREAM_LENGTH)
         self.lag = create(CONSUMER_LAG)
         self.pending = create(CONSUMER_PENDING)
         self.lag_seconds = create(CONSUMER_LAG_SECONDS)
+        self.spooled_events = create(SPOOLED_EVENTS)
+        self.replayed_events = create(REPLAYED_EVENTS)
+        self.spool_bytes = create(SPOOL_BYTES)
+        self.spool_capacity = create(SPOOL_CAPACITY)
+        # Replayed events reach the ingress's counters from here (same series, this deployment).
+        self.clicks = create(CLICKS)
+        self.attributed = create(ATTRIBUTED_EVENTS)
+        zero(self.spooled_events)
+        for outcome in REPLAY_OUTCOMES:
+            zero(self.replayed_events, {"outcome": outcome})
+
+    def spool_size(self, size: int, capacity: int) -> None:
+        self.spool_bytes.set(size)
+        self.spool_capacity.set(capacity)
+
+    def spooled(self, events: int, size: int, capacity: int) -> None:
+        if events:
+            self.spooled_events.inc(events)
+        self.spool_size(size, capacity)
+
+    def replayed(self, applied: int, duplicates: int, damaged: int) -> None:
+        for outcome, count in zip(REPLAY_OUTCOMES, (applied, duplicates, damaged), strict=True):
+            if count:
+                self.replayed_events.inc(count, tags={"outcome": outcome})
+
+    def replayed_clicks(
+        self, clicks: Mapping[str, int], attributed: Mapping[tuple[str, str], int]
+    ) -> None:
+        for variant, count in clicks.items():
+            if count:
+                self.clicks.inc(count, tags={"variant": variant})
+        for (variant, event_type), count in attributed.items():
+            if count:
+                self.attributed.inc(count, tags={"variant": variant, "event_type": event_type})
 
     def stream_length(self, entries: int) -> None:
         self.length.set(entries)

@@ -4,6 +4,7 @@ redis-server per fault test (on a free port in tmp, stopped and started by the t
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -128,6 +129,15 @@ class PrivateRedis:
             self._process.terminate()
             self._process.wait(timeout=10)
             self._process = None
+
+    def freeze(self) -> None:
+        """SIGSTOP: a hung Redis (clients time out) that keeps its data, unlike stop()."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
 
 
 @pytest.fixture

@@ -49,6 +49,7 @@ EXPECTED_OBJECTS = {
         ("Deployment", "recserve-mlflow"),
         ("Service", "recserve-mlflow"),
         ("PersistentVolumeClaim", "recserve-data"),
+        ("PersistentVolumeClaim", "recserve-event-spool"),
         ("CronJob", "recserve-training"),
         ("CronJob", "recserve-materialization"),
         ("Ingress", "recserve"),

@@ -84,11 +84,13 @@ def test_the_autoscaler_sidecar_is_restricted_too(helm: Path) -> None:
 
 
 def test_writable_paths_are_volumes(helm: Path) -> None:
-    # A read-only root: whatever a process writes must be on a mount (Ray: /tmp and /dev/shm).
+    # A read-only root: whatever a process writes must be on a mount (Ray: /tmp and /dev/shm; the
+    # EventWriter's spool).
     docs = chart.render_profile("default")
+    spool = "/var/lib/recserve/event-spool"
     expected = {
-        "ray-head": {"/tmp", "/dev/shm"},
-        "ray-worker/cpu": {"/tmp", "/dev/shm"},
+        "ray-head": {"/tmp", "/dev/shm", spool},
+        "ray-worker/cpu": {"/tmp", "/dev/shm", spool},
         "StatefulSet/recserve-redis": {"/data"},
         "Deployment/recserve-mlflow": {"/tmp", "/mlflow/artifacts"},
         "CronJob/recserve-training": {"/tmp", "/data"},

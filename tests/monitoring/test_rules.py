@@ -27,6 +27,8 @@ REQUIRED = {
     "shadow divergence": "RecserveShadowDivergence",
     "no ready model": "RecserveNoReadyModel",
     "stage failures answered around": "RecserveStageFailing",
+    "events spooled (Redis down)": "RecserveEventSpoolNotEmpty",
+    "event spool near its bound": "RecserveEventSpoolNearlyFull",
 }
 
 

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serve_app.config import ApiConfig
-from serve_app.errors import FeatureStoreUnavailable, ModelUnavailable
+from serve_app.errors import FeatureStoreUnavailable, ModelUnavailable, SpoolFull
 from serve_app.event_writer import EventWriteSummary
 from serve_app.ingress import create_api
 from serve_app.metrics import RequestMetrics
@@ -262,6 +262,47 @@ def test_events_are_validated_one_by_one_and_valid_ones_written() -> None:
     assert "event_type" in body["rejected"][0]["error"]
     assert "user_id" in body["rejected"][1]["error"]
     assert [(e.user_id, e.item_id) for e in backend.events] == [("u1", "i1"), ("u2", "i4")]
+
+
+class Spooling(Fixed):
+    """The event writer with Redis down: every event kept in its spool, one a retry it held."""
+
+    async def write_events(self, events: list[Event]) -> EventWriteSummary:
+        self.events.extend(events)
+        return EventWriteSummary(written=0, duplicates=1, spooled=len(events) - 1)
+
+
+def test_events_spooled_while_redis_is_down_are_accepted_with_the_count_spooled() -> None:
+    event = {"user_id": "u1", "item_id": "i1", "event_type": "click"}
+    response = client(Spooling()).post("/v1/events", json={"events": [event] * 3})
+    assert response.status_code == 202, response.text
+    assert response.json() == {"accepted": 3, "rejected": [], "spooled": 2}
+    written = client(Fixed()).post("/v1/events", json={"events": [event]})
+    assert written.json() == {"accepted": 1, "rejected": [], "spooled": 0}
+
+
+def test_a_full_spool_is_a_503_with_the_configured_retry_after() -> None:
+    full = SpoolFull("event spool full", retry_after_seconds=7)
+    response = client(Fixed(full)).post(
+        "/v1/events", json={"events": [{"user_id": "u1", "item_id": "i1", "event_type": "view"}]}
+    )
+    assert_error(response, 503, "event_spool_full")
+    assert response.headers["Retry-After"] == "7"
+
+
+def test_the_openapi_document_types_the_spooled_count() -> None:
+    schemas = client(Unreachable()).get("/openapi.json").json()["components"]["schemas"]
+    spooled = schemas["EventsResponse"]["properties"]["spooled"]
+    assert spooled["type"] == "integer" and spooled["minimum"] == 0
+    assert "spool" in spooled["description"]
+
+
+def test_a_spool_full_error_keeps_its_retry_after_across_pickling() -> None:
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(SpoolFull("full", retry_after_seconds=9)))
+    assert isinstance(copy, SpoolFull) and copy.retry_after_seconds == 9
+    assert copy.message == "full"
 
 
 def test_event_batches_over_the_limit_empty_or_misshapen_get_422() -> None:

@@ -181,6 +181,11 @@ imagePullSecrets:
   mountPath: /tmp
 - name: shm
   mountPath: /dev/shm
+{{- if .Values.eventSpool.enabled }}
+# The EventWriter's spool of events accepted while Redis is unavailable.
+- name: event-spool
+  mountPath: {{ .Values.eventSpool.mountPath }}
+{{- end }}
 {{- end }}
 {{- define "recserve.rayVolumes" -}}
 - name: tmp
@@ -190,6 +195,21 @@ imagePullSecrets:
   emptyDir:
     medium: Memory
     sizeLimit: {{ .Values.rayService.shmSizeLimit }}
+{{- with .Values.eventSpool }}
+{{- if .enabled }}
+- name: event-spool
+  {{- if .persistence.enabled }}
+  persistentVolumeClaim:
+    claimName: {{ .persistence.existingClaim | default (include "recserve.eventSpoolClaim" $) }}
+  {{- else }}
+  emptyDir:
+    sizeLimit: {{ .sizeLimit }}
+  {{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- define "recserve.eventSpoolClaim" -}}
+{{ include "recserve.fullname" . }}-event-spool
 {{- end }}
 {{- define "recserve.rayEnv" -}}
 {{ include "recserve.appEnv" . | trim }}
@@ -203,6 +223,16 @@ imagePullSecrets:
 # Feast's local files and the bundle cache (<data_dir>/bundle_cache) on the /tmp emptyDir.
 - name: RECSERVE_FEATURE_STORE__DATA_DIR
   value: /tmp/recserve
+- name: RECSERVE_EVENT_SPOOL__ENABLED
+  value: {{ .Values.eventSpool.enabled | quote }}
+{{- if .Values.eventSpool.enabled }}
+- name: RECSERVE_EVENT_SPOOL__DIRECTORY
+  value: {{ .Values.eventSpool.mountPath | quote }}
+- name: RECSERVE_EVENT_SPOOL__MAX_BYTES
+  value: {{ .Values.eventSpool.maxBytes | int64 | quote }}
+- name: RECSERVE_EVENT_SPOOL__RETRY_AFTER_SECONDS
+  value: {{ .Values.eventSpool.retryAfterSeconds | int | quote }}
+{{- end }}
 {{- range $name, $value := .Values.rayService.rayEnv }}
 - name: {{ $name }}
   value: {{ $value | quote }}
