@@ -36,7 +36,7 @@ from feature_repo.config import FeatureStoreConfig, Profile
 from feature_repo.store import apply, build_store, materialize_incremental
 from serve_app.config import EventLogConfig, RealtimeConfig
 from serve_app.events import EventLogWriter, ItemEmbeddings
-from serve_app.features import USER_BATCH_REFS, FeatureShapes, OnlineFeatureReader, connect_redis
+from serve_app.features import FeatureShapes, OnlineFeatureReader, connect_redis, user_batch_refs
 from serve_app.schemas import Event, EventType
 
 STAMP = pd.Timestamp("2026-02-01", tz="UTC")
@@ -116,7 +116,7 @@ def _read_users(
 
 def _read_batch_view(store: FeatureStore, ids: Sequence[list[str]], k: int) -> object:
     return store.get_online_features(
-        features=list(USER_BATCH_REFS), entity_rows=[{"user_id": u} for u in ids[k]]
+        features=list(user_batch_refs()), entity_rows=[{"user_id": u} for u in ids[k]]
     ).to_dict()
 
 

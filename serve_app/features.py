@@ -22,27 +22,34 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import redis
-from feast import FeatureStore
 
-from feature_repo.services import feature_refs, user_tower_v1
-from feature_repo.store import build_store
-from feature_repo.views import BATCH_VIEWS
 from serve_app.config import ServeSettings
 from serve_app.redis_client import connect_redis
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
 
 logger = logging.getLogger(__name__)
 
 WINDOW_SLOTS = 60  # one-minute slots in the counters' ring: covers the 1 h window
 US_PER_MINUTE = 60_000_000
-_BATCH_VIEW_NAMES = frozenset(v.name for v in BATCH_VIEWS)
-# The batch part of user_tower_v1, read through Feast; the real-time part is read from the hashes.
-USER_BATCH_REFS = tuple(
-    r for r in feature_refs(user_tower_v1) if r.split(":")[0] in _BATCH_VIEW_NAMES
-)
+
+
+@cache
+def user_batch_refs() -> tuple[str, ...]:
+    """The batch part of user_tower_v1, read through Feast; the real-time part is read from the
+    hashes. (Feast is imported here, not with the module: the Redis layout below is all the event
+    path and the Ingress need, and Feast with what it imports is ~270 MiB per process.)"""
+    from feature_repo.services import feature_refs, user_tower_v1
+    from feature_repo.views import BATCH_VIEWS
+
+    names = frozenset(v.name for v in BATCH_VIEWS)
+    return tuple(r for r in feature_refs(user_tower_v1) if r.split(":")[0] in names)
 
 
 # --- Redis layout of the real-time state (written by serve_app.events) ------------------------
@@ -177,7 +184,7 @@ def assemble_user_features(
     model_version: str | None,
     degraded: bool,
 ) -> UserFeatures:
-    """Combine Feast's batch columns (`to_dict()` of USER_BATCH_REFS; None: unread) with decoded
+    """Combine Feast's batch columns (`to_dict()` of user_batch_refs(); None: unread) with decoded
     real-time states (None: unread) into typed arrays; unread parts take the defaults.
 
     A vector of the wrong length (a profile written for another bundle) counts as missing, and so
@@ -278,6 +285,8 @@ class OnlineFeatureReader:
     @classmethod
     def from_settings(cls, settings: ServeSettings) -> OnlineFeatureReader:
         """The reader of the configured profile (builds the Feast store and the Redis client)."""
+        from feature_repo.store import build_store
+
         fs = settings.feature_store
         return cls(
             build_store(fs),
@@ -306,7 +315,7 @@ class OnlineFeatureReader:
         assert self._store is not None
         try:
             response = self._store.get_online_features(
-                features=list(USER_BATCH_REFS), entity_rows=[{"user_id": u} for u in user_ids]
+                features=list(user_batch_refs()), entity_rows=[{"user_id": u} for u in user_ids]
             )
             result: dict[str, list[Any]] = response.to_dict()
             return result
