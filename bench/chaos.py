@@ -15,7 +15,8 @@ seconds in:
 
 Per phase it prints requests, non-2xx, degraded answers, p99 and max latency; for events: sent,
 accepted, spooled, refused (non-2xx: the client knows it must retry), lost (accepted but never in the
-stream) and duplicated (in the stream more than once). JSON goes to bench/results/chaos.json.
+stream) and duplicated (in the stream more than once), in the stream and in the Parquet files the
+real exporter (`training.exporter`) writes from it. JSON goes to bench/results/chaos.json.
 
     python bench/chaos.py --data-dir /tmp/demo    # after `recserve train --data-dir /tmp/demo --promote`
 """
@@ -318,6 +319,22 @@ def stream_ids(redis_url: str, stream_key: str) -> Counter[str]:
         last = entries[-1][0].decode()
 
 
+def export_ids(redis_url: str, stream_key: str, out_dir: Path) -> Counter[str]:
+    """Drain the stream into Parquet with the real exporter (training.exporter), then count each
+    event id in the files it wrote."""
+    import pyarrow.parquet as pq
+    import redis
+
+    from training.exporter import ExporterConfig, StreamExporter
+
+    config = ExporterConfig(redis_url=redis_url, stream_key=stream_key, out_dir=out_dir)
+    StreamExporter(redis.Redis.from_url(redis_url), config).drain()
+    ids: Counter[str] = Counter()
+    for part in sorted(out_dir.glob("date=*/part-*.parquet")):
+        ids.update(str(e) for e in pq.read_table(part, columns=["event_id"]).column(0).to_pylist())
+    return ids
+
+
 def leftover(pids: list[int]) -> list[str]:
     import psutil
 
@@ -346,7 +363,8 @@ def print_table(phases: list[Phase], events: dict[str, int], stop: dict[str, Any
     print()
     print(
         "events: sent {sent}, accepted {accepted}, spooled {spooled}, refused {refused}, "
-        "lost {lost}, duplicated {duplicated}".format(**events)
+        "lost {lost}, duplicated {duplicated} (in the stream); exported Parquet: lost "
+        "{lost_in_parquet}, duplicated {duplicated_in_parquet}".format(**events)
     )
     print(
         f"stop: exit code {stop['exit_code']} after {stop['seconds']:.1f} s; "
@@ -443,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                 except SystemExit as exc:
                     print(exc, flush=True)
                 in_stream = stream_ids(redis_server.url, key)
+                exported = export_ids(redis_server.url, key, Path(tmp) / "events_log")
 
                 import psutil
 
@@ -463,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         "refused": sum(p.events_refused for p in phases),
         "lost": len(ledger.accepted - set(in_stream)),
         "duplicated": sum(n - 1 for n in in_stream.values() if n > 1),
+        "lost_in_parquet": len(ledger.accepted - set(exported)),
+        "duplicated_in_parquet": sum(n - 1 for n in exported.values() if n > 1),
     }
     print_table(phases, events, stop)
     results = {
