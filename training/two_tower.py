@@ -197,12 +197,16 @@ def train_two_tower(
     items: ItemInputs,
     n_categories: int,
     propensity: np.ndarray,
-    valid_states: UserStates,
+    valid_states: UserStates | None,
     valid_relevant: list[np.ndarray],
     config: TwoTowerConfig,
     progress: bool = True,
 ) -> TwoTowerResult:
-    """Train both towers; keep the epoch with the best validation recall@50."""
+    """Train both towers; keep the epoch with the best validation recall@50.
+
+    `valid_states` None: no validation (a refit for a number of epochs chosen before): all
+    `config.epochs` run and the last is kept.
+    """
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     rng = np.random.default_rng(config.seed)
@@ -269,6 +273,11 @@ def train_two_tower(
             total += float(loss.detach()) * len(idx)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         item_vecs = encode_items(item_tower, items)
+        if valid_states is None:
+            result.history.append({"epoch": epoch, "loss": total / n})
+            result.best_epoch, best = epoch, 0.0
+            best_state = ({k: v.clone() for k, v in user_tower.state_dict().items()}, item_vecs)
+            continue
         user_vecs = encode_users(user_tower, valid_states, config)
         recall = recall_against(user_vecs, item_vecs, valid_states, valid_relevant, 50)
         result.history.append({"epoch": epoch, "loss": total / n, "valid_recall@50": recall})

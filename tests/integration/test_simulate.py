@@ -45,7 +45,10 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
 
     data_dir = tmp_path_factory.mktemp("simulate")
     settings = TrainingSettings(
-        data_dir=data_dir, synthetic=SyntheticConfig(**TINY), redis_url=None
+        data_dir=data_dir,
+        synthetic=SyntheticConfig(**TINY),
+        redis_url=None,
+        search={"budget_seconds": 0},  # the default settings, no search: fast and fixed
     )
     dataset = generate(settings.synthetic, progress=False)
     write_dataset(dataset, data_dir / "datasets" / dataset.name)  # as `recserve train` does
