@@ -57,6 +57,12 @@ class TwoTowerConfig(BaseModel):
     weight_decay: float = Field(1e-6, ge=0.0)
     epochs: int = Field(8, ge=1)
     patience: int = Field(2, ge=1, description="epochs without validation gain before stopping")
+    refit_epochs: int = Field(
+        2,
+        ge=1,
+        description="epochs over a bundle's whole log, continuing from the towers trained without "
+        "the ranker's labels (so the served towers know the newest items and users)",
+    )
     min_weight: float = Field(
         0.5, ge=0.0, description="events below this weight (views) are not training positives"
     )

@@ -52,8 +52,18 @@ def time_ordered(events: pd.DataFrame) -> pd.DataFrame:
     return events.iloc[np.argsort(ns.astype(np.int64), kind="stable")]
 
 
-def holdout_round(events: pd.DataFrame, fraction: float = 0.2, name: str = "test") -> Round:
-    """Hold out each user's newest `fraction` of first positive interactions (see the module)."""
+def holdout_round(
+    events: pd.DataFrame,
+    fraction: float = 0.2,
+    name: str = "test",
+    relevant_min_weight: float | None = None,
+) -> Round:
+    """Hold out each user's newest `fraction` of first positive interactions (see the module).
+
+    Relevant: every held-out pair, or with a `rating` column those rated >= 4, or with
+    `relevant_min_weight` those whose event weight is at least that (a ratings log whose ratings
+    became weights, `training.movielens`: weight 2 = rating 4).
+    """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must lie strictly between 0 and 1, got {fraction}")
     ordered = time_ordered(events).reset_index(drop=True)
@@ -77,10 +87,14 @@ def holdout_round(events: pd.DataFrame, fraction: float = 0.2, name: str = "test
     targets = ordered.iloc[held]
     if "rating" in targets.columns:
         targets = targets[targets["rating"].to_numpy() >= MIN_RELEVANT_RATING]
+    elif relevant_min_weight is not None:
+        targets = targets[targets["weight"].to_numpy() >= relevant_min_weight]
     return Round(name, history, targets[["user_id", "item_id", "timestamp"]])
 
 
-def temporal_rounds(events: pd.DataFrame, fraction: float = 0.2) -> tuple[Round, Round]:
+def temporal_rounds(
+    events: pd.DataFrame, fraction: float = 0.2, relevant_min_weight: float | None = None
+) -> tuple[Round, Round]:
     """(validation, test): test held out of the whole log, validation out of test's history."""
-    test = holdout_round(events, fraction, "test")
-    return holdout_round(test.history, fraction, "validation"), test
+    test = holdout_round(events, fraction, "test", relevant_min_weight)
+    return holdout_round(test.history, fraction, "validation", relevant_min_weight), test

@@ -2,8 +2,8 @@
 
 `fit_system` builds everything a bundle holds from one log: the ranker's labels inside that log
 (`training.labels`), towers and collaborative models fit without them for the ranker's features, then
-the towers refit on the whole log (for the epochs validation chose) and the collaborative models and
-item statistics as of its end, which is what serving reads. `served_lists` loads the written bundle
+the towers trained on over the whole log (`two_tower.refit_epochs` more epochs), the collaborative
+models and item statistics as of its end, which is what serving reads. `Served` loads the written bundle
 and answers for a set of users through `serve_app.recommend.recommend_in_process` (the very stage
 functions of the graph) from the `user_profile` rows those users would have: what `recserve train`
 reports as recserve is what it registers.
@@ -155,8 +155,10 @@ def fit_tower(
     mask: np.ndarray,
     valid: Window | None,
     progress: bool,
+    init: TwoTowerResult | None = None,
 ) -> TwoTowerResult:
-    """Towers on the first positives within `mask`; early stopping on `valid` (None: tt.epochs)."""
+    """Towers on the first positives within `mask`; early stopping on `valid` (None: tt.epochs),
+    continuing from `init` when given."""
     torch.set_num_threads(tt.threads)
     e = data.encoded
     rows = training_rows(e, data.positions, mask, tt.history_length)
@@ -171,6 +173,7 @@ def fit_tower(
         relevant_lists(valid.grades) if valid is not None else [],
         tt,
         progress=progress,
+        init=init,
     )
 
 
@@ -201,7 +204,7 @@ class FitCache:
 
     labels: dict[str, RankerLabels] = field(default_factory=dict)
     ranking_towers: dict[str, TwoTowerResult] = field(default_factory=dict)
-    serving_towers: dict[int, TwoTowerResult] = field(default_factory=dict)
+    serving_towers: dict[str, TwoTowerResult] = field(default_factory=dict)
     collaborative: dict[tuple[Any, ...], Collaborative | None] = field(default_factory=dict)
 
     def cf(
@@ -233,14 +236,9 @@ def fit_system(
     items: ItemTable,
     cache: FitCache | None = None,
     *,
-    tower_epochs: int | None = None,
     progress: bool = False,
 ) -> FittedSystem:
-    """Fit the bundle's models on `data` with `settings` (see the module docstring).
-
-    `tower_epochs`: train the served towers this long (epochs chosen on validation); None: as long
-    as early stopping on the ranker's labels found best.
-    """
+    """Fit the bundle's models on `data` with `settings` (see the module docstring)."""
     cache = cache or FitCache()
     e = data.encoded
     tt = tower_config(settings, len(e.user_ids), len(items.item_ids))
@@ -253,13 +251,19 @@ def fit_system(
             data, items, tt, labels.mask, labels.groups, progress
         )
     ranking_towers = cache.ranking_towers[scheme]
-    epochs = tower_epochs or ranking_towers.best_epoch
-    if epochs not in cache.serving_towers:
+    if scheme not in cache.serving_towers:
+        # The served towers: the ranker's, trained on further over the whole log.
         everything = np.ones(len(e.ts), dtype=bool)
-        cache.serving_towers[epochs] = fit_tower(
-            data, items, tt.model_copy(update={"epochs": epochs}), everything, None, progress
+        cache.serving_towers[scheme] = fit_tower(
+            data,
+            items,
+            tt.model_copy(update={"epochs": tt.refit_epochs}),
+            everything,
+            None,
+            progress,
+            init=ranking_towers,
         )
-    serving_towers = cache.serving_towers[epochs]
+    serving_towers = cache.serving_towers[scheme]
 
     cf = settings.collaborative
     kept = e.subset(labels.mask)
@@ -291,7 +295,7 @@ def fit_system(
         collaborative=cache.cf("all", e, cf, e.n_items),
         ranker_feature_names=inputs.names,
         ranker_groups=ranker.train_groups,
-        tower_epochs=epochs,
+        tower_epochs=ranking_towers.best_epoch + tt.refit_epochs,
     )
 
 
@@ -341,6 +345,15 @@ def write_bundle(
     )
     index = faiss_index.build_index(item_vecs, index_config)
     faiss_index.save_index(index, directory / "index.faiss")
+    # The shipped index against exact search, queried with the served user vectors.
+    sample = data.encoded.user_ids[: min(len(data.encoded.user_ids), 1000)]
+    states = user_states_at(data.encoded, sample, None, L)
+    report = faiss_index.measure_index(
+        index,
+        item_vecs,
+        encode_users(fitted.towers.user_tower, states, tt),
+        k=min(100, len(items.item_ids)),
+    )
     fitted.ranker.booster.save_model(str(directory / "ranker.ubj"))
     spec = (
         save_collaborative(fitted.collaborative, directory)
@@ -380,8 +393,10 @@ def write_bundle(
         collaborative=spec,
         item_feature_names=list(ITEM_FEATURE_NAMES),
         categories=categories,
-        index=IndexSpec(**faiss_index.index_spec(index, index_config)),
-        metrics=metrics or {},
+        index=IndexSpec(
+            **{**faiss_index.index_spec(index, index_config), "recall_at_100": report.recall_at_k}
+        ),
+        metrics={"index_recall@100": report.recall_at_k, **(metrics or {})},
         params={**settings_params(settings, fitted), **(params or {})},
         files={},
     )

@@ -97,3 +97,12 @@ def test_a_ratings_log_counts_only_high_ratings_as_relevant() -> None:
 def test_fraction_must_be_a_share() -> None:
     with pytest.raises(ValueError, match="fraction"):
         holdout_round(frame([("u", "a", 0, "click")]), 1.0)
+
+
+def test_ratings_turned_into_weights_count_from_the_weight_of_four_stars() -> None:
+    rows = [("u1", f"m{d}", d, "click") for d in range(5)]
+    events = frame(rows).assign(weight=[3.0, 2.0, 1.0, 3.0, 1.0])  # m4: 3 stars
+    assert holdout_round(events, 0.2, relevant_min_weight=2.0).targets.empty
+    assert len(holdout_round(events, 0.2).targets) == 1  # a purchase log: every held-out pair
+    events.loc[4, "weight"] = 2.0  # 4 stars
+    assert holdout_round(events, 0.2, relevant_min_weight=2.0).targets["item_id"].tolist() == ["m4"]
