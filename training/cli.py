@@ -141,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ),
         on_trial=lambda line: console.print(f"  search: {line}"),
     )
-    if result.search is not None:
+    if result.search is not None and result.search.trials:
         search = result.search
         console.print(
             f"search: {len(search.trials)} trials in {search.seconds:.0f} s; validation NDCG@10 "

@@ -335,30 +335,45 @@ def _trial_runs(
     settings: TrainingSettings, run_name: str
 ) -> Iterator[Callable[[int, dict[str, Any], dict[str, float], str], None]]:
     """One nested MLflow run per trial under a parent `search-<data set>` run (opened lazily, in
-    the experiment `<experiment>-search`, so the registry's runs stay one per bundle)."""
-    import mlflow
+    the experiment `<experiment>-search`, so the registry's runs stay one per bundle). Through an
+    `MlflowClient`: the fluent API would set MLFLOW_TRACKING_URI for the whole process."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
 
-    parent: list[Any] = []
+    client = MlflowClient(settings.tracking_uri)
+    parent: list[str] = []
 
     def log_trial(
         number: int, params: dict[str, Any], metrics: dict[str, float], status: str
     ) -> None:
         if not parent:
-            mlflow.set_tracking_uri(settings.tracking_uri)
-            mlflow.set_experiment(f"{settings.experiment}-search")
-            parent.append(mlflow.start_run(run_name=f"search-{run_name}"))
-        with mlflow.start_run(run_name=f"trial-{number}", nested=True):
-            mlflow.log_params({k.replace("@", "_at_"): v for k, v in params.items()})
-            mlflow.log_metrics(
-                {k.replace("@", "_at_"): v for k, v in metrics.items() if math.isfinite(v)}
-            )
-            mlflow.set_tag("optuna.state", status)
+            name = f"{settings.experiment}-search"
+            found = client.get_experiment_by_name(name)
+            experiment = found.experiment_id if found else client.create_experiment(name)
+            parent.append(client.create_run(experiment, run_name=f"search-{run_name}").info.run_id)
+        run = client.create_run(
+            client.get_run(parent[0]).info.experiment_id,
+            run_name=f"trial-{number}",
+            tags={"mlflow.parentRunId": parent[0], "optuna.state": status},
+        )
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run.info.run_id,
+            metrics=[
+                Metric(k.replace("@", "_at_"), v, now, 0)
+                for k, v in metrics.items()
+                if math.isfinite(v)
+            ],
+            params=[Param(k, str(v)) for k, v in params.items()],
+            tags=[RunTag("optuna.trial", str(number))],
+        )
+        client.set_terminated(run.info.run_id, "FINISHED" if status == "COMPLETE" else "KILLED")
 
     try:
         yield log_trial
     finally:
         if parent:
-            mlflow.end_run()
+            client.set_terminated(parent[0])
 
 
 def write_feature_tables(

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from serve_app.bundle import fetch_bundle, load_bundle, resolve_alias
 from serve_app.contract import RANKER_FEATURE_NAMES, RANKER_FEATURE_NAMES_CF
@@ -151,8 +151,10 @@ def test_search_runs_trials_as_nested_mlflow_runs_and_leaves_a_pinned_setting_al
     assert manifest.metrics["validation/ndcg@10"] == pytest.approx(search.best_ndcg10)
 
     # One nested MLflow run per trial under one parent run.
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    runs = mlflow.search_runs(experiment_names=["recserve-search"], output_format="list")
+    client = MlflowClient(settings.tracking_uri)  # not mlflow.set_tracking_uri: a process global
+    experiment = client.get_experiment_by_name("recserve-search")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == len(search.trials)
