@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget",
         type=float,
         help="seconds of settings search on the validation round (0: none; default "
-        "search.budget_seconds, 120)",
+        "search.budget_seconds, 150)",
     )
     t.add_argument(
         "--set",

@@ -166,7 +166,7 @@ class SearchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     budget_seconds: float = Field(
-        120.0,
+        150.0,
         ge=0.0,
         description="wall time for trials (0: no search, the settings as given); sized so that "
         "`recserve train` on the demo data stays under 5 minutes on 2 cores",

@@ -3,9 +3,12 @@
 Each trial fits a bundle on the validation round's history (`training.system.fit_system`), writes it,
 and scores it through the serving functions on a fixed sample of validation users, in parts: after
 each part it reports NDCG@10 so far, and a median pruner stops trials that trail. The first trial is
-the settings as given, so the search can only keep or beat them on validation. A setting pinned by
+the settings as given, so the search can only keep or beat them on validation; the second the same
+without collaborative models; then Optuna's TPE sampler. A setting pinned by
 config, environment or flag (set explicitly: `model_fields_set`) is not searched. Time-boxed by
-`search.budget_seconds`, at most `search.max_trials`; every trial is one nested MLflow run.
+`search.budget_seconds` (no trial starts after it; one that would need new towers is skipped when
+they cannot fit in what is left, one still scoring when it runs out is pruned), at most
+`search.max_trials`; every trial is one nested MLflow run.
 """
 
 from __future__ import annotations
@@ -159,12 +162,29 @@ def search_settings(
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
-    study.enqueue_trial({name: setting(settings, name) for name in searched})
+    given = {name: setting(settings, name) for name in searched}
+    study.enqueue_trial(given)
+    # The second trial asks the largest question first: the same without collaborative models
+    # (decisive on purchase logs, not on every log); it reuses the first trial's towers.
+    cf_off = {
+        n: False for n in ("collaborative.ease", "collaborative.transitions", "collaborative.knn")
+    }
+    if set(cf_off) <= set(searched) and any(given[n] for n in cf_off):
+        study.enqueue_trial({**given, **cf_off})
+
+    tower_seconds: list[float] = []  # what fitting the towers of one label scheme took
 
     def objective(trial: optuna.Trial) -> float:
         values = {name: SPACE[name](trial, name) for name in searched}
         trial_settings = with_values(settings, values)
+        new_towers = trial_settings.split.ranker_labels not in cache.ranking_towers
+        left = config.budget_seconds - (time.monotonic() - started)
+        if new_towers and tower_seconds and tower_seconds[0] > left:
+            raise optuna.TrialPruned("no time left to train towers for another label scheme")
+        fit_started = time.monotonic()
         fitted = fit_system(trial_settings, data, items, cache)
+        if new_towers and not tower_seconds:
+            tower_seconds.append(time.monotonic() - fit_started)
         with tempfile.TemporaryDirectory() as tmp:
             write_bundle(Path(tmp) / "bundle", trial_settings, fitted, data, items, snapshot="")
             served = Served(Path(tmp) / "bundle", data)
@@ -175,7 +195,8 @@ def search_settings(
                 done = np.concatenate(parts[: step + 1])
                 value = ndcg_at_k(lists[done], [relevant[i] for i in done], 10)
                 trial.report(value, step)
-                if step < len(parts) - 1 and trial.should_prune():
+                over = time.monotonic() - started > config.budget_seconds
+                if step < len(parts) - 1 and (over or trial.should_prune()):
                     raise optuna.TrialPruned()
         return value
 
