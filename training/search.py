@@ -195,7 +195,11 @@ def search_settings(
                 done = np.concatenate(parts[: step + 1])
                 value = ndcg_at_k(lists[done], [relevant[i] for i in done], 10)
                 trial.report(value, step)
-                over = time.monotonic() - started > config.budget_seconds
+                # Out of time: stop, unless nothing has completed yet (the given settings are
+                # always scored in full, whatever the budget).
+                over = time.monotonic() - started > config.budget_seconds and any(
+                    t.state == optuna.trial.TrialState.COMPLETE for t in study.trials
+                )
                 if step < len(parts) - 1 and (over or trial.should_prune()):
                     raise optuna.TrialPruned()
         return value
@@ -210,7 +214,8 @@ def search_settings(
         result.trials.append({"number": trial.number, "state": state, "ndcg@10": value})
         if log_trial is not None:
             log_trial(trial.number, dict(trial.params), {"validation_ndcg@10": value}, state)
-        best = study.best_value if any(t.value is not None for t in study.trials) else math.nan
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        best = study.best_value if done else math.nan
         if progress is not None:
             progress(
                 f"trial {trial.number} {state.lower()}: validation NDCG@10 {value:.4f} "
@@ -227,12 +232,13 @@ def search_settings(
     )
     result.seconds = time.monotonic() - started
     result.users = len(users)
-    complete = [t for t in study.trials if t.value is not None]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if complete:
         best = study.best_trial
         result.chosen = {name: best.params[name] for name in searched}
         result.settings = with_values(settings, result.chosen)
         result.best_ndcg10 = float(best.value) if best.value is not None else math.nan
         first = study.trials[0]
-        result.given_ndcg10 = float(first.value) if first.value is not None else math.nan
+        first_value = first.value if first.state == optuna.trial.TrialState.COMPLETE else None
+        result.given_ndcg10 = float(first_value) if first_value is not None else math.nan
     return result
