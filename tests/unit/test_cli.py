@@ -12,6 +12,7 @@ COMMANDS = [
     ["generate"],
     ["train"],
     ["demo"],
+    ["evaluate"],
     ["features"],
     ["promote"],
     ["rollback"],
