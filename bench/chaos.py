@@ -49,6 +49,8 @@ sys.path.insert(0, str(ROOT))
 from bench.serving_load import (  # noqa: E402
     free_port,
     percentiles,
+    ready,
+    replica_processes,
     sample_users,
     send_on_schedule,
     write_results,
@@ -112,22 +114,6 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: fl
         time.sleep(every)
 
 
-def replica_processes(deployment: str, root: int) -> list[Any]:
-    """The live processes of `deployment`'s replicas under `root` (the server: its Ray is its own)."""
-    import psutil
-
-    title = f"ray::ServeReplica:recserve:{deployment}"
-    found = []
-    for process in psutil.Process(root).children(recursive=True):
-        try:
-            cmdline = process.cmdline()
-        except psutil.NoSuchProcess:
-            continue
-        if cmdline and cmdline[0].startswith(title) and process.status() != psutil.STATUS_ZOMBIE:
-            found.append(process)
-    return found
-
-
 def kill_replica(deployment: str, root: int) -> str:
     replicas = replica_processes(deployment, root)
     if len(replicas) != 1:
@@ -170,14 +156,6 @@ def server(
                     process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     process.kill()
-
-
-def ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 def whole(url: str, user: str) -> bool:

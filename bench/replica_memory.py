@@ -25,18 +25,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serving_load import free_port, private_redis, sample_users, write_results  # noqa: E402
+from bench.serving_load import (  # noqa: E402
+    free_port,
+    private_redis,
+    ready,
+    replica_processes,
+    sample_users,
+    write_results,
+)
 
 STAGES = ("UserTower", "Retriever", "Ranker", "ReRanker")
 ROLES = ("Ingress", *STAGES, "EventWriter")
-
-
-def ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 def recommend(url: str, user: str) -> None:
@@ -54,15 +53,13 @@ def replica_rss_mb(root: int) -> dict[str, float]:
     import psutil
 
     out: dict[str, float] = {}
-    for process in psutil.Process(root).children(recursive=True):
-        try:
-            title = process.cmdline()[0] if process.cmdline() else ""
-            rss = process.memory_info().rss
-        except psutil.NoSuchProcess:
-            continue
-        for role in ROLES:
-            if title.startswith(f"ray::ServeReplica:recserve:{role}"):
-                out[role] = round(out.get(role, 0.0) + rss / 2**20, 1)
+    for role in ROLES:
+        for process in replica_processes(role, root):
+            try:
+                rss = process.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+            out[role] = round(out.get(role, 0.0) + rss / 2**20, 1)
     return out
 
 

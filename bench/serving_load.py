@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -311,6 +312,31 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def ready(url: str) -> bool:
+    """The graph at `url` answers /readyz with 200."""
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def replica_processes(deployment: str, root: int) -> list[Any]:
+    """The live processes of `deployment`'s replicas under `root` (the server: its Ray is its own)."""
+    import psutil
+
+    title = f"ray::ServeReplica:recserve:{deployment}"
+    found = []
+    for process in psutil.Process(root).children(recursive=True):
+        try:
+            cmdline = process.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        if cmdline and cmdline[0].startswith(title) and process.status() != psutil.STATUS_ZOMBIE:
+            found.append(process)
+    return found
 
 
 @contextmanager

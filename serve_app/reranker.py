@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+import numpy as np
 from ray import serve
 
 from serve_app.config import ServeSettings
@@ -44,6 +45,10 @@ class ReRanker(VersionedStage[ReRankingModel]):
         end = time.perf_counter()
         self._metrics.observe((end - start) * 1000.0)
         return [replace(r, timings=with_timing(r.timings, "reranker", start, end)) for r in batch]
+
+    async def item_ids(self, version: str) -> np.ndarray:
+        """`version`'s item ids, for the router's answer when this stage is down (ranker order)."""
+        return (await self.model(version)).catalog.item_ids
 
     async def popular(self, users: list[UserState]) -> list[Recommendations]:
         """The Retriever's fallback (the router calls it when the Retriever fails): popularity

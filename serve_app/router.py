@@ -49,11 +49,10 @@ from serve_app.stages.records import (
     Candidates,
     Query,
     Recommendations,
-    RecommendedItem,
     Scored,
     cold_user,
+    final_list,
     retrieval_order,
-    source_of,
     stamp,
     with_timing,
 )
@@ -278,19 +277,15 @@ class Router:
         if absent:
             raise StageUnavailable(", ".join(sorted(set(absent))))
         if version not in self._item_ids:
-            self._item_ids[version] = await asyncio.to_thread(self._load_item_ids, version)
+            # From the ReRanker, which just loaded them: no second fetch and verification here.
+            self._item_ids[version] = await asyncio.wait_for(
+                self._stages.reranker.item_ids.remote(version), timeout
+            )
         in_use = self._versions_in_use() | {version}
         for stale in [v for v in self._item_ids if v not in in_use]:
             del self._item_ids[stale]
         for variant in arm.variants:
             self._metrics[variant].swapped(arm.watcher.current, version)
-
-    def _load_item_ids(self, version: str) -> np.ndarray:
-        from serve_app.bundle import load_item_ids, read_manifest
-
-        path = self._source.fetch(version)
-        item_ids, _ = load_item_ids(path, read_manifest(path))
-        return item_ids
 
     def _versions_in_use(self) -> set[str]:
         return {a.watcher.current for a in self._arms.values() if a.watcher.current is not None}
@@ -413,24 +408,19 @@ class Router:
             order = np.arange(len(rows))
         _, first = np.unique(rows[order], return_index=True)
         picked = order[np.sort(first)][: query.k]
-        scores = scored.scores if len(scored.scores) == len(rows) else None
-        items = tuple(
-            RecommendedItem(
-                item_id=str(item_ids[rows[p]]),
-                score=float(scores[p]) if scores is not None else 1.0 - i / max(len(picked), 1),
-                rank=i + 1,
-                source=source_of(int(p), candidates),
-            )
-            for i, p in enumerate(picked)
-        )
-        return Recommendations(
-            request_id=query.request_id,
-            user_id=query.user_id,
-            variant=query.variant,
-            model_version=query.model_version,
-            items=items,
-            fallback="degraded",
-            timings=scored.timings,
+        if len(scored.scores) == len(rows):
+            scores = scored.scores[picked].astype(np.float32)
+        else:
+            scores = (1.0 - np.arange(len(picked)) / max(len(picked), 1)).astype(np.float32)
+        return final_list(
+            query,
+            query.model_version,
+            item_ids,
+            candidates,
+            picked,
+            scores,
+            "degraded",
+            scored.timings,
         )
 
     async def recommend(self, query: Query) -> Recommendations:

@@ -126,6 +126,40 @@ def source_of(position: int, candidates: Candidates) -> Source:
     return "popularity"
 
 
+def final_list(
+    query: Query,
+    model_version: str,
+    item_ids: np.ndarray,
+    candidates: Candidates,
+    chosen: np.ndarray,
+    scores: np.ndarray,
+    fallback: Fallback | None,
+    timings: Timings,
+    trace: ExplainTrace | None = None,
+) -> Recommendations:
+    """The answer: candidates at positions `chosen` (in final order) with their `scores`, each named
+    by item id and labelled with the source that found it."""
+    items = tuple(
+        RecommendedItem(
+            item_id=str(item_ids[candidates.rows[p]]),
+            score=float(scores[i]),
+            rank=i + 1,
+            source=source_of(int(p), candidates),
+        )
+        for i, p in enumerate(chosen)
+    )
+    return Recommendations(
+        request_id=query.request_id,
+        user_id=query.user_id,
+        variant=query.variant,
+        model_version=model_version,
+        items=items,
+        fallback=fallback,
+        timings=timings,
+        trace=trace,
+    )
+
+
 def cold_user(query: Query) -> UserState:
     """The UserTower's fallback: the user as an unknown one (the retriever answers popularity, by
     the request's segment when the bundle knows it), flagged degraded."""

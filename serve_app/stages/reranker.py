@@ -25,10 +25,9 @@ from serve_app.stages.records import (
     Candidates,
     Fallback,
     Recommendations,
-    RecommendedItem,
     Scored,
     UserState,
-    source_of,
+    final_list,
 )
 
 if TYPE_CHECKING:
@@ -193,25 +192,16 @@ def rerank(model: ReRankingModel, scored: Scored, ranking: RankingConfig) -> Rec
         if query.explain
         else None
     )
-    item_ids = model.catalog.item_ids
-    items = tuple(
-        RecommendedItem(
-            item_id=str(item_ids[rows[p]]),
-            score=float(final[i]),
-            rank=i + 1,
-            source=source_of(int(positions[p]), candidates),
-        )
-        for i, p in enumerate(picked)
-    )
-    return Recommendations(
-        request_id=query.request_id,
-        user_id=query.user_id,
-        variant=query.variant,
-        model_version=model.version,
-        items=items,
-        fallback=fallback,
-        timings=scored.timings,
-        trace=trace,
+    return final_list(
+        query,
+        model.version,
+        model.catalog.item_ids,
+        candidates,
+        positions[picked],
+        final,
+        fallback,
+        scored.timings,
+        trace,
     )
 
 
