@@ -98,6 +98,8 @@ def free_port() -> int:
 class PrivateRedis:
     """A redis-server of one test: no persistence, its own port and directory; stop/start at will."""
 
+    persistence: tuple[str, ...] = ("--appendonly", "no")  # a subclass may keep its data
+
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.port = free_port()
@@ -114,8 +116,7 @@ class PrivateRedis:
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
+                *self.persistence,
                 "--dir",
                 str(self.directory),
             ],

@@ -5,7 +5,6 @@ what was sent (worked out with the pure functions, not read back from the writer
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from serve_app.events import EventLogWriter, ItemEmbeddings, WriteResult, ema_up
 from serve_app.features import FeatureShapes, OnlineFeatureReader, connect_redis
 from serve_app.schemas import POSITIVE_EVENT_TYPES, Event
 from serve_app.spool import EventSpool, SpooledLog, replay_forever
-from tests.conftest import PrivateRedis, _wait_until_answers
+from tests.conftest import PrivateRedis
 
 pytestmark = pytest.mark.integration
 
@@ -40,27 +39,7 @@ class DurableRedis(PrivateRedis):
     """A private redis-server with an fsync'd append-only file: stopped and started again it keeps
     its data, as a restarted Redis pod with persistence does."""
 
-    def start(self) -> None:
-        self._process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                str(self.directory),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        _wait_until_answers(redis.Redis(port=self.port, socket_connect_timeout=0.2))
+    persistence = ("--appendonly", "yes", "--appendfsync", "always")
 
 
 @pytest.fixture
