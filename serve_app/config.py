@@ -197,11 +197,12 @@ class RankingConfig(BaseModel):
     popularity_candidates: int = Field(
         50, ge=0, le=1_000, description="popularity candidates merged in for light and cold users"
     )
-    cold_start_min_events: int = Field(
-        5,
+    cold_start_min_events: int | None = Field(
+        None,
         ge=0,
         description="a user with fewer positive interactions gets a blend of popularity and "
-        "retrieval (retrieval weight = interactions / this); none at all: popularity only",
+        "retrieval (retrieval weight = interactions / this); none at all: popularity only. "
+        "None: the bundle's value (manifest params cold_start.min_events, chosen in training)",
     )
     delta_weight: float = Field(
         0.5,

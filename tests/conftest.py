@@ -187,7 +187,9 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> TrainedBundle:
         data_dir=data_dir,
         synthetic=SyntheticConfig(**SIZES["tiny"]),
         redis_url=None,
-        collaborative={"enabled": True},  # serve what purchase logs get: every stage exercised
+        # No settings search (the suite stays fast); collaborative models on (the default), so
+        # every stage is exercised.
+        search={"budget_seconds": 0},
     )
     dataset = generate(settings.synthetic, progress=False)
     dataset_dir = data_dir / "datasets" / dataset.name

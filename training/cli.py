@@ -43,6 +43,11 @@ def _settings(args: argparse.Namespace) -> TrainingSettings:
         overrides["mlflow_tracking_uri"] = args.tracking_uri
     if getattr(args, "no_register", False):
         overrides["register_bundle"] = False
+    for name, value in _pins(getattr(args, "set", None) or []).items():
+        section, key = name.split(".", 1)
+        overrides.setdefault(section, {})[key] = value
+    if getattr(args, "budget", None) is not None:
+        overrides.setdefault("search", {})["budget_seconds"] = args.budget
     settings = load_settings(args.config, **overrides)
     size = getattr(args, "size", None)
     if size:
@@ -50,6 +55,19 @@ def _settings(args: argparse.Namespace) -> TrainingSettings:
     if getattr(args, "epochs", None):
         settings.two_tower = settings.two_tower.model_copy(update={"epochs": args.epochs})
     return settings
+
+
+def _pins(pairs: list[str]) -> dict[str, Any]:
+    """`--set section.field=value` flags (values parsed as YAML: 6, 0.5, true, tail)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or "." not in name:
+            raise SystemExit(f"--set {pair!r}: expected section.field=value")
+        out[name.strip()] = yaml.safe_load(value)
+    return out
 
 
 # Named sizes of the generated data set: tiny for tests, default for the demo, large for benchmarks.
@@ -106,13 +124,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"data set [bold]{dataset.name}[/]: {len(dataset.events):,} events, "
         f"{dataset.events['user_id'].nunique():,} users, {len(dataset.catalog):,} items"
     )
+    budget = settings.search.budget_seconds
+    console.print(
+        f"choosing settings on the validation round for up to {budget:.0f} s"
+        if budget > 0
+        else "no settings search (budget 0): the settings as given"
+    )
     result = run_pipeline(
         settings,
         dataset,
         on_table=lambda m: print_metrics_table(
-            m, "Offline evaluation (held-out time window)", console
+            m,
+            "Offline evaluation (test round: each user's newest 20% held out; recserve = the "
+            "chosen settings, served)",
+            console,
         ),
+        on_trial=lambda line: console.print(f"  search: {line}"),
     )
+    if result.search is not None and result.search.trials:
+        search = result.search
+        console.print(
+            f"search: {len(search.trials)} trials in {search.seconds:.0f} s; validation NDCG@10 "
+            f"{search.given_ndcg10:.4f} (settings as given) -> {search.best_ndcg10:.4f} (chosen)"
+        )
+        console.print(f"  chosen: {search.chosen}")
+        console.print(f"  pinned (not searched): {search.pinned or 'none'}")
+    console.print("registered bundle: refit on the whole log with the chosen settings")
     console.print(f"index recall@100 vs exact: {result.index_report['recall@100']:.4f}")
     console.print(f"timings (s): {result.timings}  total {sum(result.timings.values()):.1f}")
     console.print(f"bundle: {result.bundle_dir}")
@@ -288,38 +325,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
             process.send_signal(signal.SIGINT)
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    """The fixed evaluation protocol (per-customer last 20%) against popularity, item-kNN and EASE."""
-    import json
-    import math
-
-    import mlflow
-
-    from training.evaluate import print_metrics_table, write_metrics_json
-    from training.protocol import run_protocol
-
-    settings = _settings(args)
-    dataset = load_dataset(settings)
-    metrics = run_protocol(dataset, settings)
-    print_metrics_table(metrics, f"Evaluation protocol on {dataset.name} (test pairs)", console)
-    out = args.json_out or settings.data_dir / "evaluations" / f"{dataset.name}.json"
-    write_metrics_json(metrics, out)
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_experiment(f"{settings.experiment}-evaluation")
-    with mlflow.start_run(run_name=f"protocol-{dataset.name}"):
-        mlflow.log_metrics(
-            {
-                f"{system.replace(' ', '_').replace('+', 'plus')}.{name.replace('@', '_at_')}": value
-                for system, values in metrics.items()
-                for name, value in values.items()
-                if isinstance(value, int | float) and math.isfinite(value)
-            }
-        )
-        mlflow.log_dict(json.loads(out.read_text()), "protocol_metrics.json")
-    console.print(f"written {out}; logged to MLflow at {settings.tracking_uri}")
-    return 0
-
-
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Replay simulated users against two registered versions through the serving pipeline."""
     from serve_app.config import RankingConfig
@@ -411,6 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--size", choices=sorted(SIZES), help="size of the generated data set")
     t.add_argument("--epochs", type=int, help="two-tower epochs (upper bound; early stopping)")
     t.add_argument("--no-register", action="store_true", help="do not register in MLflow")
+    t.add_argument(
+        "--budget",
+        type=float,
+        help="seconds of settings search on the validation round (0: none; default "
+        "search.budget_seconds, 150)",
+    )
+    t.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.FIELD=VALUE",
+        help="pin a setting (not searched), e.g. --set ranker.max_depth=6; repeatable",
+    )
     t.add_argument("--promote", action="store_true", help="promote to champion if it wins")
     add_metrics_arguments(t)
     t.set_defaults(func=cmd_train)
@@ -438,21 +455,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, help="HTTP port of the served graph (default 8000)")
     add_metrics_arguments(d)
     d.set_defaults(func=cmd_demo, no_register=False, dataset=None, dataset_path=None)
-
-    e = sub.add_parser(
-        "evaluate", help="the fixed per-customer evaluation protocol against strong baselines"
-    )
-    common(e)
-    e.add_argument(
-        "--dataset",
-        choices=["synthetic", "movielens", "online-retail", "parquet"],
-        help="input kind",
-    )
-    e.add_argument(
-        "--dataset-path", type=Path, help="input path for movielens/online-retail/parquet"
-    )
-    e.add_argument("--json-out", type=Path, help="where to write the table as JSON")
-    e.set_defaults(func=cmd_evaluate)
 
     f = sub.add_parser("features", help="feast apply and/or incremental materialization")
     common(f)

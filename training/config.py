@@ -57,6 +57,12 @@ class TwoTowerConfig(BaseModel):
     weight_decay: float = Field(1e-6, ge=0.0)
     epochs: int = Field(8, ge=1)
     patience: int = Field(2, ge=1, description="epochs without validation gain before stopping")
+    refit_epochs: int = Field(
+        2,
+        ge=1,
+        description="epochs over a bundle's whole log, continuing from the towers trained without "
+        "the ranker's labels (so the served towers know the newest items and users)",
+    )
     min_weight: float = Field(
         0.5, ge=0.0, description="events below this weight (views) are not training positives"
     )
@@ -80,7 +86,9 @@ class RankerConfig(BaseModel):
 
     candidates: int = Field(100, ge=10, description="retrieval candidates per user to rank")
     max_rounds: int = Field(600, ge=1)
-    early_stopping_rounds: int = Field(50, ge=1)
+    early_stopping_rounds: int = Field(
+        30, ge=1, description="rounds without validation gain before the ranker stops"
+    )
     learning_rate: float = Field(0.05, gt=0.0)
     max_depth: int = Field(4, ge=1)
     validation_share: float = Field(0.2, gt=0.0, lt=1.0, description="share of groups held out")
@@ -94,10 +102,13 @@ class CollaborativeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(
-        False,
-        description="fit them (on for purchase logs: on Online Retail they double the served "
-        "NDCG@10; on generated data they do not help); off: the two-tower's candidates only",
+        True,
+        description="fit them (searched: each model below on or off, all off = this off); off: "
+        "the two-tower's candidates and the contract's ranker features only",
     )
+    ease: bool = Field(True, description="EASE (signals ease and ease_last) on; off: empty")
+    transitions: bool = Field(True, description="next-item transitions (signal next) on")
+    knn: bool = Field(True, description="item-kNN (signal knn) on")
     max_items: int = Field(
         20_000, ge=2, description="above this catalog size EASE (dense n x n) is not fit: off"
     )
@@ -113,22 +124,61 @@ class CollaborativeConfig(BaseModel):
 class SplitConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    ranker_fraction: float = Field(
-        0.75, gt=0.0, lt=1.0, description="time quantile where the ranker's label window starts"
+    holdout_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="per-user rounds (training.rounds): share of each user's first interactions "
+        "held out for test, and again out of the rest for validation",
     )
-    test_fraction: float = Field(
-        0.9, gt=0.0, lt=1.0, description="time quantile where the test window starts"
+    ranker_fraction: float = Field(
+        0.8, gt=0.0, lt=1.0, description="window labels: time quantile where the window starts"
     )
     cold_user_max_events: int = Field(5, ge=0, description="users with at most this many: cold")
     ranker_labels: Literal["window", "tail"] = Field(
-        "window",
-        description="ranker labels: window = positives in [ranker_fraction, test_fraction) with "
-        "states at its start; tail = each user's newest items before test_fraction with states "
-        "just before them (a request in the middle of a visit)",
+        "tail",
+        description="ranker labels within the log a bundle is fit on: window = positives after "
+        "its ranker_fraction time quantile, states at that moment; tail = each user's newest "
+        "items, states just before them (a request in the middle of a visit)",
     )
     ranker_tail_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="tail labels: share of each user's items (at least 1)"
     )
+
+
+class ColdStartConfig(BaseModel):
+    """How a light user's list blends popularity and retrieval (served from the manifest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_events: int = Field(
+        5,
+        ge=0,
+        description="below this many interactions a user gets popularity blended in (retrieval "
+        "weight = interactions / this); the bundle's value unless serving pins ranking."
+        "cold_start_min_events",
+    )
+
+
+class SearchConfig(BaseModel):
+    """The settings search of `recserve train` (training.search): Optuna on the validation round."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget_seconds: float = Field(
+        150.0,
+        ge=0.0,
+        description="wall time for trials (0: no search, the settings as given); sized so that "
+        "`recserve train` on the demo data stays under 5 minutes on 2 cores",
+    )
+    max_trials: int = Field(40, ge=1, description="trials at most (the first: the settings given)")
+    max_users: int = Field(
+        2000, ge=10, description="validation users a trial is scored on (a fixed sample)"
+    )
+    chunks: int = Field(
+        4, ge=1, description="parts a trial's users are scored in; each reports for pruning"
+    )
+    seed: int = 0
 
 
 class OnlineGateConfig(BaseModel):
@@ -187,6 +237,8 @@ class TrainingSettings(BaseSettings):
     index: IndexSettings = IndexSettings()
     ranker: RankerConfig = RankerConfig()
     collaborative: CollaborativeConfig = CollaborativeConfig()
+    cold_start: ColdStartConfig = ColdStartConfig()
+    search: SearchConfig = SearchConfig()
 
     @model_validator(mode="after")
     def _feature_store_defaults(self) -> TrainingSettings:
@@ -232,4 +284,5 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Training
     class _Settings(TrainingSettings):
         model_config = SettingsConfigDict(yaml_file=path)
 
-    return TrainingSettings.model_validate(_Settings(**overrides).model_dump())
+    # exclude_unset: what was set explicitly stays marked so (`model_fields_set`): pinned, not searched.
+    return TrainingSettings.model_validate(_Settings(**overrides).model_dump(exclude_unset=True))

@@ -91,7 +91,7 @@ TRAINING_STEP_DURATION = JobMetric(
 TRAINING_OFFLINE_METRIC = JobMetric(
     "recserve_training_offline_metric",
     "gauge",
-    "Offline evaluation of the last training run's final system (held-out window).",
+    "Offline evaluation of the last training run's final system (test round, as served).",
     ("metric",),
 )
 TRAINING_BUNDLE = JobMetric(

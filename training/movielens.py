@@ -80,6 +80,10 @@ def rating_event_types(ratings: np.ndarray) -> np.ndarray:
     )
 
 
+# Held out in an evaluation round, a rating counts as relevant from 4 stars: weight 4 - 2.
+RELEVANT_MIN_WEIGHT = 2.0
+
+
 def rating_weights(ratings: np.ndarray) -> np.ndarray:
     """Training weight per rating: rating - 2, floored at the default weight of a view."""
     floor = DEFAULT_EVENT_WEIGHTS[EventType.VIEW]

@@ -1,9 +1,15 @@
-"""The offline pipeline: data -> features -> two-tower -> FAISS -> ranker -> evaluation -> bundle -> registry.
+"""The offline pipeline of `recserve train`: rounds -> settings search -> test table -> refit -> registry.
 
-Time is split in three windows by global cutoffs (never randomly): the towers learn from events before
-`t_rank`; the ranker learns labels from [t_rank, t_test) with features as of `t_rank`; every system is
-evaluated on [t_test, end) with features as of `t_test`. The registered bundle carries item statistics
-as of the end of the log, which is what serving will see.
+1. Per-user temporal rounds (`training.rounds`, the protocol of #9): test held out of the log,
+   validation held out of test's history.
+2. Settings chosen on the validation round (`training.search`, Optuna within `search.budget_seconds`),
+   EASE's lambda and kNN's size for the baselines tuned there too.
+3. The table printed and logged: the chosen settings fit on the test round's history
+   (`training.system.fit_system`) and scored through the serving functions, beside popularity,
+   item-kNN and EASE on the same split. Nothing computed on test items feeds any choice.
+4. The registered bundle: the same settings refit on the whole log (towers, collaborative models,
+   ranker labels from each user's newest items), so serving knows the newest items and users. Its
+   manifest says `refit: true` and keeps the validation and test figures.
 """
 
 from __future__ import annotations
@@ -22,62 +28,58 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import torch
 
-from serve_app.contract import ITEM_FEATURE_NAMES, Collaborative
-from serve_app.schemas import BundleManifest, FeatureSpec, IndexSpec
-from training import index as faiss_index
-from training.baselines import EASERecommender, ItemKNNRecommender, PopularityRecommender
-from training.collaborative import collaborative_from, fit_collaborative, save_collaborative
+from serve_app.contract import ITEM_FEATURE_NAMES
+from serve_app.schemas import BundleManifest
+from training.baselines import (
+    EASERecommender,
+    ItemKNNRecommender,
+    PopularityRecommender,
+    tune_ease_lambda,
+)
 from training.config import TrainingSettings
 from training.data import Dataset, snapshot_id
-from training.evaluate import (
-    evaluate_ranking,
-    print_metrics_table,
-    top_k_from_scores,
-    write_metrics_json,
-)
+from training.evaluate import evaluate_ranking, ndcg_at_k, top_k_from_scores, write_metrics_json
 from training.feature_tables import (
     user_profile_frame,
     user_profile_snapshots,
     write_user_profile_snapshots,
 )
-from training.features import (
-    EncodedLog,
-    UserStates,
-    encode_log,
-    first_positives,
-    item_stats_at,
-    training_rows,
-    user_states_at,
-)
-from training.ranker import graded_labels, ranking_inputs, rerank, train_ranker
-from training.registry import RegisteredBundle, finalize_bundle, register_bundle
+from training.features import EncodedLog, UserStates, item_stats_at, user_states_at
+from training.registry import RegisteredBundle, register_bundle
+from training.rounds import Round, temporal_rounds
+from training.search import SearchResult, search_settings
 from training.split import time_fraction_cutoffs
-from training.two_tower import (
-    encode_users,
-    export_user_tower,
-    item_inputs,
-    position_propensity,
-    train_two_tower,
+from training.system import (
+    ItemTable,
+    Log,
+    Served,
+    fit_system,
+    retrieval_lists,
+    write_bundle,
 )
+from training.two_tower import encode_users
 
 log = logging.getLogger(__name__)
 
-GRADES = {"click": 1.0, "add_to_cart": 2.0, "purchase": 3.0}
-FINAL_SYSTEM = "retrieval+ranker"
+FINAL_SYSTEM = "recserve"
 EASE_MAX_ITEMS = 20_000
+EASE_LAMBDAS = (50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
+KNN_NEIGHBORS = (20, 50, 100, 200)
+TABLE_K = 100
 
 
 @dataclass
 class PipelineResult:
     bundle_dir: Path
     manifest: BundleManifest
-    metrics: dict[str, dict[str, float]]
+    metrics: dict[str, dict[str, float]]  # the test round's table
     timings: dict[str, float] = field(default_factory=dict)
     registered: RegisteredBundle | None = None
     index_report: dict[str, float] = field(default_factory=dict)
     feature_tables: dict[str, Path] = field(default_factory=dict)
+    search: SearchResult | None = None
+    settings: TrainingSettings | None = None  # the chosen settings the bundle was refit with
 
 
 class _Timer:
@@ -93,141 +95,285 @@ class _Timer:
         log.info("pipeline: %s done in %.1fs", name, self.timings[name])
 
 
-@dataclass(frozen=True)
-class Window:
-    """Users with new positive items in a time window, their states at its start, and the grades."""
+def relevant_min_weight(dataset: Dataset) -> float | None:
+    """A ratings log (MovieLens) counts held-out ratings >= 4 as relevant; other logs all."""
+    if dataset.name.startswith("movielens"):
+        from training.movielens import RELEVANT_MIN_WEIGHT
 
-    states: UserStates
-    grades: sp.csr_matrix  # [B, n_items]: best grade of each new positive item in the window
-
-
-def label_window(
-    log_: EncodedLog,
-    start: pd.Timestamp,
-    end: pd.Timestamp | None,
-    history_length: int,
-    event_types: np.ndarray,
-) -> Window:
-    """States as of `start` for users with positives in [start, end) on items they had not seen."""
-    in_window = (log_.ts >= start.value) & log_.positive
-    if end is not None:
-        in_window &= log_.ts < end.value
-    idx = np.flatnonzero(in_window)
-    users = np.unique(log_.user[idx])
-    states = user_states_at(log_, log_.user_ids[users], start, history_length)
-    return _graded_window(log_, idx, users, states, event_types)
+        return RELEVANT_MIN_WEIGHT
+    return None
 
 
-def _graded_window(
-    log_: EncodedLog,
-    idx: np.ndarray,
-    users: np.ndarray,
-    states: UserStates,
-    event_types: np.ndarray,
-) -> Window:
-    """The window of label events `idx` for `users` (codes, the rows of `states`): each user's best
-    grade per item, items already seen dropped, users left without a label dropped."""
-    row = np.full(len(log_.user_ids), -1)
-    row[users] = np.arange(len(users))
-    grade = np.array([GRADES.get(t, 0.0) for t in event_types[idx]], dtype=np.float32)
-    grades = _max_per_cell(
-        sp.coo_matrix(
-            (grade, (row[log_.user[idx]], log_.item[idx])), shape=(len(users), log_.n_items)
-        )
-    )
-    grades = grades - grades.multiply(states.seen)  # new items only
-    grades.eliminate_zeros()
-    keep = np.diff(grades.indptr) > 0
-    kept_states = UserStates(
-        states.user_ids[keep],
-        states.event_count[keep],
-        states.category_prefs[keep],
-        states.recent_items[keep],
-        states.seen[keep],
-    )
-    return Window(kept_states, grades[keep])
-
-
-def tail_window(
-    log_: EncodedLog,
-    end: pd.Timestamp,
-    fraction: float,
-    history_length: int,
-    event_types: np.ndarray,
-) -> tuple[Window, EncodedLog]:
-    """Labels at each user's own moment: the newest `fraction` (ceil, at least 1) of their first
-    positive items before `end`, for users with at least 2 of them; states from everything they did
-    before the first of those. Returns the window and the log without any label event or what
-    followed it (for item statistics and collaborative models fit without the labels).
-    """
-    before = log_.before(end)
-    first = first_positives(log_, before)
-    users = log_.user[first]
-    order = np.argsort(users, kind="stable")  # per user, time order kept
-    first, users = first[order], users[order]
-    size = np.bincount(users, minlength=len(log_.user_ids))
-    start = np.searchsorted(users, users, side="left")
-    from_end = size[users] - 1 - (np.arange(len(users)) - start)
-    n_label = np.maximum(np.ceil(fraction * size - 1e-9), 1).astype(np.int64)
-    is_label = (from_end < n_label[users]) & (size[users] >= 2)
-    # The first label event's position in the log, per user (the log is in time order).
-    label_start = np.full(len(log_.user_ids), len(log_.ts), dtype=np.int64)
-    np.minimum.at(label_start, users[is_label], first[is_label])
-    position = np.arange(len(log_.ts))
-    history = before & (position < label_start[log_.user])
-    labelled = np.flatnonzero(label_start < len(log_.ts))
-    idx = np.flatnonzero(before & ~history & log_.positive)
-    kept = log_.subset(history)
-    states = user_states_at(kept, log_.user_ids[labelled], None, history_length)
-    return _graded_window(log_, idx, labelled, states, event_types), kept
-
-
-def _max_per_cell(m: sp.coo_matrix) -> sp.csr_matrix:
-    order = np.lexsort((-m.data, m.col, m.row))
-    r, c, d = m.row[order], m.col[order], m.data[order]
-    first = np.ones(len(r), dtype=bool)
-    first[1:] = (r[1:] != r[:-1]) | (c[1:] != c[:-1])
-    return sp.csr_matrix((d[first], (r[first], c[first])), shape=m.shape)
-
-
-def relevant_lists(grades: sp.csr_matrix) -> list[np.ndarray]:
-    return [grades.indices[grades.indptr[i] : grades.indptr[i + 1]] for i in range(grades.shape[0])]
-
-
-def history_matrix(log_: EncodedLog, cutoff: pd.Timestamp, user_ids: np.ndarray) -> sp.csr_matrix:
-    """Positive-interaction weights [len(user_ids), n_items] before `cutoff`, for the CF baselines."""
-    mask = log_.before(cutoff) & log_.positive
-    codes = pd.Index(log_.user_ids).get_indexer(user_ids)
-    row = np.full(len(log_.user_ids), -1)
+def round_matrix(data: Log, user_ids: np.ndarray) -> sp.csr_matrix:
+    """0/1 positive interactions [len(user_ids), n_items] in a round's history (the baselines')."""
+    e = data.encoded
+    codes = pd.Index(e.user_ids).get_indexer(user_ids)
+    row = np.full(len(e.user_ids), -1)
     row[codes[codes >= 0]] = np.flatnonzero(codes >= 0)
-    r = row[log_.user[mask]]
+    r = row[e.user[e.positive]]
     sel = r >= 0
     m = sp.csr_matrix(
-        (np.ones(int(sel.sum()), dtype=np.float32), (r[sel], log_.item[mask][sel])),
-        shape=(len(user_ids), log_.n_items),
+        (np.ones(int(sel.sum()), dtype=np.float32), (r[sel], e.item[e.positive][sel])),
+        shape=(len(user_ids), e.n_items),
     )
     m.data[:] = 1.0
     return m
 
 
-def popularity_json(
-    stats_pop: np.ndarray,
-    item_ids: np.ndarray,
-    categories: np.ndarray,
-    names: list[str],
-    top: int = 500,
-) -> dict[str, Any]:
-    """Cold-start lists: items by recent popularity, globally and per category."""
-    order = np.argsort(-stats_pop, kind="stable")
-    by_category = {
-        names[c]: [str(item_ids[i]) for i in order[categories[order] == c][:100]]
-        for c in range(len(names))
-    }
-    return {
-        "global": [str(item_ids[i]) for i in order[:top]],
-        "scores": [float(stats_pop[i]) for i in order[:top]],
-        "by_category": by_category,
-    }
+@dataclass(frozen=True)
+class Baselines:
+    """EASE's lambda and item-kNN's size, tuned on the validation round."""
+
+    ease_lambda: float | None
+    knn_neighbors: int | None
+    validation: dict[str, float]
+
+
+def tune_baselines(validation: Round, items: ItemTable, knn_shrink: float) -> Baselines:
+    """Grid-tune EASE lambda and kNN neighbours by validation NDCG@10 (skipped on large catalogs)."""
+    if len(items.item_ids) > EASE_MAX_ITEMS:
+        return Baselines(None, None, {})
+    data = Log.of(validation.history, items)
+    everyone = data.encoded.user_ids
+    history = round_matrix(data, everyone)
+    users = validation.user_ids
+    relevant = validation.relevant(items.index, users)
+    rows = pd.Index(everyone).get_indexer(users)
+    known = rows >= 0
+    targets = [np.zeros(0, np.int64)] * len(everyone)
+    for r, rel in zip(rows, relevant, strict=True):
+        if r >= 0:  # a user with no event in the history is cold: no baseline scores them
+            targets[r] = rel
+    lam, ease_scores = tune_ease_lambda(history, targets, EASE_LAMBDAS, 10)
+    knn_scores = {}
+    warm = rows[known]
+    for n in KNN_NEIGHBORS:
+        knn = ItemKNNRecommender(n, knn_shrink).fit(history)
+        ranked = top_k_from_scores(knn.score_history(history[warm]), 10, history[warm])
+        knn_scores[n] = ndcg_at_k(ranked, [targets[r] for r in warm], 10)
+    best_n = max(knn_scores, key=lambda n: knn_scores[n])
+    return Baselines(
+        lam,
+        best_n,
+        {"EASE": ease_scores[lam], "item-kNN": knn_scores[best_n]},
+    )
+
+
+def baseline_lists(
+    data: Log, user_ids: np.ndarray, baselines: Baselines, knn_shrink: float, k: int
+) -> dict[str, np.ndarray]:
+    """Popularity, item-kNN and EASE top-k over the round's history, seen items excluded; a user
+    without history gets the popularity list from every baseline (#9: the cold-start path)."""
+    history_all = round_matrix(data, data.encoded.user_ids)
+    history = round_matrix(data, user_ids)
+    popular = (
+        PopularityRecommender().fit(history_all).recommend(np.arange(len(user_ids)), k, history)
+    )
+    out = {"popularity": popular}
+    if baselines.ease_lambda is not None and baselines.knn_neighbors is not None:
+        cold = np.diff(history.indptr) == 0
+        knn = ItemKNNRecommender(baselines.knn_neighbors, knn_shrink).fit(history_all)
+        ease = EASERecommender(lam=baselines.ease_lambda, max_items=EASE_MAX_ITEMS)
+        ease.fit(history_all)
+        for name, model in (("item-kNN", knn), ("EASE", ease)):
+            ranked = top_k_from_scores(model.score_history(history), k, history)
+            ranked[cold] = popular[cold]
+            out[name] = ranked
+    return out
+
+
+def run_pipeline(
+    settings: TrainingSettings,
+    dataset: Dataset,
+    *,
+    progress: bool = True,
+    on_table: Callable[[dict[str, dict[str, float]]], None] | None = None,
+    on_trial: Callable[[str], None] | None = None,
+) -> PipelineResult:
+    """Choose settings, report them on the test round, refit on everything, register (see module)."""
+    timer = _Timer()
+    items = ItemTable.of(dataset.catalog)
+    run_dir = settings.data_dir / "runs" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    shrink = settings.collaborative.knn_shrink
+
+    with timer("rounds"):
+        validation, test = temporal_rounds(
+            dataset.events, settings.split.holdout_fraction, relevant_min_weight(dataset)
+        )
+    with timer("baselines (validation)"):
+        baselines = tune_baselines(validation, items, shrink)
+    with timer("search"), _trial_runs(settings, dataset.name) as log_trial:
+        search = search_settings(
+            settings,
+            validation,
+            items,
+            log_trial=log_trial,
+            progress=on_trial or (lambda line: log.info("search: %s", line)),
+        )
+        chosen = search.settings
+
+    with timer("test round"):
+        data = Log.of(test.history, items)
+        fitted = fit_system(chosen, data, items, progress=progress)
+        test_dir = run_dir / "test_round_bundle"
+        write_bundle(test_dir, chosen, fitted, data, items, snapshot="test-round")
+        users = test.user_ids
+        relevant = test.relevant(items.index, users)
+        cold = user_states_at(data.encoded, users, None, 1).event_count == 0
+        systems = baseline_lists(data, users, baselines, shrink, TABLE_K)
+        systems["retrieval"] = retrieval_lists(fitted, data, users, TABLE_K)
+        systems[FINAL_SYSTEM] = Served(test_dir, data).lists(users, TABLE_K)
+        metrics = {
+            name: evaluate_ranking(
+                ranked,
+                relevant,
+                n_items=len(items.item_ids),
+                item_categories=items.codes,
+                cold_mask=cold,
+            )
+            for name, ranked in systems.items()
+        }
+        if on_table is not None:
+            on_table(metrics)
+
+    with timer("refit"):
+        everything = Log.of(dataset.events, items)
+        refit = fit_system(chosen, everything, items, progress=progress)
+
+    with timer("bundle"):
+        bundle_dir = run_dir / "bundle"
+        write_metrics_json(metrics, run_dir / "metrics.json")
+        flat = {k: v for k, v in metrics[FINAL_SYSTEM].items() if math.isfinite(v)}
+        for system, values in metrics.items():
+            flat.update({f"{system}/{k}": v for k, v in values.items() if math.isfinite(v)})
+        if math.isfinite(search.best_ndcg10):
+            flat["validation/ndcg@10"] = search.best_ndcg10
+            flat["validation/given_settings_ndcg@10"] = search.given_ndcg10
+        for system, value in baselines.validation.items():
+            flat[f"validation/{system}/ndcg@10"] = value
+        params: dict[str, Any] = {
+            "dataset": dataset.name,
+            "events": len(dataset.events),
+            "items": len(items.item_ids),
+            "users": len(everything.encoded.user_ids),
+            "refit": True,
+            "rounds.holdout_fraction": settings.split.holdout_fraction,
+            "rounds.validation_users": len(validation.user_ids),
+            "rounds.test_users": len(users),
+            "baselines.ease_lambda": baselines.ease_lambda,
+            "baselines.knn_neighbors": baselines.knn_neighbors,
+            **search.summary(),
+        }
+        manifest = write_bundle(
+            bundle_dir,
+            chosen,
+            refit,
+            everything,
+            items,
+            snapshot=snapshot_id(dataset),
+            metrics=flat,
+            params=params,
+        )
+
+        states_end = user_states_at(
+            everything.encoded, everything.encoded.user_ids, None, refit.tt.history_length
+        )
+        vecs_end = encode_users(refit.towers.user_tower, states_end, refit.tt)
+
+    with timer("feature tables"):
+        # Feast's offline source: every user's state and every item's statistics at the log's end.
+        stats_end = item_stats_at(everything.encoded, everything.end, items.created_ns)
+        feature_paths = write_feature_tables(
+            settings.data_dir / "features",
+            everything.encoded,
+            states_end,
+            vecs_end,
+            items.item_ids,
+            stats_end.matrix(items.price),
+            items.frame,
+            max(everything.end, pd.Timestamp.now(tz="UTC")),
+        )
+        # Point-in-time history for training through Feast: states at two time quantiles.
+        write_user_profile_snapshots(
+            user_profile_snapshots(
+                everything.encoded,
+                items.item_ids,
+                time_fraction_cutoffs(everything.events, (0.75, 0.9)),
+                refit.tt.history_length,
+                embed=lambda st: encode_users(refit.towers.user_tower, st, refit.tt),
+            ),
+            feature_paths["user_profile"],
+        )
+
+    registered = None
+    if settings.register_bundle:
+        with timer("register"):
+            registered = register_bundle(
+                bundle_dir,
+                tracking_uri=settings.tracking_uri,
+                model_name=settings.model_name,
+                experiment=settings.experiment,
+                run_name=dataset.name,
+            )
+    result = PipelineResult(
+        bundle_dir=bundle_dir,
+        manifest=manifest,
+        metrics=metrics,
+        timings=timer.timings,
+        registered=registered,
+        index_report={"recall@100": float(manifest.index.recall_at_100 or 0.0)},
+        feature_tables=feature_paths,
+        search=search,
+        settings=chosen,
+    )
+    (run_dir / "timings.json").write_text(json.dumps(result.timings, indent=2))
+    return result
+
+
+@contextmanager
+def _trial_runs(
+    settings: TrainingSettings, run_name: str
+) -> Iterator[Callable[[int, dict[str, Any], dict[str, float], str], None]]:
+    """One nested MLflow run per trial under a parent `search-<data set>` run (opened lazily, in
+    the experiment `<experiment>-search`, so the registry's runs stay one per bundle). Through an
+    `MlflowClient`: the fluent API would set MLFLOW_TRACKING_URI for the whole process."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(settings.tracking_uri)
+    parent: list[str] = []
+
+    def log_trial(
+        number: int, params: dict[str, Any], metrics: dict[str, float], status: str
+    ) -> None:
+        if not parent:
+            name = f"{settings.experiment}-search"
+            found = client.get_experiment_by_name(name)
+            experiment = found.experiment_id if found else client.create_experiment(name)
+            parent.append(client.create_run(experiment, run_name=f"search-{run_name}").info.run_id)
+        run = client.create_run(
+            client.get_run(parent[0]).info.experiment_id,
+            run_name=f"trial-{number}",
+            tags={"mlflow.parentRunId": parent[0], "optuna.state": status},
+        )
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run.info.run_id,
+            metrics=[
+                Metric(k.replace("@", "_at_"), v, now, 0)
+                for k, v in metrics.items()
+                if math.isfinite(v)
+            ],
+            params=[Param(k, str(v)) for k, v in params.items()],
+            tags=[RunTag("optuna.trial", str(number))],
+        )
+        client.set_terminated(run.info.run_id, "FINISHED" if status == "COMPLETE" else "KILLED")
+
+    try:
+        yield log_trial
+    finally:
+        if parent:
+            client.set_terminated(parent[0])
 
 
 def write_feature_tables(
@@ -267,323 +413,7 @@ def write_feature_tables(
     return paths
 
 
-def run_pipeline(
-    settings: TrainingSettings,
-    dataset: Dataset,
-    *,
-    progress: bool = True,
-    on_table: Callable[[dict[str, dict[str, float]]], None] | None = None,
-) -> PipelineResult:
-    """Train, evaluate and package one bundle from `dataset`; register it when settings say so."""
-    timer = _Timer()
-    rk = settings.ranker
-    # Hash tables sized to the data (2x distinct ids keeps collisions rare), capped by the settings.
-    tt = settings.two_tower.model_copy(
-        update={
-            "user_buckets": min(
-                settings.two_tower.user_buckets, max(1024, 2 * dataset.events["user_id"].nunique())
-            ),
-            "item_buckets": min(
-                settings.two_tower.item_buckets, max(1024, 2 * len(dataset.catalog))
-            ),
-        }
-    )
-    torch.set_num_threads(tt.threads)
-    L = tt.history_length
-
-    with timer("encode"):
-        catalog = dataset.catalog.reset_index(drop=True)
-        item_ids = catalog["item_id"].to_numpy(dtype=str)
-        item_index = pd.Index(item_ids)
-        cat_codes, cat_names = pd.factorize(catalog["category"], sort=True)
-        categories = [str(c) for c in cat_names]
-        events = dataset.events
-        log_ = encode_log(events, item_index, cat_codes, len(categories))
-        known = item_index.get_indexer(events["item_id"]) >= 0
-        event_types = events["event_type"].to_numpy()[known]
-        positions = events["position"].to_numpy()[known]
-        t_rank, t_test = time_fraction_cutoffs(
-            events, (settings.split.ranker_fraction, settings.split.test_fraction)
-        )
-        t_end = pd.Timestamp(int(log_.ts.max()) + 1, tz="UTC")
-        created_ns = pd.DatetimeIndex(catalog["created_at"]).asi8.astype(np.int64)
-        price = catalog["price"].to_numpy(np.float64)
-
-    with timer("two-tower"):
-        rows = training_rows(log_, positions, log_.before(t_rank), L)
-        valid = label_window(log_, t_rank, t_test, L, event_types)
-        pre = log_.before(t_rank)
-        shown = positions[pre & np.isin(event_types, ["view", "skip"])]
-        clicked = positions[pre & (event_types == "click")]
-        propensity = position_propensity(shown, clicked)
-        items = item_inputs(catalog, cat_codes, tt)
-        towers = train_two_tower(
-            rows,
-            items,
-            len(categories),
-            propensity,
-            valid.states,
-            relevant_lists(valid.grades),
-            tt,
-            progress=progress,
-        )
-        item_vecs = towers.item_embeddings
-
-    with timer("index"):
-        index_config = faiss_index.IndexConfig(
-            exact_threshold=settings.index.exact_threshold, kind=settings.index.kind
-        )
-        index = faiss_index.build_index(item_vecs, index_config)
-        valid_vecs = encode_users(towers.user_tower, valid.states, tt)
-        sample = valid_vecs[: min(len(valid_vecs), 1000)]
-        report = faiss_index.measure_index(index, item_vecs, sample, k=min(100, len(item_vecs)))
-
-    cf = settings.collaborative
-    use_cf = cf.enabled and log_.n_items <= cf.max_items
-    if cf.enabled and not use_cf:
-        log.warning(
-            "collaborative models off: %d items exceed collaborative.max_items=%d",
-            log_.n_items,
-            cf.max_items,
-        )
-
-    def collaborative_at(cutoff: pd.Timestamp | None) -> Collaborative | None:
-        return fit_collaborative(log_, cutoff, cf) if use_cf else None
-
-    with timer("ranker"):
-        if settings.split.ranker_labels == "window":
-            # Ranker groups: users with labels in [t_rank, t_test), features as of t_rank.
-            groups = valid
-            stats_rank = item_stats_at(log_, t_rank, created_ns).matrix(price)
-            cf_rank = collaborative_at(t_rank)
-            rank_vecs = valid_vecs
-        else:
-            # Each user's newest items before t_test are the labels, features from what came before.
-            groups, history = tail_window(
-                log_, t_test, settings.split.ranker_tail_fraction, L, event_types
-            )
-            stats_rank = item_stats_at(history, t_test, created_ns).matrix(price)
-            cf_rank = fit_collaborative(history, None, cf) if use_cf else None
-            rank_vecs = encode_users(towers.user_tower, groups.states, tt)
-        inputs = ranking_inputs(
-            rank_vecs,
-            item_vecs,
-            groups.states,
-            stats_rank,
-            cat_codes,
-            rk.candidates,
-            cf_rank,
-        )
-        y = graded_labels(inputs.candidates, groups.grades)
-        ranker = train_ranker(
-            inputs.features,
-            y.ravel(),
-            inputs.candidates.shape[1],
-            rk,
-            inputs.names,
-            inputs.valid,
-        )
-        del inputs
-
-    with timer("evaluate"):
-        test = label_window(log_, t_test, None, L, event_types)
-        test_vecs = encode_users(towers.user_tower, test.states, tt)
-        stats_test = item_stats_at(log_, t_test, created_ns).matrix(price)
-        hist_all = history_matrix(log_, t_test, log_.user_ids)
-        # The item-kNN and EASE baselines, fit once: the test window's collaborative models reuse them.
-        knn: ItemKNNRecommender | None = None
-        ease: EASERecommender | None = None
-        if log_.n_items <= EASE_MAX_ITEMS:
-            knn = ItemKNNRecommender(cf.knn_neighbors, cf.knn_shrink).fit(hist_all)
-            ease = EASERecommender(lam=cf.ease_lambda, max_items=EASE_MAX_ITEMS).fit(hist_all)
-        cf_test = None
-        if use_cf:
-            cf_test = (
-                collaborative_from(ease, knn, log_, log_.before(t_test), cf)
-                if ease is not None and knn is not None
-                else collaborative_at(t_test)
-            )
-        t_inputs = ranking_inputs(
-            test_vecs,
-            item_vecs,
-            test.states,
-            stats_test,
-            cat_codes,
-            rk.candidates,
-            cf_test,
-        )
-        reranked = rerank(ranker.booster, t_inputs.features, t_inputs.candidates)
-        relevant = relevant_lists(test.grades)
-        cold = test.states.event_count <= settings.split.cold_user_max_events
-        k_max = rk.candidates
-        hist_test = history_matrix(log_, t_test, test.states.user_ids)
-        systems: dict[str, np.ndarray] = {}
-        pop = PopularityRecommender().fit(hist_all)
-        systems["popularity"] = pop.recommend(np.arange(len(relevant)), k_max, test.states.seen)
-        recent = PopularityRecommender()
-        recent.popularity_ = np.expm1(stats_test[:, ITEM_FEATURE_NAMES.index("log_pop_7d")])
-        systems["recent popularity (7d)"] = recent.recommend(
-            np.arange(len(relevant)), k_max, test.states.seen
-        )
-        if knn is not None and ease is not None:
-            systems["item-kNN"] = _rank_history(knn, hist_test, test.states.seen, k_max)
-            systems["EASE"] = _rank_history(ease, hist_test, test.states.seen, k_max)
-        del ease, knn  # EASE is a dense n x n matrix
-        systems["retrieval"] = t_inputs.retrieved
-        systems[FINAL_SYSTEM] = reranked
-        metrics = {
-            name: evaluate_ranking(
-                ranked,
-                relevant,
-                n_items=log_.n_items,
-                item_categories=cat_codes,
-                cold_mask=cold,
-            )
-            for name, ranked in systems.items()
-        }
-        if on_table is not None:
-            on_table(metrics)
-
-    with timer("bundle"):
-        run_dir = settings.data_dir / "runs" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        bundle_dir = run_dir / "bundle"
-        bundle_dir.mkdir(parents=True, exist_ok=True)
-        write_metrics_json(metrics, run_dir / "metrics.json")
-        stats_end = item_stats_at(log_, t_end, created_ns)
-        export_user_tower(towers.user_tower, str(bundle_dir / "user_tower.pt"))
-        np.save(bundle_dir / "item_ids.npy", item_ids.astype(str), allow_pickle=False)
-        np.save(
-            bundle_dir / "item_embeddings.npy", item_vecs.astype(np.float32), allow_pickle=False
-        )
-        item_features_end = stats_end.matrix(price)
-        np.save(bundle_dir / "item_features.npy", item_features_end, allow_pickle=False)
-        np.save(bundle_dir / "item_categories.npy", cat_codes.astype(np.int32), allow_pickle=False)
-        faiss_index.save_index(index, bundle_dir / "index.faiss")
-        ranker.booster.save_model(str(bundle_dir / "ranker.ubj"))
-        collaborative = collaborative_at(None)
-        collaborative_spec = (
-            save_collaborative(collaborative, bundle_dir) if collaborative is not None else {}
-        )
-        pop_recent = stats_end.pop_7d + 0.01 * stats_end.pop_all
-        (bundle_dir / "popularity.json").write_text(
-            json.dumps(popularity_json(pop_recent, item_ids, cat_codes, categories))
-        )
-        flat = {k: v for k, v in metrics[FINAL_SYSTEM].items() if math.isfinite(v)}
-        for system, values in metrics.items():
-            flat.update({f"{system}/{k}": v for k, v in values.items() if math.isfinite(v)})
-        flat["ranker_valid_ndcg@10"] = ranker.valid_ndcg10
-        flat["index_recall@100"] = report.recall_at_k
-        manifest = BundleManifest(
-            model_name=settings.model_name,
-            created_at=datetime.now(UTC),
-            data_snapshot_id=snapshot_id(dataset),
-            embedding_dim=tt.embedding_dim,
-            num_items=len(item_ids),
-            user_tower={
-                "format": "torchscript",
-                "inputs": ["user_bucket", "profile", "recent"],
-                "user_buckets": tt.user_buckets,
-                "history_length": L,
-                "profile_dim": 1 + len(categories),
-                "profile_layout": ["log1p(event_count)", "category_prefs[categories]"],
-                "unknown_user_bucket": 0,
-                "bucket_offset": 1,
-                "hash": "blake2b-64 little-endian mod user_buckets",
-            },
-            user_tower_inputs=[
-                FeatureSpec(name="user_profile:event_count", dtype="float32"),
-                FeatureSpec(
-                    name="user_profile:category_prefs", dtype="float32", shape=[len(categories)]
-                ),
-                FeatureSpec(name="user_realtime:recent_items", dtype="string", shape=[L]),
-            ],
-            ranker_features=list(t_inputs.names),
-            collaborative=collaborative_spec,
-            item_feature_names=list(ITEM_FEATURE_NAMES),
-            categories=categories,
-            index=IndexSpec(
-                **{
-                    **faiss_index.index_spec(index, index_config),
-                    "recall_at_100": report.recall_at_k,
-                }
-            ),
-            metrics=flat,
-            params={
-                "dataset": dataset.name,
-                "events": len(events),
-                "items": len(item_ids),
-                "users": len(log_.user_ids),
-                "t_rank": t_rank.isoformat(),
-                "t_test": t_test.isoformat(),
-                "two_tower_best_epoch": towers.best_epoch,
-                "ranker_best_iteration": ranker.best_iteration,
-                **{f"two_tower.{k}": v for k, v in tt.model_dump().items()},
-                **{f"ranker.{k}": v for k, v in rk.model_dump().items()},
-                **{f"collaborative.{k}": v for k, v in cf.model_dump().items()},
-                **{f"split.{k}": v for k, v in settings.split.model_dump().items()},
-            },
-            files={},
-        )
-        manifest = finalize_bundle(bundle_dir, manifest)
-
-    with timer("feature tables"):
-        # Feast's offline source: every user's state and every item's statistics at the log's end.
-        states_end = user_states_at(log_, log_.user_ids, None, L)
-        feature_paths = write_feature_tables(
-            settings.data_dir / "features",
-            log_,
-            states_end,
-            encode_users(towers.user_tower, states_end, tt),
-            item_ids,
-            item_features_end,
-            catalog,
-            max(t_end, pd.Timestamp.now(tz="UTC")),
-        )
-        # Point-in-time history for training through Feast: the states at the split cutoffs.
-        write_user_profile_snapshots(
-            user_profile_snapshots(
-                log_,
-                item_ids,
-                [t_rank, t_test],
-                L,
-                embed=lambda st: encode_users(towers.user_tower, st, tt),
-            ),
-            feature_paths["user_profile"],
-        )
-
-    registered = None
-    if settings.register_bundle:
-        with timer("register"):
-            registered = register_bundle(
-                bundle_dir,
-                tracking_uri=settings.tracking_uri,
-                model_name=settings.model_name,
-                experiment=settings.experiment,
-                run_name=dataset.name,
-            )
-    result = PipelineResult(
-        bundle_dir=bundle_dir,
-        manifest=manifest,
-        metrics=metrics,
-        timings=timer.timings,
-        registered=registered,
-        index_report={
-            "recall@100": report.recall_at_k,
-            "p50_ms": report.p50_ms,
-            "p99_ms": report.p99_ms,
-        },
-        feature_tables=feature_paths,
-    )
-    (run_dir / "timings.json").write_text(json.dumps(result.timings, indent=2))
-    return result
-
-
-def _rank_history(
-    model: ItemKNNRecommender | EASERecommender, history: sp.csr_matrix, seen: sp.csr_matrix, k: int
-) -> np.ndarray:
-    scores = model.score_history(history)
-    return top_k_from_scores(scores, k, seen)
-
-
 def print_results(result: PipelineResult) -> None:
-    print_metrics_table(result.metrics, title="Offline evaluation (test window)")
+    from training.evaluate import print_metrics_table
+
+    print_metrics_table(result.metrics, title="Offline evaluation (test round)")

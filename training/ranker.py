@@ -1,7 +1,7 @@
 """XGBoost learning-to-rank ranker over the two-tower's top-N candidates.
 
-Trained on a later time window than the towers (labels: graded positive interactions in that window),
-grouped by user (one group per simulated request), `rank:ndcg`, early stopping on held-out groups.
+Trained on labels the towers and collaborative models behind its features did not see (`training.labels`:
+a late time window or each user's newest items; graded positive interactions), grouped by user (one group per simulated request), `rank:ndcg`, early stopping on held-out groups.
 The feature matrix comes from `serve_app.contract.ranker_features`, the same code serving runs.
 """
 

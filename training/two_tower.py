@@ -142,6 +142,7 @@ class TwoTowerResult:
     item_embeddings: np.ndarray  # float32 [n_items, dim], unit rows
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
+    item_tower: ItemTower | None = None  # kept so that training can continue from here
 
 
 def encode_users(
@@ -197,12 +198,19 @@ def train_two_tower(
     items: ItemInputs,
     n_categories: int,
     propensity: np.ndarray,
-    valid_states: UserStates,
+    valid_states: UserStates | None,
     valid_relevant: list[np.ndarray],
     config: TwoTowerConfig,
     progress: bool = True,
+    init: TwoTowerResult | None = None,
 ) -> TwoTowerResult:
-    """Train both towers; keep the epoch with the best validation recall@50."""
+    """Train both towers; keep the epoch with the best validation recall@50.
+
+    `init`: start from these towers (same config) instead of a random initialisation.
+
+    `valid_states` None: no validation (a refit for a number of epochs chosen before): all
+    `config.epochs` run and the last is kept.
+    """
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     rng = np.random.default_rng(config.seed)
@@ -218,6 +226,11 @@ def train_two_tower(
         config.hidden_dim,
         config.embedding_dim,
     )
+    if init is not None:
+        if init.item_tower is None:
+            raise ValueError("init has no item tower to continue from")
+        user_tower.load_state_dict(init.user_tower.state_dict())
+        item_tower.load_state_dict(init.item_tower.state_dict())
     params = list(user_tower.parameters()) + list(item_tower.parameters())
     opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
@@ -236,6 +249,7 @@ def train_two_tower(
     item_all = torch.from_numpy(rows.item)
 
     result = TwoTowerResult(user_tower, np.zeros((n_items, config.embedding_dim), np.float32))
+    result.item_tower = item_tower
     best, best_state, stale = -1.0, None, 0
     n = len(rows.item)
     for epoch in range(1, config.epochs + 1):
@@ -269,23 +283,36 @@ def train_two_tower(
             total += float(loss.detach()) * len(idx)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         item_vecs = encode_items(item_tower, items)
+
+        def snapshot(
+            vecs: np.ndarray,
+        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], np.ndarray]:
+            return (
+                {k: v.clone() for k, v in user_tower.state_dict().items()},
+                {k: v.clone() for k, v in item_tower.state_dict().items()},
+                vecs,
+            )
+
+        if valid_states is None:
+            result.history.append({"epoch": epoch, "loss": total / n})
+            result.best_epoch, best, best_state = epoch, 0.0, snapshot(item_vecs)
+            log.info("two-tower epoch %d: loss %.4f (no validation)", epoch, total / n)
+            continue
         user_vecs = encode_users(user_tower, valid_states, config)
         recall = recall_against(user_vecs, item_vecs, valid_states, valid_relevant, 50)
         result.history.append({"epoch": epoch, "loss": total / n, "valid_recall@50": recall})
         log.info("two-tower epoch %d: loss %.4f valid recall@50 %.4f", epoch, total / n, recall)
         if recall > best + 1e-4:
             best, stale, result.best_epoch = recall, 0, epoch
-            best_state = (
-                {k: v.clone() for k, v in user_tower.state_dict().items()},
-                item_vecs,
-            )
+            best_state = snapshot(item_vecs)
         else:
             stale += 1
             if stale >= config.patience:
                 break
     if best_state is not None:
         user_tower.load_state_dict(best_state[0])
-        result.item_embeddings = best_state[1]
+        item_tower.load_state_dict(best_state[1])
+        result.item_embeddings = best_state[2]
     user_tower.eval()
     if not math.isfinite(best):
         raise RuntimeError("two-tower training produced no finite validation score")

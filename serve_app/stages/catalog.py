@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from serve_app.bundle import Bundle
 
 DEFAULT_CANDIDATES = 100  # a bundle that does not record its training value
+DEFAULT_COLD_START_MIN_EVENTS = 5  # the same, for the cold-start blend
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class BundleTerms:
     history_length: int
     n_candidates: int
     uses_collaborative: bool  # the ranker reads CF_FEATURE_NAMES (the bundle must have the models)
+    cold_start_min_events: int = DEFAULT_COLD_START_MIN_EVENTS
 
     @classmethod
     def from_manifest(
@@ -93,7 +95,14 @@ class BundleTerms:
             history_length=history_length,
             n_candidates=int(manifest.params.get("ranker.candidates", DEFAULT_CANDIDATES)),
             uses_collaborative=uses_cf,
+            cold_start_min_events=int(
+                manifest.params.get("cold_start.min_events", DEFAULT_COLD_START_MIN_EVENTS)
+            ),
         )
+
+    def cold_start_min_events_for(self, pinned: int | None) -> int:
+        """The serving config's value when it pins one, else the bundle's."""
+        return self.cold_start_min_events if pinned is None else pinned
 
 
 @dataclass(frozen=True, eq=False)

@@ -169,11 +169,10 @@ def rerank(model: ReRankingModel, scored: Scored, ranking: RankingConfig) -> Rec
         )
     else:
         relevance = scored.scores[positions]
-        if user.interactions < ranking.cold_start_min_events:
+        cold_below = model.terms.cold_start_min_events_for(ranking.cold_start_min_events)
+        if user.interactions < cold_below:
             relevance = blend(
-                relevance,
-                model.popularity.prior[rows],
-                user.interactions / max(ranking.cold_start_min_events, 1),
+                relevance, model.popularity.prior[rows], user.interactions / max(cold_below, 1)
             )
     lam = ranking.mmr_lambda if query.mmr_lambda is None else query.mmr_lambda
     cap = category_cap(query.k, ranking.max_category_share) if query.category_cap else None

@@ -208,7 +208,8 @@ def _user_candidates(
         extra = cf_candidates(signal_scores, excluded, rows, cf.per_source)
         rows, scores = _append(model, user.vector, rows, scores, extra)
     n_collaborative = len(rows) - n_retrieved
-    if user.interactions < ranking.cold_start_min_events and ranking.popularity_candidates > 0:
+    cold_below = model.terms.cold_start_min_events_for(ranking.cold_start_min_events)
+    if user.interactions < cold_below and ranking.popularity_candidates > 0:
         extra = model.popularity.rows(
             preferred_category(model.terms.categories, user),
             np.union1d(excluded, rows),

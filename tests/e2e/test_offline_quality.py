@@ -14,12 +14,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_default_data_retrieval_beats_popularity_and_ranker_beats_retrieval(tmp_path: Path) -> None:
+    # `recserve train` with its defaults (settings search included) on the demo data.
     settings = load_settings(data_dir=tmp_path, register_bundle=False)
     result = run_pipeline(settings, generate(settings.synthetic, progress=False), progress=False)
     m = result.metrics
-    # Retrieval recall@50 at least 2x the popularity baseline on the held-out time window.
+    # Retrieval recall@50 at least 2x the popularity baseline on the test round.
     assert m["retrieval"]["recall@50"] >= 2.0 * m["popularity"]["recall@50"], m
-    # The ranker's order beats the retrieval order by at least 5% NDCG@10.
+    # What is served (retrieval + collaborative candidates + ranker + re-ranker) beats the
+    # retrieval order by at least 5% NDCG@10, and keeps the quality bar of the generated data.
     assert m[FINAL_SYSTEM]["ndcg@10"] >= 1.05 * m["retrieval"]["ndcg@10"], m
+    assert m[FINAL_SYSTEM]["ndcg@10"] >= 0.18, m
     # The default index is exact at this catalog size.
     assert result.index_report["recall@100"] == pytest.approx(1.0)

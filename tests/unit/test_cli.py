@@ -12,7 +12,6 @@ COMMANDS = [
     ["generate"],
     ["train"],
     ["demo"],
-    ["evaluate"],
     ["features"],
     ["promote"],
     ["rollback"],

@@ -81,7 +81,7 @@ def test_item_stats_windows() -> None:
 
 
 def test_tail_labels_are_each_users_newest_items_with_the_state_just_before_them() -> None:
-    from training.pipeline import tail_window
+    from training.labels import tail_window
 
     log = _log()
     types = np.array(["view", "click", "purchase", "click", "click", "click"])

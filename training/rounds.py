@@ -1,0 +1,100 @@
+"""Per-user temporal rounds (the protocol of #9): what `recserve train` chooses settings on and reports.
+
+Each user's first positive interaction with each item, in time order (ties: row order); the newest
+`fraction` of them (ceil, at least 1) are held out. The round's history is the raw log cut at each
+user's own cutoff, the position of their first held-out pair: repeats, views and every event of other
+users before it stay, nothing of theirs from that moment on. Relevant = the held-out items (rating >= 4
+when the log has ratings). The validation round is carved the same way out of the test round's history,
+so no choice made on it ever reads a test item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from serve_app.schemas import POSITIVE_EVENT_TYPES
+
+# A ratings log (`rating` column, MovieLens): only ratings this high count as relevant when held out.
+MIN_RELEVANT_RATING = 4.0
+# Products like 0.2 * 10 land a hair off the integer in floating point.
+_ROUNDING_SLACK = 1e-9
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round: the log models learn from and the held-out items they should find."""
+
+    name: str
+    history: pd.DataFrame  # events before each user's cutoff, in time order (ties: row order)
+    targets: pd.DataFrame  # held-out relevant first interactions: user_id, item_id, timestamp
+
+    @property
+    def user_ids(self) -> np.ndarray:
+        """The evaluated users (at least one relevant held-out item), sorted."""
+        return np.sort(self.targets["user_id"].astype(str).unique())
+
+    def relevant(self, item_index: pd.Index, user_ids: np.ndarray) -> list[np.ndarray]:
+        """Held-out catalog rows per user of `user_ids` (unknown items dropped)."""
+        rows = item_index.get_indexer(pd.Index(self.targets["item_id"]))
+        frame = pd.DataFrame({"user_id": self.targets["user_id"].astype(str), "row": rows})
+        frame = frame[frame["row"] >= 0]
+        by_user = frame.groupby("user_id")["row"].apply(lambda r: np.unique(r.to_numpy()))
+        empty = np.zeros(0, dtype=np.int64)
+        return [by_user.get(u, empty).astype(np.int64) for u in user_ids]
+
+
+def time_ordered(events: pd.DataFrame) -> pd.DataFrame:
+    """Events sorted by time, ties kept in row order."""
+    ns = pd.to_datetime(events["timestamp"], utc=True).to_numpy(dtype="datetime64[ns]")
+    return events.iloc[np.argsort(ns.astype(np.int64), kind="stable")]
+
+
+def holdout_round(
+    events: pd.DataFrame,
+    fraction: float = 0.2,
+    name: str = "test",
+    relevant_min_weight: float | None = None,
+) -> Round:
+    """Hold out each user's newest `fraction` of first positive interactions (see the module).
+
+    Relevant: every held-out pair, or with a `rating` column those rated >= 4, or with
+    `relevant_min_weight` those whose event weight is at least that (a ratings log whose ratings
+    became weights, `training.movielens`: weight 2 = rating 4).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must lie strictly between 0 and 1, got {fraction}")
+    ordered = time_ordered(events).reset_index(drop=True)
+    positive = ordered["event_type"].isin(POSITIVE_EVENT_TYPES).to_numpy()
+    # Each pair's first *positive* row (a view before it is an exposure, not an interaction).
+    pos_rows = np.flatnonzero(positive)
+    pos = ordered.iloc[pos_rows]
+    first = np.zeros(len(ordered), dtype=bool)
+    first[pos_rows[~pos.duplicated(subset=["user_id", "item_id"], keep="first").to_numpy()]] = True
+    pair_rows = np.flatnonzero(first)  # time order
+    users = ordered["user_id"].to_numpy()[pair_rows]
+    by_user = pd.Series(users).groupby(users, sort=False)
+    from_end = by_user.cumcount(ascending=False).to_numpy()
+    size = by_user.transform("size").to_numpy()
+    n_test = np.maximum(np.ceil(fraction * size - _ROUNDING_SLACK), 1)
+    held = pair_rows[from_end < n_test]
+    # Each user's cutoff: the position of their first held-out pair.
+    cutoff = pd.Series(held).groupby(ordered["user_id"].to_numpy()[held]).min()
+    limit = ordered["user_id"].map(cutoff).fillna(len(ordered)).to_numpy()
+    history = ordered.loc[np.arange(len(ordered)) < limit]
+    targets = ordered.iloc[held]
+    if "rating" in targets.columns:
+        targets = targets[targets["rating"].to_numpy() >= MIN_RELEVANT_RATING]
+    elif relevant_min_weight is not None:
+        targets = targets[targets["weight"].to_numpy() >= relevant_min_weight]
+    return Round(name, history, targets[["user_id", "item_id", "timestamp"]])
+
+
+def temporal_rounds(
+    events: pd.DataFrame, fraction: float = 0.2, relevant_min_weight: float | None = None
+) -> tuple[Round, Round]:
+    """(validation, test): test held out of the whole log, validation out of test's history."""
+    test = holdout_round(events, fraction, "test", relevant_min_weight)
+    return holdout_round(test.history, fraction, "validation", relevant_min_weight), test

@@ -1,0 +1,244 @@
+"""The settings search of `recserve train`: Optuna over the served system on the validation round.
+
+Each trial fits a bundle on the validation round's history (`training.system.fit_system`), writes it,
+and scores it through the serving functions on a fixed sample of validation users, in parts: after
+each part it reports NDCG@10 so far, and a median pruner stops trials that trail. The first trial is
+the settings as given, so the search can only keep or beat them on validation; the second the same
+without collaborative models; then Optuna's TPE sampler. A setting pinned by
+config, environment or flag (set explicitly: `model_fields_set`) is not searched. Time-boxed by
+`search.budget_seconds` (no trial starts after it; one that would need new towers is skipped when
+they cannot fit in what is left, one still scoring when it runs out is pruned), at most
+`search.max_trials`; every trial is one nested MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+
+from training.config import TrainingSettings
+from training.evaluate import ndcg_at_k
+from training.rounds import Round
+from training.system import FitCache, ItemTable, Log, Served, fit_system, write_bundle
+
+log = logging.getLogger(__name__)
+
+# Searched settings (section.field) and how a trial draws each.
+Suggest = Callable[[optuna.Trial, str], Any]
+
+
+def _bool(trial: optuna.Trial, name: str) -> Any:
+    return trial.suggest_categorical(name, [True, False])
+
+
+def _choice(*values: str) -> Suggest:
+    return lambda trial, name: trial.suggest_categorical(name, list(values))
+
+
+def _int(low: int, high: int, step: int = 1, log_: bool = False) -> Suggest:
+    return lambda trial, name: trial.suggest_int(name, low, high, step=step, log=log_)
+
+
+def _float_log(low: float, high: float) -> Suggest:
+    return lambda trial, name: trial.suggest_float(name, low, high, log=True)
+
+
+SPACE: dict[str, Suggest] = {
+    "collaborative.ease": _bool,
+    "collaborative.transitions": _bool,
+    "collaborative.knn": _bool,
+    "split.ranker_labels": _choice("window", "tail"),
+    "collaborative.ease_lambda": _float_log(20.0, 3000.0),
+    "collaborative.knn_neighbors": _int(10, 400, log_=True),
+    "ranker.max_depth": _int(2, 8),
+    "ranker.max_rounds": _int(50, 800, log_=True),
+    "ranker.candidates": _int(50, 300, step=25),
+    "collaborative.per_source": _int(10, 100, step=10),
+    "cold_start.min_events": _int(0, 10),
+}
+CF_ONLY = tuple(name for name in SPACE if name.startswith("collaborative."))
+
+
+def setting(settings: TrainingSettings, name: str) -> Any:
+    section, key = name.split(".")
+    return getattr(getattr(settings, section), key)
+
+
+def pinned_settings(settings: TrainingSettings) -> list[str]:
+    """Searchable settings that were set explicitly (config file, RECSERVE_*, flag or argument)."""
+    pinned = [
+        name
+        for name in SPACE
+        if name.split(".")[1] in getattr(settings, name.split(".")[0]).model_fields_set
+    ]
+    if "enabled" in settings.collaborative.model_fields_set:
+        # Pinned off: nothing collaborative to search; pinned on: at least the models are fit.
+        pinned += [n for n in CF_ONLY if n not in pinned and not settings.collaborative.enabled]
+    return pinned
+
+
+def with_values(settings: TrainingSettings, values: dict[str, Any]) -> TrainingSettings:
+    """A copy of `settings` with `values` ({"section.field": value}) applied and validated."""
+    by_section: dict[str, dict[str, Any]] = {}
+    for name, value in values.items():
+        section, key = name.split(".")
+        by_section.setdefault(section, {})[key] = value
+    update = {
+        section: type(getattr(settings, section)).model_validate(
+            {**getattr(settings, section).model_dump(), **fields}
+        )
+        for section, fields in by_section.items()
+    }
+    return settings.model_copy(update=update)
+
+
+@dataclass
+class SearchResult:
+    """The chosen settings and how they were chosen."""
+
+    settings: TrainingSettings
+    chosen: dict[str, Any]
+    searched: list[str]
+    pinned: list[str]
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    best_ndcg10: float = math.nan
+    given_ndcg10: float = math.nan  # trial 0: the settings as given
+    users: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """What the manifest records (params `search.*`)."""
+        states = [t["state"] for t in self.trials]
+        return {
+            "search.searched": self.searched,
+            "search.pinned": self.pinned,
+            "search.chosen": self.chosen,
+            "search.trials": len(self.trials),
+            "search.pruned": states.count("PRUNED"),
+            "search.failed": states.count("FAIL"),
+            "search.validation_users": self.users,
+            "search.seconds": round(self.seconds, 1),
+        }
+
+
+def sample_users(user_ids: np.ndarray, n: int, seed: int) -> np.ndarray:
+    if len(user_ids) <= n:
+        return user_ids
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(user_ids, size=n, replace=False))
+
+
+def search_settings(
+    settings: TrainingSettings,
+    validation: Round,
+    items: ItemTable,
+    *,
+    log_trial: Callable[[int, dict[str, Any], dict[str, float], str], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """Choose the searchable settings on `validation` within the budget (see the module)."""
+    config = settings.search
+    pinned = pinned_settings(settings)
+    searched = [name for name in SPACE if name not in pinned]
+    result = SearchResult(settings, {}, searched, pinned)
+    if config.budget_seconds <= 0 or not searched:
+        return result
+    started = time.monotonic()
+    data = Log.of(validation.history, items)
+    users = sample_users(validation.user_ids, config.max_users, config.seed)
+    relevant = validation.relevant(items.index, users)
+    parts = np.array_split(np.arange(len(users)), min(config.chunks, len(users)))
+    cache = FitCache()
+    sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=5)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
+    given = {name: setting(settings, name) for name in searched}
+    study.enqueue_trial(given)
+    # The second trial asks the largest question first: the same without collaborative models
+    # (decisive on purchase logs, not on every log); it reuses the first trial's towers.
+    cf_off = {
+        n: False for n in ("collaborative.ease", "collaborative.transitions", "collaborative.knn")
+    }
+    if set(cf_off) <= set(searched) and any(given[n] for n in cf_off):
+        study.enqueue_trial({**given, **cf_off})
+
+    tower_seconds: list[float] = []  # what fitting the towers of one label scheme took
+
+    def objective(trial: optuna.Trial) -> float:
+        values = {name: SPACE[name](trial, name) for name in searched}
+        trial_settings = with_values(settings, values)
+        new_towers = trial_settings.split.ranker_labels not in cache.ranking_towers
+        left = config.budget_seconds - (time.monotonic() - started)
+        if new_towers and tower_seconds and tower_seconds[0] > left:
+            raise optuna.TrialPruned("no time left to train towers for another label scheme")
+        fit_started = time.monotonic()
+        fitted = fit_system(trial_settings, data, items, cache)
+        if new_towers and not tower_seconds:
+            tower_seconds.append(time.monotonic() - fit_started)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_bundle(Path(tmp) / "bundle", trial_settings, fitted, data, items, snapshot="")
+            served = Served(Path(tmp) / "bundle", data)
+            lists = np.full((len(users), 10), -1, dtype=np.int64)
+            value = 0.0
+            for step, part in enumerate(parts):
+                lists[part] = served.lists(users[part], 10)
+                done = np.concatenate(parts[: step + 1])
+                value = ndcg_at_k(lists[done], [relevant[i] for i in done], 10)
+                trial.report(value, step)
+                # Out of time: stop, unless nothing has completed yet (the given settings are
+                # always scored in full, whatever the budget).
+                over = time.monotonic() - started > config.budget_seconds and any(
+                    t.state == optuna.trial.TrialState.COMPLETE for t in study.trials
+                )
+                if step < len(parts) - 1 and (over or trial.should_prune()):
+                    raise optuna.TrialPruned()
+        return value
+
+    def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        state = trial.state.name
+        value = (
+            trial.value
+            if trial.value is not None
+            else max(trial.intermediate_values.values(), default=math.nan)
+        )
+        result.trials.append({"number": trial.number, "state": state, "ndcg@10": value})
+        if log_trial is not None:
+            log_trial(trial.number, dict(trial.params), {"validation_ndcg@10": value}, state)
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        best = study.best_value if done else math.nan
+        if progress is not None:
+            progress(
+                f"trial {trial.number} {state.lower()}: validation NDCG@10 {value:.4f} "
+                f"(best {best:.4f}, {time.monotonic() - started:.0f}/"
+                f"{config.budget_seconds:.0f} s)"
+            )
+
+    study.optimize(
+        objective,
+        n_trials=config.max_trials,
+        timeout=config.budget_seconds,
+        callbacks=[after],
+        catch=(ValueError, RuntimeError),
+    )
+    result.seconds = time.monotonic() - started
+    result.users = len(users)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if complete:
+        best = study.best_trial
+        result.chosen = {name: best.params[name] for name in searched}
+        result.settings = with_values(settings, result.chosen)
+        result.best_ndcg10 = float(best.value) if best.value is not None else math.nan
+        first = study.trials[0]
+        first_value = first.value if first.state == optuna.trial.TrialState.COMPLETE else None
+        result.given_ndcg10 = float(first_value) if first_value is not None else math.nan
+    return result
