@@ -1,7 +1,7 @@
 """Serving side of the model bundle: resolve an alias, download a version once, verify, load.
 
 No serving logic and no training code: stages build themselves from the `Bundle` returned here.
-Nothing here unpickles (npy with allow_pickle=False, TorchScript, FAISS and XGBoost formats, JSON).
+Nothing here unpickles (npy/npz with allow_pickle=False, TorchScript, FAISS and XGBoost formats, JSON).
 
 Verification rules (`verify_bundle`): the manifest must parse, carry a known `format_version` and
 list every required file; every listed file must exist with the listed sha256. Files present but not
@@ -28,7 +28,14 @@ from pydantic import ValidationError
 
 from serve_app.contract import Collaborative
 from serve_app.errors import BundleIntegrityError, ModelUnavailable
-from serve_app.schemas import BUNDLE_FILES, BUNDLE_FORMAT_VERSION, BundleManifest
+from serve_app.imports import import_xgboost
+from serve_app.schemas import (
+    BUNDLE_FILES,
+    BUNDLE_FORMAT_VERSION,
+    USER_TOWER_WEIGHT_NAMES,
+    USER_TOWER_WEIGHTS_FILE,
+    BundleManifest,
+)
 
 if TYPE_CHECKING:  # loaded lazily: a stage imports only the libraries of its artifacts
     import faiss
@@ -63,6 +70,7 @@ class Bundle:
     popularity: dict[str, Any]  # {"global": [item_id...], "by_category": {category: [item_id...]}}
     item_index: dict[str, int]  # item_id -> row
     collaborative: Collaborative | None = None  # manifest.collaborative, when the bundle has it
+    user_tower_weights: dict[str, np.ndarray] | None = None  # user_tower.npz, if it has one
 
     @property
     def version(self) -> str | None:
@@ -378,6 +386,7 @@ def load_index(directory: Path, manifest: BundleManifest) -> faiss.Index:
 
 def load_ranker(directory: Path, manifest: BundleManifest) -> xgb.Booster:
     """The XGBoost booster (UBJ), `nthread=1`: serving predicts small batches, where threads cost."""
+    import_xgboost()
     import xgboost as xgb
 
     try:
@@ -408,6 +417,50 @@ def load_user_tower(directory: Path) -> torch.jit.ScriptModule:
     for parameter in user_tower.parameters():
         parameter.requires_grad_(False)
     return user_tower
+
+
+def load_user_tower_weights(
+    directory: Path, manifest: BundleManifest
+) -> dict[str, np.ndarray] | None:
+    """The user tower's weights (`user_tower.npz`: float32, `USER_TOWER_WEIGHT_NAMES`, shapes that
+    chain into [embedding_dim] vectors over this catalog), or None when the manifest does not list
+    the file (a bundle from before it: serve its TorchScript tower)."""
+    name = USER_TOWER_WEIGHTS_FILE
+    if name not in manifest.files:  # verify_bundle checked the listed files only
+        return None
+    try:
+        with np.load(directory / name, allow_pickle=False) as npz:
+            weights = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError) as exc:  # object arrays need pickle: refused, never unpickled
+        raise BundleIntegrityError(f"unreadable: {exc}", file=name) from None
+    if sorted(weights) != sorted(USER_TOWER_WEIGHT_NAMES):
+        raise BundleIntegrityError(
+            f"arrays {sorted(weights)}, expected {sorted(USER_TOWER_WEIGHT_NAMES)}", file=name
+        )
+    try:
+        buckets = int(manifest.user_tower["user_buckets"])
+        profile_dim = int(manifest.user_tower.get("profile_dim", 1 + len(manifest.categories)))
+    except (KeyError, TypeError, ValueError):
+        raise BundleIntegrityError("user_tower lacks user_buckets", file=MANIFEST_NAME) from None
+    h, d = int(weights["profile_proj.bias"].size), manifest.embedding_dim
+    shapes = {
+        "user_embedding.weight": (buckets + 1, h),
+        "history_embedding.weight": (manifest.num_items + 1, h),
+        "profile_proj.weight": (h, profile_dim),
+        "profile_proj.bias": (h,),
+        "mlp.0.weight": (h, 3 * h),
+        "mlp.0.bias": (h,),
+        "mlp.2.weight": (d, h),
+        "mlp.2.bias": (d,),
+    }
+    for key, shape in shapes.items():
+        array = weights[key]
+        if array.dtype != np.float32 or array.shape != shape:
+            raise BundleIntegrityError(
+                f"{key} is {array.dtype} {array.shape}, expected float32 {shape}", file=name
+            )
+        array.flags.writeable = False
+    return weights
 
 
 def load_popularity(directory: Path) -> dict[str, Any]:
@@ -448,4 +501,5 @@ def load_bundle(path: str | Path) -> Bundle:
         popularity=load_popularity(directory),
         item_index=item_index,
         collaborative=load_collaborative(directory, manifest),
+        user_tower_weights=load_user_tower_weights(directory, manifest),
     )

@@ -29,10 +29,13 @@ import numpy as np
 import redis
 
 from serve_app.config import ServeSettings
+from serve_app.imports import import_feast
 from serve_app.redis_client import connect_redis
 
 if TYPE_CHECKING:
     from feast import FeatureStore
+
+    from feature_repo.config import FeatureStoreConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +43,20 @@ WINDOW_SLOTS = 60  # one-minute slots in the counters' ring: covers the 1 h wind
 US_PER_MINUTE = 60_000_000
 
 
+def build_feature_store(config: FeatureStoreConfig) -> FeatureStore:
+    """`feature_repo.store.build_store`, Feast imported without torch (`serve_app.imports`)."""
+    import_feast()
+    from feature_repo.store import build_store
+
+    return build_store(config)
+
+
 @cache
 def user_batch_refs() -> tuple[str, ...]:
     """The batch part of user_tower_v1, read through Feast; the real-time part is read from the
     hashes. (Feast is imported here, not with the module: the Redis layout below is all the event
     path and the Ingress need, and Feast with what it imports is ~270 MiB per process.)"""
+    import_feast()
     from feature_repo.services import feature_refs, user_tower_v1
     from feature_repo.views import BATCH_VIEWS
 
@@ -285,11 +297,9 @@ class OnlineFeatureReader:
     @classmethod
     def from_settings(cls, settings: ServeSettings) -> OnlineFeatureReader:
         """The reader of the configured profile (builds the Feast store and the Redis client)."""
-        from feature_repo.store import build_store
-
         fs = settings.feature_store
         return cls(
-            build_store(fs),
+            build_feature_store(fs),
             connect_redis(settings.event_redis_url, settings.redis_timeout_seconds),
             key_prefix=settings.realtime.key_prefix,
             store_on_redis=fs.resolved_profile != "embedded",

@@ -146,6 +146,20 @@ BUNDLE_FILES = (
     "ranker.ubj",
     "popularity.json",
 )
+# Optional beside user_tower.pt: the same tower's weights as plain float32 arrays (np.savez, loaded
+# without pickle), named as in its state dict, so serving runs the forward in numpy without importing
+# torch (~250 MiB per replica). A bundle without it is served through the TorchScript file.
+USER_TOWER_WEIGHTS_FILE = "user_tower.npz"
+USER_TOWER_WEIGHT_NAMES = (
+    "user_embedding.weight",  # [user_buckets + 1, H], row 0: unknown user
+    "history_embedding.weight",  # [num_items + 1, H], row 0: padding
+    "profile_proj.weight",  # [H, profile_dim]
+    "profile_proj.bias",  # [H]
+    "mlp.0.weight",  # [H, 3H]
+    "mlp.0.bias",  # [H]
+    "mlp.2.weight",  # [embedding_dim, H]
+    "mlp.2.bias",  # [embedding_dim]
+)
 
 
 class FeatureSpec(BaseModel):

@@ -3,7 +3,8 @@
 One batch (per bundle version in it) = one pipelined read of the users' real-time hashes, one Feast read
 of their `user_profile` rows (plus `seen_items`), one forward pass; the tower's output (the base
 embedding, fresh from the current history) is combined with the real-time delta embedding in
-`stages.user_tower.embed_users`. Loads only the tower (`stages.user_tower.TowerModel`).
+`stages.user_tower.embed_users`. Loads only the tower (`stages.user_tower.TowerModel`). Torch is not
+imported (the tower runs in numpy, Feast is imported without it) unless a bundle has no npz weights.
 """
 
 from __future__ import annotations
@@ -14,25 +15,28 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from feast import FeatureStore
 from ray import serve
 
-from feature_repo.store import build_store
-from feature_repo.views import BATCH_VIEWS
 from serve_app.config import ServeSettings
 from serve_app.features import (
     FeatureShapes,
     OnlineFeatureReader,
     UserFeatures,
+    build_feature_store,
     connect_redis,
 )
 from serve_app.metrics import FeatureMetrics, StageMetrics
 from serve_app.models import VersionedStage
+from serve_app.schemas import BundleManifest
 from serve_app.stages.records import Query, UserState, version_of, with_timing
 from serve_app.stages.user_tower import TowerModel, embed_users
+
+if TYPE_CHECKING:  # Feast is imported by build_feature_store, without torch
+    from feast import FeatureStore
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +95,7 @@ class UserFeatureSource:
     @classmethod
     def from_settings(cls, settings: ServeSettings) -> UserFeatureSource:
         fs = settings.feature_store
-        store = build_store(fs)
+        store = build_feature_store(fs)
         reader = OnlineFeatureReader(
             store,
             connect_redis(settings.event_redis_url, settings.redis_timeout_seconds),
@@ -112,13 +116,20 @@ class UserFeatureSource:
         return features, read_seen_items(self.store, user_ids)
 
 
-@serve.deployment
-class UserTower(VersionedStage[TowerModel]):
-    def __init__(self, settings: ServeSettings) -> None:
+def load_tower(directory: Path, version: str, manifest: BundleManifest) -> TowerModel:
+    """The tower of one version: numpy when the bundle has `user_tower.npz`, else TorchScript."""
+    model = TowerModel.from_directory(directory, version, manifest)
+    if model.runs_torch:
         import torch
 
         torch.set_num_threads(1)  # small batches only lose to thread hand-offs
-        self._init_models(settings, TowerModel.from_directory)
+    return model
+
+
+@serve.deployment
+class UserTower(VersionedStage[TowerModel]):
+    def __init__(self, settings: ServeSettings) -> None:
+        self._init_models(settings, load_tower)
         self._features = UserFeatureSource.from_settings(settings)
         self._metrics = StageMetrics("user_tower")
         self._read_metrics = StageMetrics("feature_read")
@@ -129,11 +140,14 @@ class UserTower(VersionedStage[TowerModel]):
         # A store of its own: its registry is refreshed in a thread while requests read features.
         self._task = asyncio.get_running_loop().create_task(
             self._watch_materialization(
-                build_store(settings.feature_store), settings.monitoring.sample_interval_seconds
+                build_feature_store(settings.feature_store),
+                settings.monitoring.sample_interval_seconds,
             )
         )
 
     async def _watch_materialization(self, store: FeatureStore, interval: float) -> None:
+        from feature_repo.views import BATCH_VIEWS  # Feast: imported by build_feature_store
+
         views = [view.name for view in BATCH_VIEWS]
         while True:
             try:

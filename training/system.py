@@ -335,7 +335,7 @@ def write_bundle(
     tt, L = fitted.tt, fitted.tt.history_length
     item_vecs = fitted.towers.item_embeddings.astype(np.float32)
     stats_end = item_stats_at(data.encoded, data.end, items.created_ns)
-    export_user_tower(fitted.towers.user_tower, str(directory / "user_tower.pt"))
+    export_user_tower(fitted.towers.user_tower, directory)
     np.save(directory / "item_ids.npy", items.item_ids.astype(str), allow_pickle=False)
     np.save(directory / "item_embeddings.npy", item_vecs, allow_pickle=False)
     np.save(directory / "item_features.npy", stats_end.matrix(items.price), allow_pickle=False)

@@ -2,7 +2,8 @@
 
 Sampled-softmax log-Q correction removes the popularity bias of in-batch negatives; event-type weights and
 an empirical position-bias correction weight each positive. The user tower is exported as TorchScript
-(the bundle's `user_tower.pt`); item embeddings are precomputed for the whole catalog.
+(the bundle's `user_tower.pt`) and as plain weights (`user_tower.npz`, served in numpy); item
+embeddings are precomputed for the whole catalog.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from serve_app.contract import hash_bucket, title_tokens
+from serve_app.schemas import USER_TOWER_WEIGHT_NAMES, USER_TOWER_WEIGHTS_FILE
 from training.config import TwoTowerConfig
 from training.features import TrainingRows, UserStates
 
@@ -319,10 +322,22 @@ def train_two_tower(
     return result
 
 
-def export_user_tower(tower: UserTower, path: str) -> None:
-    """Save the user tower as TorchScript: loadable without the Python class and without pickle."""
+def export_user_tower(tower: UserTower, directory: Path) -> None:
+    """Save the user tower into a bundle directory twice, both loadable without pickle and without
+    the Python class: TorchScript (`user_tower.pt`) and its weights as float32 arrays
+    (`user_tower.npz`, `USER_TOWER_WEIGHT_NAMES`), which serving runs in numpy without torch."""
     with warnings.catch_warnings():
         # TorchScript is deprecated upstream but remains the pickle-free format Torch 2.x loads.
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.script(tower.eval())
-        torch.jit.save(scripted, path)
+        torch.jit.save(scripted, str(directory / "user_tower.pt"))
+    state = tower.state_dict()
+    if tuple(state) != USER_TOWER_WEIGHT_NAMES:
+        # The numpy forward (serve_app.stages.user_tower) is this architecture, array for array.
+        raise ValueError(
+            f"user tower weights {list(state)} are not {list(USER_TOWER_WEIGHT_NAMES)}"
+        )
+    arrays = {
+        name: value.detach().cpu().numpy().astype(np.float32) for name, value in state.items()
+    }
+    np.savez(directory / USER_TOWER_WEIGHTS_FILE, **arrays)

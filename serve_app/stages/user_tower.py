@@ -1,6 +1,7 @@
 """The user tower stage, pure: tower inputs from online features, one forward pass per batch, the
-real-time delta added. Twin of the `serve_app.user_tower` deployment; loads only `user_tower.pt`
-(and the item ids, to read histories).
+real-time delta added. Twin of the `serve_app.user_tower` deployment; loads only the tower
+(`user_tower.npz`, run in numpy; `user_tower.pt` for a bundle without it) and the item ids, to read
+histories.
 
 Semantics follow the offline evaluation exactly (`training.two_tower.encode_users`): user bucket =
 hash_bucket(user_id, user_buckets) + 1, or 0 for a user whose snapshot has no positive event; profile
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -29,38 +30,123 @@ if TYPE_CHECKING:  # serve_app.features imports Feast (seconds): only the deploy
     from serve_app.features import UserFeatures
 
 
+class UserTowerForward(Protocol):
+    """(user bucket int64 [B], profile float32 [B, P], recent int64 [B, L]) -> float32 [B, D]."""
+
+    def __call__(
+        self, buckets: np.ndarray, profile: np.ndarray, recent: np.ndarray
+    ) -> np.ndarray: ...
+
+
+@dataclass(frozen=True, eq=False)
+class NumpyUserTower:
+    """`training.two_tower.UserTower.forward` in numpy, from the bundle's `user_tower.npz`: user
+    embedding, profile projection and the mean of the non-padding history embeddings, concatenated,
+    through Linear-ReLU-Linear, L2-normalised (as `F.normalize`: norm clamped at 1e-12)."""
+
+    user_embedding: np.ndarray  # [user_buckets + 1, H]
+    history_embedding: np.ndarray  # [num_items + 1, H]
+    profile_weight: np.ndarray  # [H, P]
+    profile_bias: np.ndarray  # [H]
+    hidden_weight: np.ndarray  # [H, 3H]
+    hidden_bias: np.ndarray  # [H]
+    out_weight: np.ndarray  # [D, H]
+    out_bias: np.ndarray  # [D]
+
+    @classmethod
+    def from_weights(cls, weights: Mapping[str, np.ndarray]) -> NumpyUserTower:
+        """From the arrays `serve_app.bundle.load_user_tower_weights` checked (state dict names)."""
+        return cls(
+            user_embedding=weights["user_embedding.weight"],
+            history_embedding=weights["history_embedding.weight"],
+            profile_weight=weights["profile_proj.weight"],
+            profile_bias=weights["profile_proj.bias"],
+            hidden_weight=weights["mlp.0.weight"],
+            hidden_bias=weights["mlp.0.bias"],
+            out_weight=weights["mlp.2.weight"],
+            out_bias=weights["mlp.2.bias"],
+        )
+
+    def __call__(self, buckets: np.ndarray, profile: np.ndarray, recent: np.ndarray) -> np.ndarray:
+        mask = (recent > 0).astype(np.float32)[:, :, None]
+        summed = (self.history_embedding[recent] * mask).sum(axis=1)
+        history = summed / np.maximum(mask.sum(axis=1), np.float32(1.0))
+        projected = profile.astype(np.float32) @ self.profile_weight.T + self.profile_bias
+        x = np.concatenate([self.user_embedding[buckets], projected, history], axis=1)
+        hidden = np.maximum(x @ self.hidden_weight.T + self.hidden_bias, np.float32(0.0))
+        out = hidden @ self.out_weight.T + self.out_bias
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return np.asarray(out / np.maximum(norms, np.float32(1e-12)), dtype=np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class TorchScriptUserTower:
+    """The bundle's TorchScript tower (`user_tower.pt`), for bundles without `user_tower.npz`."""
+
+    module: torch.jit.ScriptModule
+
+    def __call__(self, buckets: np.ndarray, profile: np.ndarray, recent: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            out = self.module(
+                torch.from_numpy(buckets), torch.from_numpy(profile), torch.from_numpy(recent)
+            )
+        return np.asarray(out.numpy(), dtype=np.float32)
+
+
 @dataclass(frozen=True, eq=False)
 class TowerModel:
-    """What the user tower serves from: the TorchScript tower and the item id -> row map."""
+    """What the user tower serves from: the tower's forward pass and the item id -> row map."""
 
     terms: BundleTerms
-    tower: torch.jit.ScriptModule
+    tower: UserTowerForward
     item_index: Mapping[str, int]
 
     @property
     def version(self) -> str:
         return self.terms.version
 
+    @property
+    def runs_torch(self) -> bool:
+        return isinstance(self.tower, TorchScriptUserTower)
+
     @classmethod
     def from_bundle(cls, bundle: Bundle, terms: BundleTerms) -> TowerModel:
-        return cls(terms, bundle.user_tower, bundle.item_index)
+        """The numpy forward when the bundle has the weights (what the deployment serves)."""
+        tower: UserTowerForward = (
+            NumpyUserTower.from_weights(bundle.user_tower_weights)
+            if bundle.user_tower_weights is not None
+            else TorchScriptUserTower(bundle.user_tower)
+        )
+        return cls(terms, tower, bundle.item_index)
 
     @classmethod
     def from_directory(
         cls, directory: Path, version: str, manifest: BundleManifest | None = None
     ) -> TowerModel:
         """`manifest`: the bundle's, already verified (`fetch_bundle` checked every file); None:
-        verify the directory here."""
-        from serve_app.bundle import load_item_ids, load_user_tower, verify_bundle
+        verify the directory here. Torch is imported only for a bundle without `user_tower.npz`."""
+        from serve_app.bundle import (
+            load_item_ids,
+            load_user_tower,
+            load_user_tower_weights,
+            verify_bundle,
+        )
 
         manifest = manifest or verify_bundle(directory)
         _, item_index = load_item_ids(directory, manifest)
-        return cls(
-            BundleTerms.from_manifest(manifest, version), load_user_tower(directory), item_index
+        weights = load_user_tower_weights(directory, manifest)
+        tower: UserTowerForward = (
+            NumpyUserTower.from_weights(weights)
+            if weights is not None
+            else TorchScriptUserTower(load_user_tower(directory))
         )
+        return cls(BundleTerms.from_manifest(manifest, version), tower, item_index)
 
     def warm(self) -> None:
-        """The first TorchScript calls are slow (profiling, optimisation): make them here."""
+        """The first calls are slow (TorchScript profiles and optimises; numpy's first touch of
+        the weights): make them here."""
         c = len(self.terms.categories)
         for batch in (1, 2, 4, 8, 16, 32):
             user_vectors(
@@ -104,13 +190,7 @@ def user_vectors(
     model: TowerModel, buckets: np.ndarray, profile: np.ndarray, recent: np.ndarray
 ) -> np.ndarray:
     """The user tower's forward pass: float32 [B, D], unit rows."""
-    import torch
-
-    with torch.no_grad():
-        out = model.tower(
-            torch.from_numpy(buckets), torch.from_numpy(profile), torch.from_numpy(recent)
-        )
-    return np.asarray(out.numpy(), dtype=np.float32)
+    return model.tower(buckets, profile, recent)
 
 
 def add_delta(vectors: np.ndarray, delta: np.ndarray, weight: float) -> np.ndarray:

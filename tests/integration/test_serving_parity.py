@@ -20,6 +20,7 @@ from serve_app.config import RankingConfig, ServeSettings
 from serve_app.models import ModelSource
 from serve_app.recommend import recommend_in_process
 from serve_app.stages.records import Query
+from serve_app.stages.user_tower import NumpyUserTower
 from serve_app.user_tower import UserFeatureSource
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ def test_serving_pipeline_reproduces_the_offline_ranking(
     assert version == trained_bundle.version
     model = source.load(version)
     bundle = model.bundle
+    # Two independent forwards: serving runs the tower in numpy, the offline side in TorchScript.
+    assert isinstance(model.tower.tower, NumpyUserTower)
 
     dataset = read_dataset(trained_bundle.dataset_dir)
     log = encode_log(
