@@ -314,6 +314,82 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+# --- the hot route ------------------------------------------------------------------------------
+
+Answer = Callable[["RecommendationRequest", str, bool], Awaitable[JSONResponse]]
+
+
+class HotRoute:
+    """ASGI middleware: `POST /v1/recommendations` answered without FastAPI's routing, dependency
+    solving and exception middlewares, which cost the Ingress more CPU per request than its own
+    work (issue 14). The answer is the route's own (`answer`, shared with the FastAPI route), so
+    only how the body is read differs.
+
+    It takes only what the route would accept as is: a JSON body with a Content-Length, no query
+    string, that validates as a `RecommendationRequest`. Anything else (?debug=1, a chunked or
+    non-JSON body, an invalid field) goes to the FastAPI route with the body replayed, so every
+    error shape, status and the OpenAPI docs stay the route's.
+    """
+
+    def __init__(
+        self, app: Callable[[Scope, Receive, Send], Awaitable[None]], path: str, answer: Answer
+    ) -> None:
+        self.app = app
+        self.path = path
+        self.answer = answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"] != self.path
+            or scope.get("query_string")
+        ):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
+        if b"content-length" not in headers or not _JSON.match(content_type):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        try:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client left before its body arrived: nobody to answer
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+        except HTTPException as exc:  # BodyLimit: more bytes than the limit
+            code = _HTTP_CODES.get(exc.status_code, "error")
+            await error_response(exc.status_code, code, str(exc.detail))(scope, receive, send)
+            return
+        body = b"".join(chunks)
+        try:
+            request = RecommendationRequest.model_validate_json(body)
+        except ValidationError:
+            await self.app(scope, _replay(body, receive), send)
+            return
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        response = await self.answer(request, safe_request_id(given), False)
+        await response(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives `body` once (already read), then whatever comes next."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 # --- the API -------------------------------------------------------------------------------------
 
 
@@ -355,7 +431,10 @@ def to_response(result: Recommendations, debug: bool, total_ms: float) -> Recomm
 
 def request_id_of(request: Request) -> str:
     """The caller's X-Request-ID when it is a safe id, else a fresh one."""
-    given = request.headers.get("x-request-id", "")
+    return safe_request_id(request.headers.get("x-request-id", ""))
+
+
+def safe_request_id(given: str) -> str:
     if 0 < len(given) <= MAX_ID_LENGTH and ID_PATTERN.match(given):
         return given
     return uuid.uuid4().hex
@@ -393,8 +472,6 @@ def create_api(
         version="1",
         description="Real-time recommendations: two-tower retrieval, XGBoost ranking, re-ranking.",
     )
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
-
     if metrics is not None:
         metrics.start(name for name, _ in experiment.weights)
 
@@ -433,11 +510,15 @@ def create_api(
         request: Request,
         debug: Annotated[bool, QueryParam(description="add stage timings")] = False,
     ) -> Any:
+        return await answer(body, request_id_of(request), debug)
+
+    async def answer(body: RecommendationRequest, request_id: str, debug: bool) -> JSONResponse:
+        """The recommendation route's answer (HotRoute calls it too, for the common request)."""
         start = time.perf_counter()
         if body.k > config.max_k:
             observe("recommendations", 422, start)
             return error_response(422, "invalid_request", f"k must be <= {config.max_k}", "k")
-        query = to_query(body, request_id_of(request))
+        query = to_query(body, request_id)
         try:
             result = await asyncio.wait_for(
                 backend.recommend(query), timeout=config.request_timeout_seconds
@@ -548,6 +629,9 @@ def create_api(
             return _backend_error(exc)
         return asdict(outcome)
 
+    # The last added is the outermost: BodyLimit sees every request first, then HotRoute.
+    app.add_middleware(HotRoute, path="/v1/recommendations", answer=answer)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     return app
 
 

@@ -353,3 +353,99 @@ def test_health_readiness_and_docs() -> None:
     assert {"/v1/recommendations", "/v1/events", "/healthz", "/readyz", "/v1/admin/reload"} <= set(
         paths
     )
+
+
+# --- the hot route: the common request without FastAPI's routing ---------------------------------
+
+
+class Inner:
+    """The app behind HotRoute (the FastAPI route in the Ingress): records the bodies it gets."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        self.bodies.append(body)
+        await send({"type": "http.response.start", "status": 299, "headers": []})
+        await send({"type": "http.response.body", "body": b"inner"})
+
+
+def hot_route() -> tuple[TestClient, Inner, list[tuple[Any, str, bool]]]:
+    from fastapi.responses import JSONResponse
+
+    from serve_app.ingress import HotRoute
+
+    answered: list[tuple[Any, str, bool]] = []
+
+    async def answer(request: Any, request_id: str, debug: bool) -> JSONResponse:
+        answered.append((request, request_id, debug))
+        return JSONResponse({"answered": request.user_id})
+
+    inner = Inner()
+    app = HotRoute(inner, "/v1/recommendations", answer)
+    return TestClient(app), inner, answered
+
+
+def test_a_valid_request_is_answered_by_the_hot_route_without_the_route_behind_it() -> None:
+    http, inner, answered = hot_route()
+    body = {"user_id": "u1", "k": 5, "filters": {"categories": ["c1"]}}
+    response = http.post("/v1/recommendations", json=body, headers={"X-Request-ID": "req-7"})
+    assert response.status_code == 200 and response.json() == {"answered": "u1"}
+    assert inner.bodies == []
+    ((request, request_id, debug),) = answered
+    assert (request.user_id, request.k, request.filters.categories) == ("u1", 5, ["c1"])
+    assert (request_id, debug) == ("req-7", False)
+    # An unsafe request id is replaced by a fresh one, as the route does.
+    http.post("/v1/recommendations", json=body, headers={"X-Request-ID": "bad id!"})
+    assert answered[-1][1] != "bad id!" and len(answered[-1][1]) == 32
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "content_type"),
+    [
+        ("/v1/recommendations", b'{"user_id": "u1", "k": 0}', "application/json"),  # invalid
+        ("/v1/recommendations", b'{"user_id": "u1", "k": 10.0}', "application/json"),  # strict
+        ("/v1/recommendations", b'{"user_id": ', "application/json"),  # malformed
+        ("/v1/recommendations", b"", "application/json"),  # no body
+        ("/v1/recommendations?debug=1", b'{"user_id": "u1"}', "application/json"),  # query
+        ("/v1/recommendations", b'{"user_id": "u1"}', "text/plain"),  # not JSON
+        ("/v1/events", b'{"user_id": "u1"}', "application/json"),  # another route
+    ],
+)
+def test_anything_but_a_valid_plain_request_goes_to_the_route_with_its_body(
+    path: str, content: bytes, content_type: str
+) -> None:
+    http, inner, answered = hot_route()
+    response = http.post(path, content=content, headers={"content-type": content_type})
+    assert response.status_code == 299 and response.content == b"inner"
+    assert inner.bodies == [content] and answered == []
+
+
+def test_the_hot_route_and_the_fastapi_route_give_the_same_answer() -> None:
+    backend = Fixed()
+    http = client(backend)
+    body = {"user_id": "u1", "k": 2, "options": {"mmr_lambda": 1, "category_cap": False}}
+    headers = {"X-Request-ID": "same-id"}
+    hot = http.post("/v1/recommendations", json=body, headers=headers)
+    # A query string takes the FastAPI route (debug=false: the same answer, no timings).
+    routed = http.post("/v1/recommendations?debug=false", json=body, headers=headers)
+    assert hot.status_code == routed.status_code == 200
+    assert hot.json() == routed.json()
+    assert hot.headers["x-request-id"] == routed.headers["x-request-id"] == "same-id"
+    assert hot.headers["content-type"] == routed.headers["content-type"]
+    assert backend.queries[0] == backend.queries[1]
+    # k above api.max_k: the same 422 naming the field on both paths.
+    too_many = {"user_id": "u1", "k": 150}
+    hot_error = client(Unreachable(), max_k=100).post("/v1/recommendations", json=too_many)
+    routed_error = client(Unreachable(), max_k=100).post(
+        "/v1/recommendations?debug=0", json=too_many
+    )
+    assert hot_error.status_code == routed_error.status_code == 422
+    assert hot_error.json() == routed_error.json()
+    assert hot_error.json()["error"]["field"] == "k"
