@@ -182,7 +182,7 @@ def test_cli_simulates_champion_against_challenger_and_writes_json(
     code = main(
         [
             *("simulate", "--data-dir", str(registry.settings.data_dir)),
-            *("--runs", "3", "--users", "120", "--seed", "5", "--json", str(out)),
+            *("--runs", "3", "--users", "400", "--seed", "5", "--json", str(out)),
         ]
     )
     assert code == 0
