@@ -242,6 +242,13 @@ _HTTP_CODES = {
 }
 
 
+def http_error(exc: HTTPException) -> JSONResponse:
+    """An HTTPException (Starlette's, or BodyLimit's while a body streams) in our error shape."""
+    code = _HTTP_CODES.get(exc.status_code, "error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    return error_response(exc.status_code, code, message, headers=dict(exc.headers or {}) or None)
+
+
 def _backend_error(exc: BaseException) -> JSONResponse:
     """Errors of the graph as responses; anything unexpected is logged and answered without trace."""
     cause = root_cause(exc)
@@ -362,8 +369,7 @@ class HotRoute:
                 if not message.get("more_body", False):
                     break
         except HTTPException as exc:  # BodyLimit: more bytes than the limit
-            code = _HTTP_CODES.get(exc.status_code, "error")
-            await error_response(exc.status_code, code, str(exc.detail))(scope, receive, send)
+            await http_error(exc)(scope, receive, send)
             return
         body = b"".join(chunks)
         try:
@@ -489,11 +495,7 @@ def create_api(
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        code = _HTTP_CODES.get(exc.status_code, "error")
-        message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-        return error_response(
-            exc.status_code, code, message, headers=dict(exc.headers or {}) or None
-        )
+        return http_error(exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

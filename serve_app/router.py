@@ -252,13 +252,6 @@ class Router:
         timeout = self._settings.models.warm_timeout_seconds
         failures: list[str] = []
         absent: list[str] = []
-        # Download and verify it here first, into the bundle cache the stages on this node share:
-        # they then load it from the cache instead of each starting a registry process to fetch
-        # it (seconds of CPU each, while serving). A stage on another node still fetches its own.
-        try:
-            await asyncio.wait_for(asyncio.to_thread(self._source.fetch, version), timeout)
-        except Exception as exc:  # the stages' own fetch decides, and reports, as before
-            logger.warning("prefetch of version %s failed: %s", version, describe(exc))
         for name, handle in self._stages.named().items():
             try:
                 # One call first: it waits for a replica, as a stage that is still starting has
