@@ -177,6 +177,28 @@ def resolve_ref(tracking_uri: str, model_name: str, ref: str) -> str:
         raise ModelUnavailable(f"model '{model_name}' has no version {ref}: {exc}") from exc
 
 
+def _cache_path(model_name: str, version: str, cache_dir: str | Path) -> Path:
+    for part in (model_name, str(version)):
+        if not _SAFE_NAME.match(part) or part in (".", ".."):
+            raise ModelUnavailable(f"unsafe model name or version for a cache path: {part!r}")
+    return Path(cache_dir) / model_name / str(version)
+
+
+def cached_bundle(model_name: str, version: str, cache_dir: str | Path) -> Path | None:
+    """The cached copy of a version if it verifies, else None (a copy that no longer verifies is
+    removed); never contacts MLflow."""
+    target = _cache_path(model_name, version, cache_dir)
+    if not target.is_dir():
+        return None
+    try:
+        verify_bundle(target)
+        return target
+    except BundleIntegrityError as exc:
+        logger.warning("cached bundle %s failed verification (%s); downloading again", target, exc)
+        shutil.rmtree(target, ignore_errors=True)
+        return None
+
+
 def fetch_bundle(tracking_uri: str, model_name: str, version: str, cache_dir: str | Path) -> Path:
     """Local, verified copy of a registered version at `cache_dir/<model_name>/<version>/`.
 
@@ -185,21 +207,11 @@ def fetch_bundle(tracking_uri: str, model_name: str, version: str, cache_dir: st
     processes racing on the same version both download; the first rename wins, the other discards.
     A cached copy that no longer verifies (disk corruption, hand edits) is replaced by a fresh one.
     """
-    for part in (model_name, str(version)):
-        if not _SAFE_NAME.match(part) or part in (".", ".."):
-            raise ModelUnavailable(f"unsafe model name or version for a cache path: {part!r}")
-    parent = Path(cache_dir) / model_name
-    target = parent / str(version)
-    if target.is_dir():
-        try:
-            verify_bundle(target)
-            return target
-        except BundleIntegrityError as exc:
-            logger.warning(
-                "cached bundle %s failed verification (%s); downloading again", target, exc
-            )
-            shutil.rmtree(target, ignore_errors=True)
-
+    cached = cached_bundle(model_name, version, cache_dir)
+    if cached is not None:
+        return cached
+    target = _cache_path(model_name, version, cache_dir)
+    parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=parent))
     try:

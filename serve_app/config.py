@@ -160,6 +160,12 @@ class ModelRegistryConfig(BaseModel):
     warm_timeout_seconds: float = Field(
         120.0, gt=0.0, description="how long every stage may take to load a new version"
     )
+    registry_process_timeout_seconds: float = Field(
+        300.0,
+        gt=0.0,
+        description="how long a stage replica's registry child process (resolving a ref, "
+        "downloading a bundle not yet cached) may take before it is killed",
+    )
 
     @field_validator("uri")
     @classmethod

@@ -1,10 +1,12 @@
 """Registry watcher of the online graph: resolve the alias to a version, fetch it once, verify, load.
 
 `ModelSource` turns `models:/<name>@<alias>` into verified bundle directories and loaded `ServingModel`s;
-`VersionedStage` keeps each stage's own part of several versions side by side, keyed by version. `AliasWatcher` re-resolves the
-alias periodically and hot-swaps: the new version becomes current only after `activate` (the router
-warming every stage) succeeded, so in-flight requests finish on the version they started with and a
-bundle that fails verification is refused while the previous one keeps serving.
+`VersionedStage` keeps each stage's own part of several versions side by side, keyed by version, and
+asks the registry through `ChildProcessModelSource` (MLflow in a child process, never in a stage
+replica). `AliasWatcher` re-resolves the alias periodically and hot-swaps: the new version becomes
+current only after `activate` (the router warming every stage) succeeded, so in-flight requests
+finish on the version they started with and a bundle that fails verification is refused while the
+previous one keeps serving.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from serve_app.batching import Batcher
 from serve_app.config import RankingConfig, ServeSettings, StageConfig
 from serve_app.errors import RecserveError, StageUnavailable
 from serve_app.metrics import StageMetrics
+from serve_app.registry_process import RegistryProcess
 from serve_app.schemas import BundleManifest
 from serve_app.stages.records import by_version
 
@@ -73,6 +76,34 @@ class ModelSource:
         model = ServingModel.from_bundle(load_bundle(self.fetch(version)), version=version)
         model.warm()
         return model
+
+
+@dataclass(frozen=True)
+class ChildProcessModelSource(ModelSource):
+    """A `ModelSource` whose registry work (resolving a ref, downloading a bundle not yet cached)
+    runs in a short-lived child process: the stage replicas that use it never import MLflow. A
+    cache hit is verified here and spawns no child."""
+
+    registry: RegistryProcess = field(default_factory=RegistryProcess)
+
+    @classmethod
+    def from_settings(cls, settings: ServeSettings) -> ChildProcessModelSource:
+        source = ModelSource.from_settings(settings)
+        registry = RegistryProcess(settings.models.registry_process_timeout_seconds)
+        return cls(**vars(source), registry=registry)
+
+    def resolve(self, ref: str | None = None) -> str:
+        return self.registry.resolve(self.tracking_uri, self.model_name, ref or self.alias)
+
+    def fetch(self, version: str) -> Path:
+        from serve_app.bundle import cached_bundle, verify_bundle
+
+        cached = cached_bundle(self.model_name, version, self.cache_dir)
+        if cached is not None:
+            return cached
+        path = self.registry.fetch(self.tracking_uri, self.model_name, version, self.cache_dir)
+        verify_bundle(path)  # what this process serves, it checked itself
+        return path
 
 
 @dataclass(frozen=True)
@@ -166,10 +197,11 @@ class VersionedStage(Generic[M]):
     """Mixin of the stage deployments: the versions they serve, side by side, and their batcher.
 
     The constructor loads and warms every served ref's version (only this stage's artifacts:
-    `load(directory, version)`); another version loads on first use, in a thread, once however many
-    batches ask for it, and the least recently used beyond MAX_VERSIONS_PER_REPLICA is dropped. A
-    batch may mix versions: `each_version` splits it and answers in order. `user_config` is a
-    `StageConfig`: the batching of the calls that reach this replica, and ranking overrides.
+    `load(directory, version)`; refs resolved and bundles downloaded by `ChildProcessModelSource`,
+    so the replica never imports MLflow); another version loads on first use, in a thread, once
+    however many batches ask for it, and the least recently used beyond MAX_VERSIONS_PER_REPLICA is
+    dropped. A batch may mix versions: `each_version` splits it and answers in order. `user_config`
+    is a `StageConfig`: the batching of the calls that reach this replica, and ranking overrides.
     """
 
     _settings: ServeSettings
@@ -185,7 +217,7 @@ class VersionedStage(Generic[M]):
         self._settings = settings
         self._ranking = settings.ranking
         self._config = StageConfig()
-        self._source = ModelSource.from_settings(settings)
+        self._source = ChildProcessModelSource.from_settings(settings)
         self._load = load
         self._models = OrderedDict()
         self._loading = {}

@@ -170,3 +170,12 @@ def make_tiny_bundle(
         files={},
     )
     return finalize_bundle(out, manifest)
+
+
+def tamper_registered(source_uri: str, name: str = "item_embeddings.npy") -> None:
+    """Flip the last byte of one file of a registered version's stored artifacts (its checksum in
+    the manifest no longer matches)."""
+    stored = Path(source_uri.removeprefix("file://")) / name
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 0xFF
+    stored.write_bytes(bytes(data))

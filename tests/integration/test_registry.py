@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 from serve_app.bundle import fetch_bundle, load_bundle, resolve_alias, verify_bundle
 from serve_app.errors import BundleIntegrityError, ModelUnavailable
-from tests.bundle_factory import make_tiny_bundle
+from tests.bundle_factory import make_tiny_bundle, tamper_registered
 from training.registry import (
     CHALLENGER,
     CHAMPION,
@@ -131,10 +131,7 @@ def test_tampered_registered_artifact_is_refused_and_not_cached(
     bundle_dir: Path, tracking_uri: str, tmp_path: Path
 ) -> None:
     registered = register_bundle(bundle_dir, tracking_uri=tracking_uri, model_name="tampered")
-    stored = Path(registered.source_uri.removeprefix("file://")) / "item_embeddings.npy"
-    data = bytearray(stored.read_bytes())
-    data[-1] ^= 0xFF
-    stored.write_bytes(bytes(data))
+    tamper_registered(registered.source_uri)
 
     with pytest.raises(BundleIntegrityError, match=r"item_embeddings\.npy: checksum mismatch"):
         fetch_bundle(tracking_uri, "tampered", registered.version, tmp_path / "cache")

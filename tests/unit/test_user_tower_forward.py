@@ -7,10 +7,6 @@ writes both), run by torch: the independent path the numpy forward must reproduc
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,10 +19,10 @@ from serve_app.contract import ITEM_FEATURE_NAMES, RANKER_FEATURE_NAMES
 from serve_app.errors import BundleIntegrityError
 from serve_app.schemas import USER_TOWER_WEIGHTS_FILE, BundleManifest, IndexSpec
 from serve_app.stages.user_tower import NumpyUserTower, TorchScriptUserTower, TowerModel
+from tests.fresh_interpreter import run_probe
 from training.registry import sha256_file, write_manifest
 from training.two_tower import UserTower, export_user_tower
 
-ROOT = Path(__file__).resolve().parents[2]
 BUCKETS, N_ITEMS, HIDDEN, DIM, HISTORY = 16, 30, 12, 6, 5
 CATEGORIES = ("a", "b", "c")
 PROFILE_DIM = 1 + len(CATEGORIES)
@@ -164,20 +160,7 @@ print(json.dumps({name: name in sys.modules for name in ("torch", "feast", "skle
 def imports_of_a_tower_replica(bundle: Path) -> dict[str, bool]:
     """Load and warm the bundle's tower in a fresh interpreter after importing the four stage
     deployments, Feast and XGBoost as serving does; which of torch, Feast and sklearn it holds."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE, str(bundle)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    result: dict[str, bool] = json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, bool] = run_probe(PROBE, str(bundle))
     return result
 
 
