@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -197,6 +198,42 @@ def cached_bundle(model_name: str, version: str, cache_dir: str | Path) -> Path 
         logger.warning("cached bundle %s failed verification (%s); downloading again", target, exc)
         shutil.rmtree(target, ignore_errors=True)
         return None
+
+
+SERVING_HINT = "serving.json"
+
+
+def write_serving_hint(model_name: str, versions: Sequence[str], cache_dir: str | Path) -> None:
+    """Record, beside the cached bundles, the versions the router serves now (replaced atomically):
+    a stage replica that starts later (a restart, a scale-up) loads them from the cache before its
+    first request instead of asking the registry. Only a hint: a stage loads any version on demand."""
+    names = sorted({str(v) for v in versions})
+    for name in names:
+        _cache_path(model_name, name, cache_dir)  # refuses an unsafe name
+    parent = Path(cache_dir) / model_name
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = parent / f".{SERVING_HINT}.{os.getpid()}"
+    staging.write_text(json.dumps({"versions": names}))
+    staging.replace(parent / SERVING_HINT)
+
+
+def read_serving_hint(model_name: str, cache_dir: str | Path) -> list[str]:
+    """The versions of the last `write_serving_hint` that are cached and verify; [] without a hint
+    (first start, another node) or with an unreadable one."""
+    path = Path(cache_dir) / model_name / SERVING_HINT
+    try:
+        names = json.loads(path.read_text())["versions"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if not isinstance(names, list):
+        return []
+    found = []
+    for name in names:
+        if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
+            continue
+        if cached_bundle(model_name, name, cache_dir) is not None:
+            found.append(name)
+    return found
 
 
 def fetch_bundle(tracking_uri: str, model_name: str, version: str, cache_dir: str | Path) -> Path:

@@ -394,17 +394,6 @@ class ExperimentConfig(BaseModel):
         """The shadow's registry ref when requests are mirrored at all, else None."""
         return self.shadow.model if self.shadow.share > 0 else None
 
-    def served_refs(self, default_alias: str) -> list[str]:
-        """Every ref a stage must hold: the variants with a positive weight, then the shadow."""
-        refs = [
-            ref
-            for v, ref in zip(self.variants, self.variant_refs(default_alias).values(), strict=True)
-            if v.weight > 0
-        ]
-        if self.shadow_ref is not None:
-            refs.append(self.shadow_ref)
-        return list(dict.fromkeys(refs))
-
 
 class MonitoringConfig(BaseModel):
     """What deployments measure on their own schedule rather than per request."""

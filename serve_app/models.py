@@ -68,6 +68,17 @@ class ModelSource:
 
         return fetch_bundle(self.tracking_uri, self.model_name, version, self.cache_dir)
 
+    def serving_hint(self) -> list[str]:
+        """The versions the router last said it serves that are in this node's cache (no MLflow)."""
+        from serve_app.bundle import read_serving_hint
+
+        return read_serving_hint(self.model_name, self.cache_dir)
+
+    def note_serving(self, versions: Sequence[str]) -> None:
+        from serve_app.bundle import write_serving_hint
+
+        write_serving_hint(self.model_name, versions, self.cache_dir)
+
     def load(self, version: str) -> ServingModel:
         """Fetch, verify, load and check `version` against the serving contract, then warm it."""
         from serve_app.bundle import load_bundle
@@ -196,11 +207,14 @@ Out = TypeVar("Out")
 class VersionedStage(Generic[M]):
     """Mixin of the stage deployments: the versions they serve, side by side, and their batcher.
 
-    The constructor loads and warms every served ref's version (only this stage's artifacts:
-    `load(directory, version)`; refs resolved and bundles downloaded by `ChildProcessModelSource`,
-    so the replica never imports MLflow); another version loads on first use, in a thread, once
-    however many batches ask for it, and the least recently used beyond MAX_VERSIONS_PER_REPLICA is
-    dropped. A batch may mix versions: `each_version` splits it and answers in order. `user_config`
+    A stage never resolves a ref: the router names the version of every request and has each stage
+    `warm` a version before it serves it. The constructor loads and warms (only this stage's
+    artifacts: `load(directory, version)`) the versions the router last recorded as served that are
+    in this node's bundle cache (`ModelSource.serving_hint`), so a restarted or added replica is
+    warm before its first request without a registry call; any other version loads on first use, in
+    a thread, once however many batches ask for it (a bundle not cached is downloaded by
+    `ChildProcessModelSource`, so the replica never imports MLflow), and the least recently used
+    beyond MAX_VERSIONS_PER_REPLICA is dropped. A batch may mix versions: `each_version` splits it and answers in order. `user_config`
     is a `StageConfig`: the batching of the calls that reach this replica, and ranking overrides.
     """
 
@@ -221,15 +235,13 @@ class VersionedStage(Generic[M]):
         self._load = load
         self._models = OrderedDict()
         self._loading = {}
-        # Every A/B arm and the shadow, loaded and warmed now.
-        for ref in settings.experiment.served_refs(settings.models.alias):
+        # The versions served now, from the cache (none at the graph's first start: the router's
+        # warm loads them), so that a replica started later is warm before its first request.
+        for version in self._source.serving_hint()[:MAX_VERSIONS_PER_REPLICA]:
             try:
-                version = self._source.resolve(ref)
-                if version not in self._models:
-                    self._models[version] = self._load_version(version)
+                self._models[version] = self._load_version(version)
             except RecserveError as exc:
-                # Start without it: the router activates a version once it can be loaded.
-                logger.warning("no bundle for %s at start (%s)", ref, exc.message)
+                logger.warning("cached version %s not loaded at start (%s)", version, exc.message)
 
     def _load_version(self, version: str) -> M:
         from serve_app.bundle import read_manifest

@@ -164,7 +164,7 @@ import asyncio, json, sys
 from pathlib import Path
 import serve_app.ranker, serve_app.reranker, serve_app.retriever, serve_app.user_tower
 from serve_app.config import ServeSettings
-from serve_app.models import ModelSource, VersionedStage
+from serve_app.models import ChildProcessModelSource, ModelSource, VersionedStage
 from serve_app.stages.ranker import RankingModel
 from serve_app.stages.reranker import ReRankingModel
 from serve_app.stages.retriever import RetrievalModel
@@ -174,11 +174,16 @@ tracking_uri, cache_dir = sys.argv[1], Path(sys.argv[2])
 settings = ServeSettings(
     models={"uri": "models:/probe@champion", "tracking_uri": tracking_uri, "cache_dir": cache_dir}
 )
+# As the router does before it warms the stages: version 1 fetched into the node's cache (through
+# a child here, so this process never imports MLflow) and recorded as served.
+source = ChildProcessModelSource.from_settings(settings)
+source.fetch("1")
+source.note_serving(["1"])
 loaded = {}
 for loader in (load_tower, RetrievalModel.from_directory, RankingModel.from_directory,
                ReRankingModel.from_directory):
     stage = VersionedStage()
-    stage._init_models(settings, loader)  # resolves champion, fetches it (first stage: downloads)
+    stage._init_models(settings, loader)  # loads version 1, named by the hint, from the cache
     asyncio.run(stage.warm("2"))  # as the router warms a stage before a swap: not cached before
     loaded[type(next(iter(stage._models.values()))).__name__] = sorted(stage._models)
 stages = "mlflow" in sys.modules
@@ -202,4 +207,5 @@ def test_stage_replicas_load_registered_versions_without_importing_mlflow(
         "mlflow": False,
         "mlflow_in_process": True,
     }
-    assert sorted(p.name for p in (tmp_path / "cache" / "probe").iterdir()) == ["1", "2"]
+    cached = sorted(p.name for p in (tmp_path / "cache" / "probe").iterdir())
+    assert cached == ["1", "2", "serving.json"]
