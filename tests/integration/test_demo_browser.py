@@ -60,9 +60,17 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def wait(driver: WebDriver, condition: Any, message: str) -> Any:
+    """Poll `condition` until it holds. An element that went stale while it was read (the page
+    re-rendered the list between finding it and reading it) is one more poll, not a failure."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT_SECONDS, poll_frequency=0.05).until(condition, message)
+    return WebDriverWait(
+        driver,
+        WAIT_SECONDS,
+        poll_frequency=0.05,
+        ignored_exceptions=(StaleElementReferenceException,),
+    ).until(condition, message)
 
 
 def attribute(driver: WebDriver, css: str, name: str) -> str:
