@@ -28,17 +28,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serving_load import percentiles, write_results  # noqa: E402
+from bench.serving_load import percentiles, ray_process_cpu, write_results  # noqa: E402
 from serve_app.cli import apply_ray_env  # noqa: E402
 
 apply_ray_env()  # before Ray Serve is imported: the graph's own transport settings
 
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 APP = "hop-bench"
+DEPLOYMENTS = ("Caller", "Echo")
 PAYLOADS = {"small": 1, "13 KB record": np.zeros(3_300, dtype=np.float32)}
 
 
@@ -77,20 +77,17 @@ class Caller:
         return out
 
 
-def replica_cpu(deployment: str) -> float:
-    """CPU seconds used so far by the replicas of `deployment` of this app."""
-    total = 0.0
-    for process in psutil.process_iter(["cmdline"]):
-        if f"ServeReplica:{APP}:{deployment}" in " ".join(process.info["cmdline"] or []):
-            times = process.cpu_times()
-            total += times.user + times.system
-    return total
+def replica_cpu() -> dict[str, float]:
+    """CPU seconds used so far by the caller's and the echo's replicas (serving_load's accounting)."""
+    cpu = ray_process_cpu()
+    return {d: cpu.get(d, 0.0) for d in DEPLOYMENTS}
 
 
 def idle_cpu_per_second(seconds: float) -> dict[str, float]:
-    before = {d: replica_cpu(d) for d in ("Caller", "Echo")}
+    before = replica_cpu()
     time.sleep(seconds)
-    return {d: (replica_cpu(d) - before[d]) / seconds for d in before}
+    after = replica_cpu()
+    return {d: (after[d] - before[d]) / seconds for d in DEPLOYMENTS}
 
 
 async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -104,13 +101,14 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 ("back to back", 0.0),
                 (f"every {args.gap_ms:g} ms", args.gap_ms / 1e3),
             ):
-                cpu0 = {d: replica_cpu(d) for d in ("Caller", "Echo")}
+                cpu0 = replica_cpu()
                 start = time.perf_counter()
                 latencies = await caller.hops.remote(args.calls, payload, gap_s, by_reference)
                 elapsed = time.perf_counter() - start
+                cpu1 = replica_cpu()
                 cpu = {
-                    d: (replica_cpu(d) - cpu0[d] - idle[d] * elapsed) * 1000.0 / args.calls
-                    for d in cpu0
+                    d: (cpu1[d] - cpu0[d] - idle[d] * elapsed) * 1000.0 / args.calls
+                    for d in DEPLOYMENTS
                 }
                 rows.append(
                     {

@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +50,11 @@ MANIFEST_NAME = "manifest.json"
 # Manifest index params (training.index.index_params) -> FAISS ParameterSpace names.
 SEARCH_PARAMS = {"nprobe": "nprobe", "ef_search": "efSearch", "efSearch": "efSearch"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def _is_safe_name(part: str) -> bool:
+    """A name that stays one path component inside its directory (file, model or version name)."""
+    return bool(_SAFE_NAME.match(part)) and part not in (".", "..")
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,7 +133,7 @@ def verify_bundle(path: str | Path) -> BundleManifest:
             raise BundleIntegrityError(f"required file not listed in {MANIFEST_NAME}", file=name)
     for name, expected in sorted(manifest.files.items()):
         # Names come from a downloaded file: never let one point outside the bundle directory.
-        if not _SAFE_NAME.match(name) or name in (".", ".."):
+        if not _is_safe_name(name):
             raise BundleIntegrityError("unsafe file name in manifest", file=name)
         file_path = directory / name
         if not file_path.is_file():
@@ -180,7 +185,7 @@ def resolve_ref(tracking_uri: str, model_name: str, ref: str) -> str:
 
 def _cache_path(model_name: str, version: str, cache_dir: str | Path) -> Path:
     for part in (model_name, str(version)):
-        if not _SAFE_NAME.match(part) or part in (".", ".."):
+        if not _is_safe_name(part):
             raise ModelUnavailable(f"unsafe model name or version for a cache path: {part!r}")
     return Path(cache_dir) / model_name / str(version)
 
@@ -203,7 +208,7 @@ def cached_bundle(model_name: str, version: str, cache_dir: str | Path) -> Path 
 SERVING_HINT = "serving.json"
 
 
-def write_serving_hint(model_name: str, versions: Sequence[str], cache_dir: str | Path) -> None:
+def write_serving_hint(model_name: str, versions: Iterable[str], cache_dir: str | Path) -> None:
     """Record, beside the cached bundles, the versions the router serves now (replaced atomically):
     a stage replica that starts later (a restart, a scale-up) loads them from the cache before its
     first request instead of asking the registry. Only a hint: a stage loads any version on demand."""
@@ -218,8 +223,9 @@ def write_serving_hint(model_name: str, versions: Sequence[str], cache_dir: str 
 
 
 def read_serving_hint(model_name: str, cache_dir: str | Path) -> list[str]:
-    """The versions of the last `write_serving_hint` that are cached and verify; [] without a hint
-    (first start, another node) or with an unreadable one."""
+    """The versions of the last `write_serving_hint` that this node has cached ([] without a hint,
+    on a first start or another node, or with an unreadable one). Not verified here: loading a
+    version verifies its cached copy (`cached_bundle`), once."""
     path = Path(cache_dir) / model_name / SERVING_HINT
     try:
         names = json.loads(path.read_text())["versions"]
@@ -227,13 +233,11 @@ def read_serving_hint(model_name: str, cache_dir: str | Path) -> list[str]:
         return []
     if not isinstance(names, list):
         return []
-    found = []
-    for name in names:
-        if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
-            continue
-        if cached_bundle(model_name, name, cache_dir) is not None:
-            found.append(name)
-    return found
+    return [
+        name
+        for name in names
+        if isinstance(name, str) and _is_safe_name(name) and (path.parent / name).is_dir()
+    ]
 
 
 def fetch_bundle(tracking_uri: str, model_name: str, version: str, cache_dir: str | Path) -> Path:

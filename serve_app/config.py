@@ -163,8 +163,8 @@ class ModelRegistryConfig(BaseModel):
     registry_process_timeout_seconds: float = Field(
         300.0,
         gt=0.0,
-        description="how long a stage replica's registry child process (resolving a ref, "
-        "downloading a bundle not yet cached) may take before it is killed",
+        description="how long a stage replica's registry child process (downloading a bundle "
+        "not yet cached) may take before it is killed",
     )
 
     @field_validator("uri")

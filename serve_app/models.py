@@ -2,8 +2,8 @@
 
 `ModelSource` turns `models:/<name>@<alias>` into verified bundle directories and loaded `ServingModel`s;
 `VersionedStage` keeps each stage's own part of several versions side by side, keyed by version, and
-asks the registry through `ChildProcessModelSource` (MLflow in a child process, never in a stage
-replica). `AliasWatcher` re-resolves the alias periodically and hot-swaps: the new version becomes
+downloads what is not cached through `ChildProcessModelSource` (MLflow in a child process, never
+in a stage replica). `AliasWatcher` re-resolves the alias periodically and hot-swaps: the new version becomes
 current only after `activate` (the router warming every stage) succeeded, so in-flight requests
 finish on the version they started with and a bundle that fails verification is refused while the
 previous one keeps serving.
@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -74,7 +74,7 @@ class ModelSource:
 
         return read_serving_hint(self.model_name, self.cache_dir)
 
-    def note_serving(self, versions: Sequence[str]) -> None:
+    def note_serving(self, versions: Iterable[str]) -> None:
         from serve_app.bundle import write_serving_hint
 
         write_serving_hint(self.model_name, versions, self.cache_dir)
@@ -91,9 +91,9 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class ChildProcessModelSource(ModelSource):
-    """A `ModelSource` whose registry work (resolving a ref, downloading a bundle not yet cached)
-    runs in a short-lived child process: the stage replicas that use it never import MLflow. A
-    cache hit is verified here and spawns no child."""
+    """The stage replicas' `ModelSource`: a bundle not yet cached is downloaded in a short-lived
+    child process, so they never import MLflow (they never resolve a ref: the router names the
+    version). A cache hit is verified here and spawns no child."""
 
     registry: RegistryProcess = field(default_factory=RegistryProcess)
 
@@ -102,9 +102,6 @@ class ChildProcessModelSource(ModelSource):
         source = ModelSource.from_settings(settings)
         registry = RegistryProcess(settings.models.registry_process_timeout_seconds)
         return cls(**vars(source), registry=registry)
-
-    def resolve(self, ref: str | None = None) -> str:
-        return self.registry.resolve(self.tracking_uri, self.model_name, ref or self.alias)
 
     def fetch(self, version: str) -> Path:
         from serve_app.bundle import cached_bundle, verify_bundle
@@ -214,8 +211,9 @@ class VersionedStage(Generic[M]):
     warm before its first request without a registry call; any other version loads on first use, in
     a thread, once however many batches ask for it (a bundle not cached is downloaded by
     `ChildProcessModelSource`, so the replica never imports MLflow), and the least recently used
-    beyond MAX_VERSIONS_PER_REPLICA is dropped. A batch may mix versions: `each_version` splits it and answers in order. `user_config`
-    is a `StageConfig`: the batching of the calls that reach this replica, and ranking overrides.
+    beyond MAX_VERSIONS_PER_REPLICA is dropped. A batch may mix versions: `each_version` splits it
+    and answers in order. `user_config` is a `StageConfig`: the batching of the calls that reach
+    this replica, and ranking overrides.
     """
 
     _settings: ServeSettings

@@ -1,8 +1,9 @@
 """Registry work of a stage replica in a short-lived child process, so the replica never imports MLflow.
 
-`RegistryProcess` (the replica's side) runs `python -m serve_app.registry_process resolve|fetch ...`
-and turns its one JSON answer into a value, or its JSON error into the ModelUnavailable or
-BundleIntegrityError that `serve_app.bundle` raised in the child; `main` (the child) is that work.
+`RegistryProcess` (the replica's side) runs `python -m serve_app.registry_process fetch ...` and
+turns its one JSON answer into a path, or its JSON error into the ModelUnavailable or
+BundleIntegrityError that `serve_app.bundle` raised in the child; `main` (the child) is that work. A
+stage never resolves an alias (the router names the version), so fetching is all the child does.
 """
 
 from __future__ import annotations
@@ -32,11 +33,6 @@ class RegistryProcess:
 
     timeout_seconds: float = 300.0
     python: str = field(default_factory=lambda: sys.executable)
-
-    def resolve(self, tracking_uri: str, model_name: str, ref: str) -> str:
-        """`serve_app.bundle.resolve_ref`, in the child."""
-        answer = self.call("resolve", tracking_uri, model_name, ref)
-        return str(answer["version"])
 
     def fetch(self, tracking_uri: str, model_name: str, version: str, cache_dir: Path) -> Path:
         """`serve_app.bundle.fetch_bundle`, in the child: the verified cache directory."""
@@ -110,28 +106,20 @@ def error_from_record(record: dict[str, Any]) -> RecserveError:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    resolve = commands.add_parser("resolve", help="print the version a ref names")
     fetch = commands.add_parser("fetch", help="download and verify a version into the cache")
-    for sub in (resolve, fetch):
-        sub.add_argument("tracking_uri")
-        sub.add_argument("model_name")
-    resolve.add_argument("ref", help="an alias or a version number")
+    fetch.add_argument("tracking_uri")
+    fetch.add_argument("model_name")
     fetch.add_argument("version")
     fetch.add_argument("cache_dir", type=Path)
     args = parser.parse_args(argv)
-    from serve_app.bundle import fetch_bundle, resolve_ref
+    from serve_app.bundle import fetch_bundle
 
     answer: dict[str, Any]
     try:
         # Only the answer goes to stdout: anything a library prints goes to stderr.
         with contextlib.redirect_stdout(sys.stderr):
-            if args.command == "resolve":
-                answer = {"version": resolve_ref(args.tracking_uri, args.model_name, args.ref)}
-            else:
-                path = fetch_bundle(
-                    args.tracking_uri, args.model_name, args.version, args.cache_dir
-                )
-                answer = {"path": str(path)}
+            path = fetch_bundle(args.tracking_uri, args.model_name, args.version, args.cache_dir)
+            answer = {"path": str(path)}
         code = 0
     except RecserveError as exc:
         answer, code = {"error": error_record(exc)}, 1

@@ -296,7 +296,7 @@ class Router:
             a.watcher.current for r, a in self._arms.items() if r != ref and a.watcher.current
         }
         try:
-            self._source.note_serving(sorted(serving))
+            self._source.note_serving(serving)
         except OSError as exc:  # only a hint: a stage loads a version on first use without it
             logger.warning("could not record the served versions: %s", exc)
         for variant in arm.variants:

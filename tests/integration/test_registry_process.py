@@ -1,9 +1,9 @@
-"""The stages' registry child process on real MLflow (sqlite, local files): it answers as the
+"""The stages' registry child process on real MLflow (sqlite, local files): it downloads as the
 in-process path does, raises the same errors, caches what it downloads, and keeps MLflow out of
 the stage replicas.
 
-The reference is `serve_app.bundle` called in this process (`resolve_ref`, `fetch_bundle`) and the
-registration order (versions 1, 2; `challenger` on the last one registered).
+The reference is `serve_app.bundle.fetch_bundle` called in this process and the registration order
+(versions 1, 2).
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from serve_app.bundle import fetch_bundle, resolve_ref
+from serve_app.bundle import fetch_bundle
 from serve_app.errors import BundleIntegrityError, ModelUnavailable, RecserveError
 from serve_app.models import ChildProcessModelSource
 from serve_app.registry_process import RegistryProcess
 from tests.bundle_factory import make_tiny_bundle, tamper_registered
 from tests.conftest import TrainedBundle
 from tests.fresh_interpreter import run_probe
-from training.registry import CHALLENGER, CHAMPION, default_tracking_uri, register_bundle
+from training.registry import CHAMPION, default_tracking_uri, register_bundle
 
 pytestmark = pytest.mark.integration
 
@@ -73,34 +73,20 @@ def raised(call: Callable[[], object]) -> RecserveError:
     return excinfo.value
 
 
-def test_the_child_resolves_aliases_and_versions_as_the_in_process_path(
+def test_a_missing_version_is_model_unavailable_with_the_same_message(
     bundle_dir: Path, tracking_uri: str, tmp_path: Path
 ) -> None:
-    register_two(bundle_dir, tracking_uri, "twin")
-    source = child_source(tracking_uri, "twin", tmp_path)
-    expected = {CHAMPION: "1", CHALLENGER: "2", "1": "1", "2": "2"}
+    register_bundle(bundle_dir, tracking_uri=tracking_uri, model_name="missing")
+    source = child_source(tracking_uri, "missing", tmp_path / "child")
 
-    child = {ref: source.resolve(ref) for ref in expected}
-    in_process = {ref: resolve_ref(tracking_uri, "twin", ref) for ref in expected}
-
-    assert child == in_process == expected
-    assert source.resolve() == "1"  # the configured alias
-    assert source.registry.spawned == ["resolve"] * 5  # type: ignore[attr-defined]
-
-
-@pytest.mark.parametrize(("ref", "names"), [("nosuch", "no alias 'nosuch'"), ("7", "no version 7")])
-def test_a_missing_alias_or_version_is_model_unavailable_with_the_same_message(
-    bundle_dir: Path, tracking_uri: str, tmp_path: Path, ref: str, names: str
-) -> None:
-    register_bundle(bundle_dir, tracking_uri=tracking_uri, model_name=f"missing{ref}")
-    source = child_source(tracking_uri, f"missing{ref}", tmp_path)
-
-    child = raised(lambda: source.resolve(ref))
-    in_process = raised(lambda: resolve_ref(tracking_uri, f"missing{ref}", ref))
+    child = raised(lambda: source.fetch("7"))
+    in_process = raised(lambda: fetch_bundle(tracking_uri, "missing", "7", tmp_path / "in"))
 
     assert type(child) is type(in_process) is ModelUnavailable
-    assert names in child.message
+    assert "download of missing v7 failed" in child.message
     assert child.message == in_process.message
+    assert source.registry.spawned == ["fetch"]  # type: ignore[attr-defined]
+    assert list((tmp_path / "child" / "missing").iterdir()) == []  # nothing half-written
 
 
 def test_a_fetch_through_the_child_caches_a_verified_copy_and_a_second_is_a_hit_without_a_child(
@@ -153,10 +139,12 @@ def test_a_tampered_artifact_is_the_same_integrity_error_through_the_child_and_n
     assert list((tmp_path / "child" / "tampered").iterdir()) == []
 
 
-def test_a_child_past_its_timeout_is_killed_and_model_unavailable(tracking_uri: str) -> None:
+def test_a_child_past_its_timeout_is_killed_and_model_unavailable(
+    tracking_uri: str, tmp_path: Path
+) -> None:
     registry = RegistryProcess(timeout_seconds=0.05)
     with pytest.raises(ModelUnavailable, match=r"took longer than 0\.05 s"):
-        registry.resolve(tracking_uri, "twin", CHAMPION)
+        registry.fetch(tracking_uri, "twin", "1", tmp_path)
 
 
 PROBE = """

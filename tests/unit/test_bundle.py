@@ -291,20 +291,23 @@ def test_collaborative_file_missing_from_the_checksums_is_refused(bundle_dir: Pa
         load_bundle(bundle_dir)
 
 
-def test_the_serving_hint_names_only_cached_versions_that_verify(tmp_path: Path) -> None:
-    from serve_app.bundle import SERVING_HINT, read_serving_hint, write_serving_hint
+def test_the_serving_hint_names_only_versions_this_node_has_cached(tmp_path: Path) -> None:
+    from serve_app.bundle import SERVING_HINT, cached_bundle, read_serving_hint, write_serving_hint
     from serve_app.errors import ModelUnavailable
 
     cache = tmp_path / "cache"
     assert read_serving_hint("m", cache) == []  # no hint yet: a first start loads nothing
     for version in ("3", "4"):
         make_tiny_bundle(cache / "m" / version, n_items=10, dim=4, seed=int(version))
-    write_serving_hint("m", ["4", "3", "7"], cache)  # 7: served, but not on this node
+    write_serving_hint("m", {"4", "3", "7"}, cache)  # 7: served, but not on this node
 
     assert read_serving_hint("m", cache) == ["3", "4"]
-    (cache / "m" / "4" / "item_ids.npy").write_bytes(b"garbage")  # no longer verifies
+    # Verification is the load's (cached_bundle, once): a copy that fails it is removed there,
+    # and the hint no longer names it.
+    (cache / "m" / "4" / "item_ids.npy").write_bytes(b"garbage")
+    assert cached_bundle("m", "4", cache) is None
+    assert not (cache / "m" / "4").exists()
     assert read_serving_hint("m", cache) == ["3"]
-    assert not (cache / "m" / "4").exists()  # removed, as any cached copy that fails
 
     (cache / "m" / SERVING_HINT).write_text('{"versions": ["../../etc", 3, "3"]}')
     assert read_serving_hint("m", cache) == ["3"]  # unsafe names and non-strings skipped

@@ -5,6 +5,7 @@ tests/integration/test_registry_process.py)."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -37,5 +38,5 @@ def test_an_error_of_another_kind_is_model_unavailable() -> None:
 def test_a_child_that_exits_without_an_answer_is_model_unavailable() -> None:
     false = shutil.which("false")
     assert false is not None
-    with pytest.raises(ModelUnavailable, match=r"registry resolve of 'm' failed \(exit 1\)"):
-        RegistryProcess(python=false).resolve("sqlite:///unused.db", "m", "champion")
+    with pytest.raises(ModelUnavailable, match=r"registry fetch of 'm' failed \(exit 1\)"):
+        RegistryProcess(python=false).fetch("sqlite:///unused.db", "m", "1", Path("/unused"))
