@@ -168,6 +168,9 @@ class UserFeatures:
     count_1h: np.ndarray  # int64 [B]
     last_event_ts: np.ndarray  # float64 [B], epoch seconds, NaN when no event was seen
     degraded: bool
+    # Columns of the `extra_refs` a caller read in the same Feast call (`to_dict()` names, request
+    # order); None when Feast was not read or failed.
+    extra: Mapping[str, list[Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -195,9 +198,11 @@ def assemble_user_features(
     shapes: FeatureShapes,
     model_version: str | None,
     degraded: bool,
+    extra: frozenset[str] = frozenset(),
 ) -> UserFeatures:
     """Combine Feast's batch columns (`to_dict()` of user_batch_refs(); None: unread) with decoded
-    real-time states (None: unread) into typed arrays; unread parts take the defaults.
+    real-time states (None: unread) into typed arrays; unread parts take the defaults. The `extra`
+    columns of `batch` (names as `to_dict()` gives them) are passed through as they were read.
 
     A vector of the wrong length (a profile written for another bundle) counts as missing, and so
     does a delta embedding built from another bundle's item embeddings.
@@ -249,6 +254,7 @@ def assemble_user_features(
         count_1h=c60,
         last_event_ts=last,
         degraded=degraded,
+        extra=None if batch is None else {k: list(v) for k, v in batch.items() if k in extra},
     )
 
 
@@ -319,13 +325,16 @@ class OnlineFeatureReader:
             logger.warning("real-time features unavailable, serving defaults: %s", exc)
             return None
 
-    def _batch(self, user_ids: Sequence[str]) -> dict[str, list[Any]] | None:
+    def _batch(
+        self, user_ids: Sequence[str], extra_refs: Sequence[str] = ()
+    ) -> dict[str, list[Any]] | None:
         if self._store_on_redis and not self._breaker.allows():
             return None
         assert self._store is not None
         try:
             response = self._store.get_online_features(
-                features=list(user_batch_refs()), entity_rows=[{"user_id": u} for u in user_ids]
+                features=[*user_batch_refs(), *extra_refs],
+                entity_rows=[{"user_id": u} for u in user_ids],
             )
             result: dict[str, list[Any]] = response.to_dict()
             return result
@@ -342,16 +351,22 @@ class OnlineFeatureReader:
         *,
         model_version: str | None,
         now: float | None = None,
+        extra_refs: Sequence[str] = (),
     ) -> UserFeatures:
-        """Features of `user_ids` for the bundle `model_version` (its delta embeddings only)."""
+        """Features of `user_ids` for the bundle `model_version` (its delta embeddings only): one
+        pipelined read of the real-time hashes and one Feast read, which also reads `extra_refs`
+        (`view:feature`, returned in `UserFeatures.extra`)."""
         now_minute = int((self._clock() if now is None else now) * 1e6) // US_PER_MINUTE
         # Real-time first: it is the cheap probe of Redis that trips the breaker before Feast's
         # own (slow-retrying) client would be tried on a dead server.
         raw = self._hgetall(user_state_key(self._prefix, u) for u in user_ids)
         realtime = None if raw is None else [parse_user_state(r, now_minute) for r in raw]
-        batch = None if self._store is None else self._batch(user_ids)
+        batch = None if self._store is None else self._batch(user_ids, extra_refs)
         degraded = raw is None or (self._store is not None and batch is None)
-        return assemble_user_features(user_ids, batch, realtime, shapes, model_version, degraded)
+        extra = frozenset(ref.split(":", 1)[1] for ref in extra_refs)
+        return assemble_user_features(
+            user_ids, batch, realtime, shapes, model_version, degraded, extra
+        )
 
     def items(self, item_ids: Sequence[str], *, now: float | None = None) -> ItemRealtime:
         """Short-window counters of candidate items (one pipelined read for all of them)."""

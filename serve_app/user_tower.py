@@ -1,7 +1,7 @@
 """UserTower deployment: Feast online read and user tower forward for a batch of requests.
 
 One batch (per bundle version in it) = one pipelined read of the users' real-time hashes, one Feast read
-of their `user_profile` rows (plus `seen_items`), one forward pass; the tower's output (the base
+of their `user_profile` rows (`seen_items` with them), one forward pass; the tower's output (the base
 embedding, fresh from the current history) is combined with the real-time delta embedding in
 `stages.user_tower.embed_users`. Loads only the tower (`stages.user_tower.TowerModel`). Torch is not
 imported (the tower runs in numpy, Feast is imported without it) unless a bundle has no npz weights.
@@ -27,7 +27,6 @@ from serve_app.features import (
     OnlineFeatureReader,
     UserFeatures,
     build_feature_store,
-    connect_redis,
 )
 from serve_app.metrics import FeatureMetrics, StageMetrics
 from serve_app.models import VersionedStage
@@ -40,19 +39,16 @@ if TYPE_CHECKING:  # Feast is imported by build_feature_store, without torch
 
 logger = logging.getLogger(__name__)
 
-SEEN_ITEMS_REF = "user_profile:seen_items"
+SEEN_ITEMS = ("user_profile:seen_items",)  # read with the tower's own Feast columns
 
 
-def read_seen_items(store: FeatureStore, user_ids: Sequence[str]) -> list[tuple[str, ...]] | None:
-    """`user_profile:seen_items` per user (empty for unknown users); None when the store fails."""
-    try:
-        response = store.get_online_features(
-            features=[SEEN_ITEMS_REF], entity_rows=[{"user_id": u} for u in user_ids]
-        ).to_dict()
-    except Exception as exc:  # a read must never fail a request: the caller degrades
-        logger.warning("seen items unavailable: %s", exc)
+def seen_items_of(features: UserFeatures) -> list[tuple[str, ...]] | None:
+    """`user_profile:seen_items` per user (empty for unknown users) from the batch's one Feast read
+    (`OnlineFeatureReader.users(extra_refs=SEEN_ITEMS)`); None when it was not read or failed."""
+    column = None if features.extra is None else features.extra.get("seen_items")
+    if column is None:
         return None
-    return [tuple(v or ()) for v in response["seen_items"]]
+    return [tuple(v or ()) for v in column]
 
 
 def realtime_ages(last_event_ts: np.ndarray, now: float) -> list[float]:
@@ -86,34 +82,21 @@ def feature_shapes(model: TowerModel) -> FeatureShapes:
 
 @dataclass(frozen=True)
 class UserFeatureSource:
-    """The online reads of one batch: real-time hashes + `user_profile` (Feast), and seen items."""
+    """The online reads of one batch: real-time hashes + `user_profile` (Feast), seen items with it."""
 
     reader: OnlineFeatureReader
-    store: FeatureStore
-    store_on_redis: bool
 
     @classmethod
     def from_settings(cls, settings: ServeSettings) -> UserFeatureSource:
-        fs = settings.feature_store
-        store = build_feature_store(fs)
-        reader = OnlineFeatureReader(
-            store,
-            connect_redis(settings.event_redis_url, settings.redis_timeout_seconds),
-            key_prefix=settings.realtime.key_prefix,
-            store_on_redis=fs.resolved_profile != "embedded",
-            breaker_cooldown_seconds=settings.realtime.breaker_cooldown_seconds,
-        )
-        return cls(reader, store, fs.resolved_profile != "embedded")
+        return cls(OnlineFeatureReader.from_settings(settings))
 
     def read(
         self, model: TowerModel, user_ids: Sequence[str]
     ) -> tuple[UserFeatures, list[tuple[str, ...]] | None]:
-        features = self.reader.users(user_ids, feature_shapes(model), model_version=model.version)
-        if features.degraded and self.store_on_redis:
-            # The online store shares the Redis that just failed: a second read would only wait
-            # for its timeout. (The embedded SQLite store still answers when Redis is down.)
-            return features, None
-        return features, read_seen_items(self.store, user_ids)
+        features = self.reader.users(
+            user_ids, feature_shapes(model), model_version=model.version, extra_refs=SEEN_ITEMS
+        )
+        return features, seen_items_of(features)
 
 
 def load_tower(directory: Path, version: str, manifest: BundleManifest) -> TowerModel:

@@ -19,6 +19,7 @@ from serve_app.config import EventLogConfig, RealtimeConfig
 from serve_app.events import EventLogWriter, ItemEmbeddings
 from serve_app.features import FeatureShapes, OnlineFeatureReader, connect_redis
 from serve_app.schemas import Event
+from serve_app.user_tower import SEEN_ITEMS, seen_items_of
 from training.data import normalize_events
 from training.feature_tables import (
     historical_user_features,
@@ -148,6 +149,32 @@ def test_materialize_incremental_loads_rows_stamped_after_the_previous_run(
     assert reader.users(["u1"], SHAPES, model_version=None).event_count.tolist() == [3.0]
     materialize_incremental(embedded, end=T1 + timedelta(hours=3))
     assert reader.users(["u1"], SHAPES, model_version=None).event_count.tolist() == [5.0]
+
+
+@pytest.mark.parametrize("profile", ["embedded", "on_redis"])
+def test_seen_items_come_with_the_tower_features_in_one_feast_read(
+    profile: str, request: pytest.FixtureRequest, redis_url: str, key_prefix: str
+) -> None:
+    config: FeatureStoreConfig = request.getfixturevalue(profile)
+    apply(config)
+    materialize_incremental(config, end=T1 + timedelta(hours=1))
+    reader = _reader(config, redis_url, key_prefix)
+    store = reader._store
+    assert store is not None
+    reads: list[list[str]] = []
+    real_read = store.get_online_features
+
+    def counted(*, features: list[str], entity_rows: list[dict[str, str]]) -> object:
+        reads.append(list(features))
+        return real_read(features=features, entity_rows=entity_rows)
+
+    store.get_online_features = counted  # type: ignore[method-assign]  # a spy on the real store
+    got = reader.users(["u2", "nobody", "u1"], SHAPES, model_version=None, extra_refs=SEEN_ITEMS)
+    assert len(reads) == 1 and "user_profile:seen_items" in reads[0]
+    assert seen_items_of(got) == [("i2",), (), ("i1", "i2")]
+    assert got.event_count.tolist() == [1.0, 0.0, 3.0]
+    # Not asked for: not read, and seen items count as unread.
+    assert seen_items_of(reader.users(["u1"], SHAPES, model_version=None)) is None
 
 
 def test_item_profile_view_is_served_online(embedded: FeatureStoreConfig) -> None:
