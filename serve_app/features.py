@@ -198,11 +198,11 @@ def assemble_user_features(
     shapes: FeatureShapes,
     model_version: str | None,
     degraded: bool,
-    extra: frozenset[str] = frozenset(),
+    extra: Mapping[str, list[Any]] | None = None,
 ) -> UserFeatures:
     """Combine Feast's batch columns (`to_dict()` of user_batch_refs(); None: unread) with decoded
-    real-time states (None: unread) into typed arrays; unread parts take the defaults. The `extra`
-    columns of `batch` (names as `to_dict()` gives them) are passed through as they were read.
+    real-time states (None: unread) into typed arrays; unread parts take the defaults. `extra`
+    (columns read with `batch` for the caller) is passed through as it is.
 
     A vector of the wrong length (a profile written for another bundle) counts as missing, and so
     does a delta embedding built from another bundle's item embeddings.
@@ -254,7 +254,7 @@ def assemble_user_features(
         count_1h=c60,
         last_event_ts=last,
         degraded=degraded,
-        extra=None if batch is None else {k: list(v) for k, v in batch.items() if k in extra},
+        extra=extra,
     )
 
 
@@ -363,7 +363,8 @@ class OnlineFeatureReader:
         realtime = None if raw is None else [parse_user_state(r, now_minute) for r in raw]
         batch = None if self._store is None else self._batch(user_ids, extra_refs)
         degraded = raw is None or (self._store is not None and batch is None)
-        extra = frozenset(ref.split(":", 1)[1] for ref in extra_refs)
+        names = (ref.split(":", 1)[1] for ref in extra_refs)  # to_dict() names the bare feature
+        extra = None if batch is None else {name: batch[name] for name in names}
         return assemble_user_features(
             user_ids, batch, realtime, shapes, model_version, degraded, extra
         )
