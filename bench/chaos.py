@@ -7,8 +7,9 @@ seconds in:
 - `none`: no fault, the reference row;
 - `swap`: a new version registered and aliased `champion` (a hot swap; same artifacts, new version,
   so every stage loads it);
-- `kill-<Deployment>`: `kill -9` of the deployment's only replica (UserTower, Retriever, Ranker,
-  ReRanker);
+- `kill-<Deployment>`: `kill -9` of the deployment's only replica: each stage-hosting deployment of
+  the placement (`--placement`: split -> UserTower, Retriever, Ranker, ReRanker; two-tier ->
+  Retrieval, Ranking; fused -> the Ingress itself, which hosts the stages);
 - `redis`: the Redis server stopped for `--outage` seconds, then started again (append-only file on,
   so what it held survives the restart);
 - `stop` (always last): SIGTERM to the server; the processes it started that are alive 10 s later.
@@ -18,7 +19,8 @@ accepted, spooled, refused (non-2xx: the client knows it must retry), lost (acce
 stream) and duplicated (in the stream more than once), in the stream and in the Parquet files the
 real exporter (`training.exporter`) writes from it. JSON goes to bench/results/chaos.json.
 
-    python bench/chaos.py --data-dir /tmp/demo    # after `recserve train --data-dir /tmp/demo --promote`
+    python bench/chaos.py --data-dir /tmp/demo [--placement two-tier]
+    # after `recserve train --data-dir /tmp/demo --promote`
 """
 
 from __future__ import annotations
@@ -56,8 +58,18 @@ from bench.serving_load import (  # noqa: E402
     write_results,
 )
 
-STAGES = ("UserTower", "Retriever", "Ranker", "ReRanker")
-DEFAULT_FAULTS = ("none", "swap", *(f"kill-{s}" for s in STAGES), "redis")
+
+def stage_hosts(placement: Any) -> list[str]:
+    """The deployments whose replicas host stages under `placement` (fused: the Ingress)."""
+    from serve_app.placement import deployment_names
+
+    return deployment_names(placement) or ["Ingress"]
+
+
+def default_faults(placement: Any) -> tuple[str, ...]:
+    return ("none", "swap", *(f"kill-{s}" for s in stage_hosts(placement)), "redis")
+
+
 EVENTS_PER_BATCH = 5
 
 
@@ -139,11 +151,12 @@ def swap(tracking_uri: str, settings: Any) -> str:
 
 @contextmanager
 def server(
-    data_dir: Path, redis_url: str, port: int, num_cpus: int, log: Path
+    data_dir: Path, redis_url: str, port: int, num_cpus: int, log: Path, placement: Any
 ) -> Iterator[subprocess.Popen[bytes]]:
     command = [sys.executable, "-m", "serve_app.cli", "serve", "--data-dir", str(data_dir)]
     command += ["--redis-url", redis_url, "--port", str(port), "--num-cpus", str(num_cpus)]
     command += ["--poll-interval", "1"]
+    command += ["--placement", placement if isinstance(placement, str) else json.dumps(placement)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -362,16 +375,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault-at", type=float, default=10.0, help="seconds into each phase")
     parser.add_argument("--outage", type=float, default=20.0, help="seconds Redis stays down")
     parser.add_argument(
-        "--faults", default=",".join(DEFAULT_FAULTS), help="comma list (stop always runs last)"
+        "--placement",
+        default="split",
+        help="how the stages are grouped (split, two-tier, fused, or a JSON list of groups)",
+    )
+    parser.add_argument(
+        "--faults",
+        default=None,
+        help="comma list (stop always runs last); default: none, swap, a kill of each "
+        "stage-hosting deployment of the placement, redis",
     )
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/chaos.json")
     args = parser.parse_args(argv)
 
     from serve_app.config import ServeSettings
+    from serve_app.placement import parse_placement, resolve_placement
 
+    placement = parse_placement(args.placement)
+    resolve_placement(placement)  # a bad one fails before anything starts
     data_dir = args.data_dir.resolve()
-    faults = [f for f in args.faults.split(",") if f and f != "stop"]
+    faults_arg = args.faults or ",".join(default_faults(placement))
+    faults = [f for f in faults_arg.split(",") if f and f != "stop"]
     users = sample_users(data_dir, 200, 0.1, seed=7)
     known = next(u for u in users if not u.startswith("cold-"))
     import pandas as pd
@@ -391,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         ledger = EventLedger()
         phases: list[Phase] = []
         try:
-            with server(data_dir, redis_server.url, port, args.num_cpus, log) as process:
+            with server(data_dir, redis_server.url, port, args.num_cpus, log, placement) as process:
                 wait_for(lambda: process.poll() is None and ready(url), 300, "the graph", 1.0)
                 print(f"serving at {url}; log {log}", flush=True)
 
@@ -405,7 +430,10 @@ def main(argv: list[str] | None = None) -> int:
                     "none": lambda: "no fault (the reference)",
                     "swap": lambda: swap(tracking_uri, settings),
                     "redis": outage,
-                    **{f"kill-{s}": (lambda s=s: kill_replica(s, process.pid)) for s in STAGES},
+                    **{
+                        f"kill-{s}": (lambda s=s: kill_replica(s, process.pid))
+                        for s in stage_hosts(placement)
+                    },
                 }
                 for name in faults:
                     phase = Phase(name)
@@ -465,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print_table(phases, events, stop)
     results = {
+        "placement": placement,
         "rate": args.rate,
         "event_rate": args.event_rate,
         "events_per_batch": EVENTS_PER_BATCH,

@@ -3,11 +3,14 @@
 Side by side, one after the other, on the same bundle, Feast store and Redis:
 1. the peer: `bench/peer_app.py` (the same HTTP API and stage functions in one process) under plain
    uvicorn with `--peer-workers` workers: what a user would run instead of a graph;
-2. the graph: Ray (2 CPUs) + Serve with `serve_config.yaml`, every hop carrying a batch.
+2. the graph: Ray (2 CPUs) + Serve with `serve_config.yaml`, every hop carrying a batch, under each
+   placement of `--placement` (serve_app/placement.py: split, two-tier, fused, or a JSON list of
+   groups), one after the other, a fresh Ray each.
 Each gets the same open-loop sweep (requests on a fixed schedule whatever the answers; latency from the
 scheduled send time). Per rate: p50/p99, errors, CPU ms per answered request by process, and for the
 graph the mean batch size per stage (its Prometheus histograms) and resident memory per replica. The
-capacity of each side is the highest rate with 0 errors and p99 <= 100 ms; the ratio is the figure.
+capacity of each side is the highest rate with 0 errors and p99 <= 100 ms; each placement's ratio to the
+peer is the figure.
 Then an overload of the graph: `--overload-seconds` at 2x its capacity (rejected answers must be JSON
 503 with Retry-After, fast; accepted ones keep their latency), then half capacity, second by second,
 to see how soon p99 is back to normal.
@@ -16,7 +19,8 @@ Prerequisite: a registered champion and materialized features in --data-dir
     .venv/bin/recserve train --data-dir /tmp/demo --promote && .venv/bin/recserve features all --data-dir /tmp/demo
     (100k items: RECSERVE_SYNTHETIC__... or `recserve train --size large`)
 Run:
-    .venv/bin/python bench/graph_vs_inprocess.py --data-dir /tmp/demo --rates 50,100,150,200,250
+    .venv/bin/python bench/graph_vs_inprocess.py --data-dir /tmp/demo --rates 50,100,150,200,250 \
+        --placement split,two-tier,fused
 Prints a table and writes bench/results/graph_vs_inprocess.json.
 """
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -182,11 +187,11 @@ def rss_mb(pids: Sequence[int]) -> list[float]:
     return out
 
 
-def replica_rss_mb() -> dict[str, float]:
-    """Resident memory (MiB) of each Serve replica of this machine, by deployment."""
+def replica_rss_mb(deployments: Sequence[str]) -> dict[str, float]:
+    """Resident memory (MiB) of each Serve replica of this machine among `deployments`."""
     out: dict[str, float] = {}
     for role, entry in ray_processes():
-        if role not in ("Ingress", "UserTower", "Retriever", "Ranker", "ReRanker", "EventWriter"):
+        if role not in deployments:
             continue
         for line in (entry / "status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -232,10 +237,13 @@ def peer(data_dir: Path, redis_url: str, workers: int) -> Iterator[tuple[str, in
 
 
 @contextmanager
-def graph(data_dir: Path, redis_url: str, num_cpus: int) -> Iterator[tuple[str, int]]:
-    """The graph of `bench/serving_load.py`, with Ray's metrics on a port of its own."""
+def graph(
+    data_dir: Path, redis_url: str, num_cpus: int, placement: Any
+) -> Iterator[tuple[str, int]]:
+    """The graph of `bench/serving_load.py` under `placement`, with Ray's metrics on a port of its
+    own."""
     metrics_port = free_port()
-    with serving_graph(data_dir, redis_url, num_cpus, metrics_port) as url:
+    with serving_graph(data_dir, redis_url, num_cpus, metrics_port, placement) as url:
         yield url, metrics_port
 
 
@@ -292,27 +300,35 @@ def sweep_peer(args: argparse.Namespace, redis_url: str, users: list[str]) -> di
     return {"results": results, "rss_mb": memory}
 
 
-def sweep_graph(args: argparse.Namespace, redis_url: str, users: list[str]) -> dict[str, Any]:
+def sweep_graph(
+    args: argparse.Namespace, redis_url: str, users: list[str], placement: Any
+) -> dict[str, Any]:
+    from serve_app.placement import deployment_names
+
+    label = placement if isinstance(placement, str) else json.dumps(placement)
+    deployments = ["Ingress", *deployment_names(placement), "EventWriter"]
     results: list[RateResult] = []
-    with graph(args.data_dir, redis_url, args.num_cpus) as (url, metrics_port):
+    with graph(args.data_dir, redis_url, args.num_cpus, placement) as (url, metrics_port):
         asyncio.run(open_loop(url, args.rates[0], args.warmup, users, args.k))
-        memory = replica_rss_mb()
+        memory = replica_rss_mb(deployments)
         for rate in args.rates:
             cpu0, batches0 = ray_process_cpu(), batch_totals(metrics_port)
             result = summarize(
-                "graph", rate, asyncio.run(open_loop(url, rate, args.duration, users, args.k))
+                label, rate, asyncio.run(open_loop(url, rate, args.duration, users, args.k))
             )
             result.cpu_ms_per_request = cpu_per_request(cpu0, ray_process_cpu(), result.ok)
             time.sleep(args.metrics_settle)  # Ray exports metrics every few seconds
             result.batch_size = mean_batches(batches0, batch_totals(metrics_port))
             results.append(result)
-            print(f"graph {rate:>5.0f}/s: {fmt(result)} batches {result.batch_size}", flush=True)
+            print(f"{label} {rate:>5.0f}/s: {fmt(result)} batches {result.batch_size}", flush=True)
         overload = None
         cap = capacity(results)
         if cap is not None and args.overload_seconds > 0:
             overload = run_overload(url, cap, args, users, results)
-        memory_after = replica_rss_mb()
+        memory_after = replica_rss_mb(deployments)
     return {
+        "placement": placement,
+        "deployments": deployments,
         "results": results,
         "rss_mb": memory,
         "rss_mb_after": memory_after,
@@ -376,25 +392,18 @@ def fmt(r: RateResult) -> str:
     return f"ok {r.ok}/{r.sent} p50 {lat['p50']} p99 {lat['p99']} errors {r.errors} cpu {r.cpu_ms_per_request.get('total')}"
 
 
-def print_table(peer_results: list[RateResult], graph_results: list[RateResult]) -> None:
+def print_table(peer_results: list[RateResult], sides: dict[str, list[RateResult]]) -> None:
     print(
-        f"\n{'rate':>6} | {'peer p50':>8} {'p99':>7} {'err':>5} {'cpu ms':>7} | "
-        f"{'graph p50':>9} {'p99':>7} {'err':>5} {'cpu ms':>7} | batch sizes (ingress, stages)"
+        f"\n{'side':>12} {'rate':>6} | {'p50':>7} {'p99':>7} {'err':>5} {'cpu ms':>7} | "
+        "batch sizes (ingress, stages)"
     )
-    by_rate = {r.rate: r for r in graph_results}
-    for p in peer_results:
-        g = by_rate.get(p.rate)
-        line = (
-            f"{p.rate:>6.0f} | {p.latency_ms['p50']:>8} {p.latency_ms['p99']:>7} "
-            f"{sum(p.errors.values()):>5} {p.cpu_ms_per_request.get('total', 0):>7} | "
-        )
-        if g is not None:
-            line += (
-                f"{g.latency_ms['p50']:>9} {g.latency_ms['p99']:>7} {sum(g.errors.values()):>5} "
-                f"{g.cpu_ms_per_request.get('total', 0):>7} | "
-                + ", ".join(f"{s}={v}" for s, v in g.batch_size.items())
+    for side, results in [("peer", peer_results), *sides.items()]:
+        for r in results:
+            print(
+                f"{side:>12} {r.rate:>6.0f} | {r.latency_ms['p50']:>7} {r.latency_ms['p99']:>7} "
+                f"{sum(r.errors.values()):>5} {r.cpu_ms_per_request.get('total', 0):>7} | "
+                + ", ".join(f"{s}={v}" for s, v in r.batch_size.items())
             )
-        print(line)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,39 +429,48 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--graph-only", action="store_true", help="skip the peer")
     parser.add_argument(
+        "--placement",
+        default="split",
+        help="placements to measure, one after the other: comma-separated presets (split, "
+        "two-tier, fused) or one JSON list of groups",
+    )
+    parser.add_argument(
         "--json-out", type=Path, default=ROOT / "bench/results/graph_vs_inprocess.json"
     )
     args = parser.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",")]
 
+    placements = parse_placements(args.placement)
     users = sample_users(args.data_dir, args.users, args.cold_share, seed=0)
+    graphs: dict[str, dict[str, Any]] = {}
     with private_redis() as redis_url:
         peer_side = (
             {"results": [], "rss_mb": []} if args.graph_only else sweep_peer(args, redis_url, users)
         )
-        graph_side = sweep_graph(args, redis_url, users)
-    print_table(peer_side["results"], graph_side["results"])
-    peer_cap, graph_cap = capacity(peer_side["results"]), capacity(graph_side["results"])
-    ratio = round(graph_cap / peer_cap, 2) if peer_cap and graph_cap else None
-    print(
-        f"\ncapacity (0 errors, p99 <= {CAPACITY_P99_MS:.0f} ms): peer {peer_cap}, graph {graph_cap}, ratio {ratio}"
-    )
-    print(
-        f"resident memory per replica (MiB): {graph_side['rss_mb']}, "
-        f"sum of the stages {round(sum(v for k, v in graph_side['rss_mb'].items() if k in ('UserTower', 'Retriever', 'Ranker', 'ReRanker')), 1)}; "
-        f"peer processes {peer_side['rss_mb']}"
-    )
-    summary = {
-        "capacity_rps": {"peer": peer_cap, "graph": graph_cap, "ratio_graph_over_peer": ratio},
-        "stage_replicas_rss_mb_sum": round(
-            sum(
-                v
-                for k, v in graph_side["rss_mb"].items()
-                if k in ("UserTower", "Retriever", "Ranker", "ReRanker")
-            ),
-            1,
-        ),
-    }
+        for placement in placements:
+            label = placement if isinstance(placement, str) else json.dumps(placement)
+            graphs[label] = sweep_graph(args, redis_url, users, placement)
+    print_table(peer_side["results"], {k: v["results"] for k, v in graphs.items()})
+    peer_cap = capacity(peer_side["results"])
+    summary: dict[str, Any] = {"capacity_rps": {"peer": peer_cap}, "placements": {}}
+    print(f"\ncapacity (0 errors, p99 <= {CAPACITY_P99_MS:.0f} ms): peer {peer_cap}")
+    for label, side in graphs.items():
+        cap = capacity(side["results"])
+        ratio = round(cap / peer_cap, 2) if peer_cap and cap else None
+        p99_at_100 = next((r.latency_ms["p99"] for r in side["results"] if r.rate == 100.0), None)
+        summary["capacity_rps"][label] = cap
+        summary["placements"][label] = {
+            "capacity_rps": cap,
+            "ratio_over_peer": ratio,
+            "p99_ms_at_100_rps": p99_at_100,
+            "rss_mb_by_replica": side["rss_mb"],
+            "rss_mb_sum": round(sum(side["rss_mb"].values()), 1),
+        }
+        print(
+            f"  {label}: capacity {cap}, ratio {ratio}, p99 at 100/s {p99_at_100} ms; resident "
+            f"MiB per replica {side['rss_mb']}"
+        )
+    print(f"peer processes resident MiB {peer_side['rss_mb']}")
     write_results(
         args.json_out,
         "graph_vs_inprocess.py",
@@ -462,16 +480,35 @@ def main(argv: list[str] | None = None) -> int:
                 "results": [asdict(r) for r in peer_side["results"]],
                 "rss_mb": peer_side["rss_mb"],
             },
-            "graph": {
-                "results": [asdict(r) for r in graph_side["results"]],
-                "rss_mb": graph_side["rss_mb"],
-                "rss_mb_after": graph_side["rss_mb_after"],
-                "overload": graph_side["overload"],
+            "graphs": {
+                label: {
+                    "placement": side["placement"],
+                    "deployments": side["deployments"],
+                    "results": [asdict(r) for r in side["results"]],
+                    "rss_mb": side["rss_mb"],
+                    "rss_mb_after": side["rss_mb_after"],
+                    "overload": side["overload"],
+                }
+                for label, side in graphs.items()
             },
             "summary": summary,
         },
     )
     return 0
+
+
+def parse_placements(value: str) -> list[Any]:
+    """`split,two-tier,fused` or one JSON list of groups (itself containing commas)."""
+    from serve_app.placement import parse_placement, resolve_placement
+
+    text = value.strip()
+    parts: list[Any] = [text] if text.startswith("[") else [p.strip() for p in text.split(",")]
+    out = []
+    for part in parts:
+        parsed = parse_placement(part)
+        resolve_placement(parsed)  # a bad one fails before anything starts
+        out.append(parsed)
+    return out
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from serve_app.config import ServeSettings
+from serve_app.deployments.user_tower import UserFeatureSource
 from serve_app.errors import ModelUnavailable
 from serve_app.event_writer import EventWriteSummary
 from serve_app.ingress import create_api
@@ -27,7 +28,6 @@ from serve_app.recommend import ServingModel, limit_threads, recommend_in_proces
 from serve_app.router import Readiness
 from serve_app.schemas import Event
 from serve_app.stages.records import Query, Recommendations, stamp
-from serve_app.user_tower import UserFeatureSource
 
 
 class InProcessBackend:

@@ -96,14 +96,14 @@ class ServedModel:
     settings: ServeSettings
     version: str
     model: Any  # serve_app.recommend.ServingModel
-    features: Any  # serve_app.user_tower.UserFeatureSource
+    features: Any  # serve_app.deployments.user_tower.UserFeatureSource
 
 
 def load_served(data_dir: Path, redis_url: str) -> ServedModel:
     """The registry's champion (cache + checksums) and the UserTower's feature reader, no Ray."""
+    from serve_app.deployments.user_tower import UserFeatureSource
     from serve_app.models import ModelSource
     from serve_app.recommend import limit_threads
-    from serve_app.user_tower import UserFeatureSource
 
     limit_threads()
     settings = ServeSettings(**settings_for(data_dir, redis_url))
@@ -370,8 +370,14 @@ def private_redis() -> Iterator[str]:
 
 @contextmanager
 def graph(
-    data_dir: Path, redis_url: str, num_cpus: int, metrics_port: int | None = None
+    data_dir: Path,
+    redis_url: str,
+    num_cpus: int,
+    metrics_port: int | None = None,
+    placement: Any = None,
 ) -> Iterator[str]:
+    """The graph on a local Ray; `placement` (serve_app/placement.py) None: RECSERVE_PLACEMENT or
+    split."""
     import ray
     from ray import serve
 
@@ -381,12 +387,14 @@ def graph(
     init_ray(num_cpus, metrics_port)
     port = free_port()
     try:
-        config = serve_config(dict(os.environ))
+        config = serve_config(dict(os.environ), placement=placement)
         serve.start(
             http_options={**config.get("http_options", {}), "host": "127.0.0.1", "port": port},
             logging_config=config.get("logging_config"),
         )
-        deploy(settings_for(data_dir, redis_url), config)
+        settings = settings_for(data_dir, redis_url)
+        settings["placement"] = config["applications"][0]["args"]["settings"]["placement"]
+        deploy(settings, config)
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, 300)
         yield url

@@ -1,9 +1,11 @@
-"""Application builder of the online graph: `build_app(args)` binds every deployment once.
+"""Application builder of the online graph: `build_app(args)` binds every deployment once, one per
+group of stages the `placement` setting names (serve_app/placement.py).
 
 Works with `serve run serve_app.app:build_app [settings=...]`, with the Serve config file
 (`serve run serve_app/serve_config.yaml`, whose `args` become `AppArgs`) and with `recserve-serve`.
-Deployment options come from `serve_config.yaml` plus `RECSERVE_DEPLOYMENT__*` overrides unless the
-args carry them; graph settings from `ServeSettings` (environment) plus `args.settings`.
+Deployment options come from `serve_config.yaml` (for the placement) plus `RECSERVE_DEPLOYMENT__*`
+overrides unless the args carry them; graph settings from `ServeSettings` (environment) plus
+`args.settings`.
 """
 
 # No `from __future__ import annotations`: Serve reads the builder's parameter annotation as a class
@@ -16,12 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from serve_app.config import ServeSettings, deployment_options, serve_config
+from serve_app.deployments.group import StageGroup
 from serve_app.event_writer import EventWriter
 from serve_app.ingress import Ingress
-from serve_app.ranker import Ranker
-from serve_app.reranker import ReRanker
-from serve_app.retriever import Retriever
-from serve_app.user_tower import UserTower
+from serve_app.placement import resolve_placement
 
 
 class AppArgs(BaseModel):
@@ -36,26 +36,29 @@ class AppArgs(BaseModel):
     deployments: dict[str, dict[str, Any]] | None = Field(
         None,
         description="per-deployment Serve options by deployment name; None: serve_config.yaml "
-        "with RECSERVE_DEPLOYMENT__* overrides",
+        "for the placement, with RECSERVE_DEPLOYMENT__* overrides",
     )
 
 
 def build_app(args: AppArgs) -> Application:
-    """The graph: Ingress (with its Router) -> UserTower -> Retriever -> Ranker -> ReRanker, and
+    """The graph: Ingress (with its Router) -> one deployment per group of stages (split:
+    UserTower -> Retriever -> Ranker -> ReRanker; fused: none, the stages run in the Ingress), and
     Ingress -> EventWriter."""
     settings = ServeSettings(**args.settings)
     options = args.deployments
     if options is None:
-        options = deployment_options(serve_config(dict(os.environ)))
+        options = deployment_options(serve_config(dict(os.environ), placement=settings.placement))
 
-    def bind(deployment: Any, *init_args: Any) -> Application:
+    def bind(deployment: Any, *init_args: Any, name: str | None = None) -> Application:
         # `@serve.deployment` turns each class into a Deployment (its stubs keep the class type).
-        bound: Application = deployment.options(**options.get(deployment.name, {})).bind(*init_args)
+        name = name or deployment.name
+        bound: Application = deployment.options(name=name, **options.get(name, {})).bind(*init_args)
         return bound
 
-    user_tower = bind(UserTower, settings)
-    retriever = bind(Retriever, settings)
-    ranker = bind(Ranker, settings)
-    reranker = bind(ReRanker, settings)
+    groups = [
+        bind(StageGroup, settings, group.stages, name=group.name)
+        for group in resolve_placement(settings.placement)
+        if not group.in_ingress
+    ]
     events = bind(EventWriter, settings)
-    return bind(Ingress, settings, user_tower, retriever, ranker, reranker, events)
+    return bind(Ingress, settings, events, *groups)

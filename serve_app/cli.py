@@ -37,6 +37,12 @@ from serve_app.config import (
     deployment_options,
     serve_config,
 )
+from serve_app.placement import (
+    PlacementError,
+    describe_placement,
+    parse_placement,
+    resolve_placement,
+)
 
 logger = logging.getLogger("recserve.serve")
 
@@ -94,7 +100,19 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["models"] = models
     if args.redis_url:
         out["redis_url"] = args.redis_url
+    if getattr(args, "placement", None) is not None:
+        out["placement"] = args.placement
     return _merge(settings_file(getattr(args, "settings", None)), out)
+
+
+def placement_arg(value: str) -> str | list[list[str]]:
+    """--placement: a preset or a JSON list of groups, validated (argparse names the flag)."""
+    try:
+        parsed = parse_placement(value)
+        resolve_placement(parsed)
+    except PlacementError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return parsed
 
 
 def _free_to_bind(host: str, port: int) -> bool:
@@ -262,7 +280,8 @@ def running_graph(args: argparse.Namespace, settings: dict[str, Any]) -> Iterato
     import ray
     from ray import serve
 
-    config = serve_config(dict(os.environ))
+    placement = ServeSettings(**settings).placement  # flag, --settings file, RECSERVE_PLACEMENT
+    config = serve_config(dict(os.environ), placement=placement)
     http = config.get("http_options", {})
     host = args.host or http.get("host", "127.0.0.1")
     port = args.port or int(http.get("port", 8000))
@@ -469,8 +488,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def placement_summary(placement: str | list[list[str]]) -> str:
+    """Comment lines naming the deployments a placement yields and the stages each hosts."""
+    lines = [f"# placement: {json.dumps(placement)}"]
+    for entry in describe_placement(placement):
+        where = entry["deployment"]
+        hosted = " + ".join(entry["stages"])
+        note = " (in the Ingress replica: no hop)" if where == "Ingress" else ""
+        lines.append(f"#   {where}: {hosted}{note}")
+    return "\n".join(lines) + "\n"
+
+
 def cmd_config(args: argparse.Namespace) -> int:
-    print(yaml.safe_dump(serve_config(dict(os.environ)), sort_keys=False), end="")
+    environ = dict(os.environ)
+    placement = args.placement
+    if placement is None:
+        placement = ServeSettings().placement  # RECSERVE_PLACEMENT, else split
+    config = serve_config(environ, placement=placement)
+    print(placement_summary(placement), end="")
+    print(yaml.safe_dump(config, sort_keys=False), end="")
     return 0
 
 
@@ -560,6 +596,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--ready-timeout", type=float, default=180.0, help="seconds to wait for /readyz"
         )
+        placement_flag(p)
+
+    def placement_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--placement",
+            type=placement_arg,
+            default=None,
+            help="how the stages are grouped into deployments: split, two-tier, fused, or a JSON "
+            'list of groups such as \'[["user_tower","retriever","ranker"],["reranker"]]\' '
+            "(default: RECSERVE_PLACEMENT, else split)",
+        )
 
     s = sub.add_parser("serve", help="serve the registry's champion until Ctrl-C / SIGTERM")
     common(s)
@@ -569,7 +616,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(d)
     d.set_defaults(func=cmd_demo)
-    c = sub.add_parser("config", help="print the effective Serve config (file + env overrides)")
+    c = sub.add_parser(
+        "config",
+        help="print the deployments a placement yields and the effective Serve config "
+        "(file + env overrides)",
+    )
+    placement_flag(c)
     c.set_defaults(func=cmd_config)
     r = sub.add_parser(
         "shadow-report",

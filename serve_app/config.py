@@ -7,7 +7,8 @@ real-time state, the event log and its local spool (`event_spool`), the model re
 API (`api`). Batching is a deployment's `user_config` (`StageConfig`, serve_config.yaml).
 
 Deployment options (replicas, autoscaling, queues, CPUs) are not settings of the graph but of Ray Serve:
-they live in `serve_config.yaml` beside this module, and `serve_config(environ)` applies the
+they live in `serve_config.yaml` beside this module, and `serve_config(environ, placement=...)` picks
+the placement's deployments (`placement`, serve_app/placement.py) and applies the
 `RECSERVE_DEPLOYMENT__<NAME>__<OPTION>` and `RECSERVE_HTTP__<OPTION>` environment overrides to it.
 """
 
@@ -32,6 +33,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feature_repo.config import FeatureStoreConfig
+from serve_app.placement import STAGE_DEPLOYMENTS, parse_placement, resolve_placement
 from serve_app.schemas import DEFAULT_EVENT_WEIGHTS, EventType
 
 # Where the event log and real-time state go when no Redis URL is configured (a local server).
@@ -476,6 +478,20 @@ class ServeSettings(BaseSettings):
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
     deadlines: StageDeadlines = Field(default_factory=StageDeadlines)
+    placement: str | list[list[str]] = Field(
+        "split",
+        description="how the stages are grouped into deployments (serve_app/placement.py): "
+        "'split' (UserTower | Retriever | Ranker | ReRanker), 'two-tier' (Retrieval | Ranking), "
+        "'fused' (the whole chain in the Ingress, no hop), or a list of groups of consecutive "
+        'stages, e.g. [["user_tower", "retriever", "ranker"], ["reranker"]] (JSON in RECSERVE_PLACEMENT)',
+    )
+
+    @field_validator("placement", mode="before")
+    @classmethod
+    def _valid_placement(cls, value: Any) -> Any:
+        parsed = parse_placement(value)  # PlacementError (a ValueError) names the setting
+        resolve_placement(parsed)
+        return parsed
 
     @model_validator(mode="before")
     @classmethod
@@ -540,20 +556,45 @@ def _set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
     target[path[-1]] = value
 
 
-def serve_config(environ: Mapping[str, str], path: Path = SERVE_CONFIG_PATH) -> dict[str, Any]:
-    """The Serve config file (a `serve deploy` document) with environment overrides applied.
+def serve_config(
+    environ: Mapping[str, str],
+    path: Path = SERVE_CONFIG_PATH,
+    placement: str | list[list[str]] | None = None,
+) -> dict[str, Any]:
+    """The Serve config file (a `serve deploy` document) for a placement, with environment
+    overrides applied.
 
-    `RECSERVE_DEPLOYMENT__RANKER__MAX_ONGOING_REQUESTS=8` or
+    The placement (default: `RECSERVE_PLACEMENT` in `environ`, else `split`) picks the stage
+    deployments: the file's options for each group's name (`applications[0].deployments` holds
+    split's, `placement_deployments` the other named groups', e.g. `Retrieval`, `Pipeline`); a
+    custom group without its own entry takes the options of its first stage's split deployment.
+    The document names the placement in its `args.settings`, so `serve run` of it builds the same
+    graph. `RECSERVE_DEPLOYMENT__RANKER__MAX_ONGOING_REQUESTS=8` or
     `RECSERVE_DEPLOYMENT__USER_TOWER__AUTOSCALING_CONFIG__MAX_REPLICAS=3` set one option of one
     deployment (names match case- and underscore-insensitively, values are parsed as YAML; a value
     that is not YAML raises ValueError naming the variable; variables without these prefixes are
     never read);
-    `RECSERVE_HTTP__PORT=8001` sets an `http_options` field. An override naming an unknown
-    deployment raises ValueError rather than being ignored.
+    `RECSERVE_HTTP__PORT=8001` sets an `http_options` field. An override naming a deployment the
+    placement does not have raises ValueError rather than being ignored.
     """
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     config: dict[str, Any] = copy.deepcopy(raw)
     app = config["applications"][0]
+    if placement is None:
+        placement = parse_placement(environ.get("RECSERVE_PLACEMENT", "split"))
+    groups = resolve_placement(placement)
+    known = {d["name"]: d for d in [*app["deployments"], *config.pop("placement_deployments", [])]}
+    stage_names = {*STAGE_DEPLOYMENTS.values()}
+    edge = [d for d in app["deployments"] if d["name"] not in stage_names]
+    hosted = []
+    for group in groups:
+        if group.in_ingress:
+            continue
+        own = known.get(group.name) or known[STAGE_DEPLOYMENTS[group.stages[0]]]
+        hosted.append({**copy.deepcopy(own), "name": group.name})
+    app["deployments"] = [edge[0], *hosted, *edge[1:]]  # Ingress first, EventWriter last
+    app["args"] = {**(app.get("args") or {})}
+    app["args"]["settings"] = {**app["args"].get("settings", {}), "placement": placement}
     by_name = {_normalise(d["name"]): d for d in app["deployments"]}
     for key in sorted(environ):
         # Only our own variables: any other (TMUX_PANE=%0 is a YAML directive) is none of ours.
@@ -569,8 +610,11 @@ def serve_config(environ: Mapping[str, str], path: Path = SERVE_CONFIG_PATH) -> 
                 raise ValueError(f"{key}: expected {DEPLOYMENT_ENV_PREFIX}<NAME>__<OPTION>")
             deployment = by_name.get(_normalise(parts[0]))
             if deployment is None:
-                known = ", ".join(d["name"] for d in app["deployments"])
-                raise ValueError(f"{key}: no deployment named {parts[0]!r} (known: {known})")
+                known_names = ", ".join(d["name"] for d in app["deployments"])
+                raise ValueError(
+                    f"{key}: no deployment named {parts[0]!r} in placement "
+                    f"{placement!r} (known: {known_names})"
+                )
             _set_path(deployment, [p.lower() for p in parts[1:]], value)
         elif key.startswith(HTTP_ENV_PREFIX):
             parts = key[len(HTTP_ENV_PREFIX) :].split("__")

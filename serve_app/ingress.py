@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 
 from serve_app.config import ApiConfig, ExperimentConfig, ServeSettings, StageConfig
 from serve_app.demo import mount_demo
+from serve_app.deployments.group import GroupClient, GroupHost, LocalGroup, RemoteGroup
 from serve_app.errors import (
     BadRequest,
     FeatureStoreUnavailable,
@@ -45,7 +46,8 @@ from serve_app.event_writer import EventWriteSummary
 from serve_app.experiments import assign_variant
 from serve_app.metrics import RequestMetrics
 from serve_app.models import SwapOutcome
-from serve_app.router import Readiness, Router, StageHandles, root_cause
+from serve_app.placement import resolve_placement
+from serve_app.router import Readiness, Router, root_cause
 from serve_app.schemas import ID_PATTERN, MAX_ID_LENGTH, Event
 from serve_app.stages.explain import ExplainTrace
 from serve_app.stages.records import Filters, Query, Recommendations
@@ -640,18 +642,20 @@ def create_api(
 @serve.deployment
 @serve.ingress()
 class Ingress:
+    """The HTTP edge. `groups`: the handles of the placement's stage deployments, in chain order;
+    a group placed in the Ingress itself (`fused`) is built here, its stages function calls."""
+
     def __init__(
-        self,
-        settings: ServeSettings,
-        user_tower: DeploymentHandle,
-        retriever: DeploymentHandle,
-        ranker: DeploymentHandle,
-        reranker: DeploymentHandle,
-        events: DeploymentHandle,
+        self, settings: ServeSettings, events: DeploymentHandle, *groups: DeploymentHandle
     ) -> None:
-        self._router = router = Router(
-            settings, StageHandles(user_tower, retriever, ranker, reranker)
-        )
+        handles = iter(groups)
+        clients: list[GroupClient] = []
+        for group in resolve_placement(settings.placement):
+            if group.in_ingress:
+                clients.append(LocalGroup(group, GroupHost(settings, group.stages)))
+            else:
+                clients.append(RemoteGroup(group, next(handles)))
+        self._router = router = Router(settings, clients)
         self._backend = ServeBackend(router, events)
         self._config = settings.api
         self._experiment = settings.experiment
@@ -659,8 +663,10 @@ class Ingress:
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         """Ray Serve `user_config` (a `StageConfig`): how requests are grouped before the first hop
-        and how many may wait (beyond: 503 overloaded at once)."""
-        self._router.configure(StageConfig.model_validate(user_config or {}).batching)
+        and how many may wait (beyond: 503 overloaded at once); its ranking overrides reach the
+        stages the Ingress hosts (`fused`)."""
+        config = StageConfig.model_validate(user_config or {})
+        self._router.configure(config.batching, user_config)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         metrics = RequestMetrics()

@@ -20,10 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from serve_app.batching import Batcher
 from serve_app.config import RankingConfig, ServeSettings, StageConfig
 from serve_app.errors import RecserveError, StageUnavailable
-from serve_app.metrics import StageMetrics
 from serve_app.registry_process import RegistryProcess
 from serve_app.schemas import BundleManifest
 from serve_app.stages.records import by_version
@@ -202,7 +200,7 @@ Out = TypeVar("Out")
 
 
 class VersionedStage(Generic[M]):
-    """Mixin of the stage deployments: the versions they serve, side by side, and their batcher.
+    """Base of the stage hosts (`serve_app.deployments`): the versions a stage serves, side by side.
 
     A stage never resolves a ref: the router names the version of every request and has each stage
     `warm` a version before it serves it. The constructor loads and warms (only this stage's
@@ -212,8 +210,8 @@ class VersionedStage(Generic[M]):
     a thread, once however many batches ask for it (a bundle not cached is downloaded by
     `ChildProcessModelSource`, so the replica never imports MLflow), and the least recently used
     beyond MAX_VERSIONS_PER_REPLICA is dropped. A batch may mix versions: `each_version` splits it
-    and answers in order. `user_config` is a `StageConfig`: the batching of the calls that reach
-    this replica, and ranking overrides.
+    and answers in order. The hosting deployment's `user_config` (a `StageConfig`) reaches each of
+    its stages through `_configure` (ranking overrides; the batching is the deployment's).
     """
 
     _settings: ServeSettings
@@ -296,41 +294,3 @@ class VersionedStage(Generic[M]):
         """Load `version` here (the router calls this on every stage before a swap)."""
         await self.model(version)
         return version
-
-    async def ping(self) -> bool:
-        """The router's probe of a stage it skips (dead or late): answering is the whole test."""
-        return True
-
-    # --- batching of the calls that reach this replica ----------------------------------------
-
-    def _init_batching(
-        self, process: Callable[[list[Any]], Awaitable[list[Any]]], metrics: StageMetrics
-    ) -> None:
-        """Calls (each a batch from upstream) that arrive while this replica is busy are merged
-        into one batch of at most `batching.max_batch_size` requests for `process`."""
-
-        async def run_calls(calls: list[list[Any]]) -> list[list[Any]]:
-            flat = [record for call in calls for record in call]
-            results = await process(flat)
-            out, at = [], 0
-            for call in calls:
-                out.append(results[at : at + len(call)])
-                at += len(call)
-            return out
-
-        self._batcher: Batcher[list[Any], list[Any]] = Batcher(
-            run_calls,
-            self._config.batching,
-            size=len,
-            on_batch=metrics.batch_size.observe,
-            name=type(self).__name__,
-        )
-
-    async def _submit(self, batch: list[Any]) -> list[Any]:
-        if not batch:
-            return []
-        return await self._batcher.submit(batch)
-
-    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
-        """Ray Serve `user_config` (a `StageConfig`), applied without a restart."""
-        self._batcher.configure(self._configure(user_config).batching)

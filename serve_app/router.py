@@ -22,16 +22,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 import numpy as np
-from ray.serve.handle import DeploymentHandle
 
 from serve_app.batching import Batcher
+from serve_app.chain import FallbackLists, Progress, advance, answer_from_lists, ranker_order
 from serve_app.config import BatchOptions, ServeSettings
+from serve_app.deployments.group import GroupClient
 from serve_app.errors import BadRequest, ModelUnavailable, StageUnavailable
 from serve_app.experiments import (
     ExperimentLog,
@@ -45,37 +46,17 @@ from serve_app.experiments import (
 )
 from serve_app.metrics import ModelMetrics, StageMetrics
 from serve_app.models import AliasWatcher, ModelSource, SwapOutcome
+from serve_app.placement import STAGES
 from serve_app.stages.records import (
-    Candidates,
     Query,
     Recommendations,
     Scored,
-    cold_user,
-    final_list,
-    retrieval_order,
+    UserState,
     stamp,
     with_timing,
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StageHandles:
-    """The four stage handles; each call carries a batch whose requests name their version."""
-
-    user_tower: DeploymentHandle
-    retriever: DeploymentHandle
-    ranker: DeploymentHandle
-    reranker: DeploymentHandle
-
-    def named(self) -> dict[str, DeploymentHandle]:
-        return {
-            "user_tower": self.user_tower,
-            "retriever": self.retriever,
-            "ranker": self.ranker,
-            "reranker": self.reranker,
-        }
 
 
 @dataclass(frozen=True)
@@ -160,21 +141,23 @@ class _Arm:
 class Router:
     """Built by the Ingress replica's constructor (on its event loop): starts its own tasks."""
 
-    def __init__(self, settings: ServeSettings, stages: StageHandles) -> None:
+    def __init__(self, settings: ServeSettings, groups: list[GroupClient]) -> None:
         from serve_app.redis_client import connect_redis
 
         self._settings = settings
         self._experiment = experiment = settings.experiment
-        self._stages = stages
+        self._groups = groups
         self._source = ModelSource.from_settings(settings)
         self._weights = experiment.weights
         self._metrics = {v.name: ModelMetrics(v.name) for v in experiment.variants}
         self._graph = StageMetrics("graph")
         # Stage failures the router answered around, counted where they are seen (here).
-        self._stage_metrics = {name: StageMetrics(name) for name in stages.named()}
+        self._stage_metrics = {name: StageMetrics(name) for name in STAGES}
         # Each served version's item ids: the ReRanker's fallback names items without it.
         self._item_ids: dict[str, np.ndarray] = {}
-        # Stages skipped (dead or late, and which) until their probe gets an answer (`_probe`).
+        # Each served version's few hundred most popular items: the answer when no stage can give one.
+        self._fallback_lists: dict[str, FallbackLists] = {}
+        # Groups skipped (dead or late, and which) until their probe gets an answer (`_probe`).
         self._skip: dict[str, str] = {}
         self._arms: dict[str, _Arm] = {}
         self._variant_ref = experiment.variant_refs(settings.models.alias)
@@ -234,8 +217,11 @@ class Router:
                 metrics.refresh()
             await asyncio.sleep(interval)
 
-    def configure(self, options: BatchOptions) -> None:
-        """The Ingress's `user_config` batching (the shadow's batches take the same size and wait)."""
+    def configure(self, options: BatchOptions, user_config: dict[str, Any] | None = None) -> None:
+        """The Ingress's `user_config` batching (the shadow's batches take the same size and wait);
+        its ranking overrides reach the stages hosted in the Ingress (`fused`)."""
+        for group in self._groups:
+            group.configure(user_config)
         self._batcher.configure(options)
         self._shadow_batcher.configure(self._shadow_options(options))
 
@@ -243,9 +229,9 @@ class Router:
         return options.model_copy(update={"max_pending": None, "max_concurrent_batches": 1})
 
     async def _activate(self, ref: str, version: str) -> None:
-        """Have every replica of every stage load and warm `version` before any request names it
-        (the old version serves meanwhile). One stage at a time: loading competes with serving for
-        the node's cores. A bundle a stage cannot load is refused (raise ModelUnavailable); a stage
+        """Have every replica of every group load and warm `version` before any request names it
+        (the old version serves meanwhile). One group at a time: loading competes with serving for
+        the node's cores. A bundle a stage cannot load is refused (raise ModelUnavailable); a group
         with no live replica (restarting) defers the swap to the watcher's next check
         (StageUnavailable), so a swap during a replica restart is not refused for good."""
         arm = self._arms[ref]
@@ -259,14 +245,10 @@ class Router:
             await asyncio.wait_for(asyncio.to_thread(self._source.fetch, version), timeout)
         except Exception as exc:  # the stages' own fetch decides, and reports, as before
             logger.warning("prefetch of version %s failed: %s", version, describe(exc))
-        for name, handle in self._stages.named().items():
+        for group in self._groups:
+            name = group.group.name
             try:
-                # One call first: it waits for a replica, as a stage that is still starting has
-                # none and a broadcast fails at once; then every live replica.
-                first = await asyncio.wait_for(handle.warm.remote(version), timeout)
-                results = [first] + await handle.broadcast("warm", version).results_async(
-                    timeout_s=timeout, return_exceptions=True
-                )
+                results = await group.warm(version, timeout)
             except TimeoutError:
                 failures.append(f"{name}: not loaded within {timeout:.0f} s")
                 continue
@@ -283,14 +265,18 @@ class Router:
             raise ModelUnavailable("; ".join(failures))
         if absent:
             raise StageUnavailable(", ".join(sorted(set(absent))))
-        if version not in self._item_ids:
-            # From the ReRanker, which just loaded them: no second fetch and verification here.
-            self._item_ids[version] = await asyncio.wait_for(
-                self._stages.reranker.item_ids.remote(version), timeout
+        if version not in self._item_ids or version not in self._fallback_lists:
+            # From the group holding the re-ranker, which just loaded them: no second fetch and
+            # verification here.
+            last = self._groups[-1]
+            self._item_ids[version] = await asyncio.wait_for(last.item_ids(version), timeout)
+            self._fallback_lists[version] = await asyncio.wait_for(
+                last.fallback_lists(version), timeout
             )
         in_use = self._versions_in_use() | {version}
-        for stale in [v for v in self._item_ids if v not in in_use]:
-            del self._item_ids[stale]
+        for kept in (self._item_ids, self._fallback_lists):
+            for stale in [v for v in kept if v not in in_use]:
+                del kept[stale]
         # What a stage replica started from now on loads before its first request.
         serving = {version} | {
             a.watcher.current for r, a in self._arms.items() if r != ref and a.watcher.current
@@ -335,108 +321,113 @@ class Router:
         return "; ".join(errors) or None
 
     async def _run(self, queries: list[Query]) -> list[Recommendations]:
-        """One batch through the four stages (its queries may name different versions). A stage that
-        fails or misses its deadline (`deadlines.*`) is answered around, flagged degraded: UserTower
-        -> the user as a cold one; Retriever -> popularity lists from the ReRanker; Ranker ->
-        retrieval order; ReRanker -> ranker order. Only a Retriever and ReRanker both down is a 503."""
-        stages, n = self._stages, len(queries)
-        users = await self._stage("user_tower", lambda: stages.user_tower.embed.remote(queries), n)
-        if users is None:
-            users = [cold_user(q) for q in queries]
-        candidates: list[Candidates] | None = await self._stage(
-            "retriever", lambda: stages.retriever.retrieve.remote(users), n
-        )
-        if candidates is None:
-            popular = await self._stage(
-                "reranker", lambda: stages.reranker.popular.remote(users), n
-            )
-            if popular is None:
-                raise StageUnavailable("retriever")
-            return popular
-        scored = await self._stage("ranker", lambda: stages.ranker.rank.remote(candidates), n)
-        if scored is None:
-            scored = [retrieval_order(c) for c in candidates]
-        results = await self._stage("reranker", lambda: stages.reranker.rerank.remote(scored), n)
-        if results is None:
-            results = [self._ranker_order(s) for s in scored]
+        """One batch through the placement's groups, one hop each (its queries may name different
+        versions). A stage that fails or misses its deadline (`deadlines.*`) is answered around,
+        flagged degraded, inside its group or here when the whole group is dead, late or failing
+        (then every stage it holds is): UserTower -> the user as a cold one; Retriever ->
+        popularity lists from the ReRanker, else from the Ingress's own lists; Ranker -> retrieval
+        order; ReRanker -> ranker order (`chain.advance`)."""
+        progress = Progress(0, list(queries))
+        for group in self._groups:
+            if not group.group.holds(progress.at):
+                continue  # a fallback jumped over it (the retriever's popularity)
+            answered = await self._group(group, progress)
+            if answered is None:
+                answered = await advance(progress, group.group.stages, self._skipped, self)
+            progress = answered
+        if not progress.done:  # every stage is in some group: cannot happen
+            raise StageUnavailable(STAGES[progress.at])
+        results: list[Recommendations] = progress.batch
         return results
 
-    async def _stage(self, name: str, call: Callable[[], Any], requests: int) -> Any:
-        """The stage's answer, or None when it failed or missed its deadline (the batch's requests
-        counted per stage and cause in recserve_stage_errors_total: timeout, unavailable, error).
-        `call()` makes the stage handle's call. A stage that was dead or late is skipped (None at
-        once, counted under that cause) until a probe (`ping`, every `deadlines.cooldown` seconds)
-        finds it answering: no request waits out a deadline on a stage known to be down."""
+    async def _skipped(self, name: str, batch: list[Any]) -> None:
+        """A stage of a group that did not answer (counted in `_group`): its fallback applies."""
+        return None
+
+    def _deadline(self, group: GroupClient, progress: Progress) -> float:
+        """The summed deadlines of the group's stages this batch will pass."""
         deadlines = self._settings.deadlines
+        if progress.popular:
+            return deadlines.reranker
+        stages = [s for i, s in enumerate(STAGES) if i >= progress.at and s in group.group.stages]
+        return sum(getattr(deadlines, s) for s in stages)
+
+    async def _group(self, group: GroupClient, progress: Progress) -> Progress | None:
+        """The group's answer, or None when it failed or missed its deadline (the batch's requests
+        counted under every stage the batch would pass there, per cause in
+        recserve_stage_errors_total: timeout, unavailable, error). A group that was dead or late
+        is skipped (None at once, counted under that cause) until a probe (`ping`, every
+        `deadlines.cooldown` seconds) finds it answering: no request waits out a deadline on a
+        group known to be down."""
+        name = group.group.name
+        deadlines = self._settings.deadlines
+        requests = len(progress.batch)
         skipped = self._skip.get(name)
         if skipped is not None:
-            self._stage_metrics[name].failed(skipped, requests)
+            self._count_failed(group, progress, skipped, requests)
             return None
-        response = call()
+        response = group.run(progress)
         try:
-            return await asyncio.wait_for(response, timeout=getattr(deadlines, name))
+            return await asyncio.wait_for(response, timeout=self._deadline(group, progress))
         except TimeoutError:
-            response.cancel()
+            cancel = getattr(response, "cancel", None)
+            if cancel is not None:
+                cancel()
             cause = "timeout"
         except Exception as exc:
             if isinstance(root_cause(exc), BadRequest):
                 raise  # the request's own fault: no fallback makes it right
             cause = "unavailable" if is_unavailable(exc) else "error"
-            logger.warning("stage %s failed (%s): %s", name, cause, describe(exc))
-        self._stage_metrics[name].failed(cause, requests)
+            logger.warning("group %s failed (%s): %s", name, cause, describe(exc))
+        self._count_failed(group, progress, cause, requests)
         if cause != "error" and deadlines.cooldown > 0 and name not in self._skip:
             self._skip[name] = cause
-            self._tasks.append(asyncio.get_running_loop().create_task(self._probe(name)))
+            self._tasks.append(asyncio.get_running_loop().create_task(self._probe(group)))
         return None
 
-    async def _probe(self, name: str) -> None:
-        """Ping a skipped stage every `deadlines.cooldown` seconds; its first answer ends the skip."""
-        handle = self._stages.named()[name]
+    def _count_failed(
+        self, group: GroupClient, progress: Progress, cause: str, requests: int
+    ) -> None:
+        for stage in group.group.stages:
+            if STAGES.index(stage) >= progress.at:
+                self._stage_metrics[stage].failed(cause, requests)
+
+    async def _probe(self, group: GroupClient) -> None:
+        """Ping a skipped group every `deadlines.cooldown` seconds; its first answer ends the skip."""
+        name = group.group.name
         deadlines = self._settings.deadlines
+        timeout = sum(getattr(deadlines, s) for s in group.group.stages)
         try:
             while True:
                 await asyncio.sleep(deadlines.cooldown)
                 try:
-                    if await asyncio.wait_for(handle.ping.remote(), getattr(deadlines, name)):
-                        logger.info("stage %s answers again", name)
+                    if await asyncio.wait_for(group.ping(), timeout):
+                        logger.info("group %s answers again", name)
                         return
                 except Exception as exc:  # still down: probe again
-                    logger.debug("stage %s still down: %s", name, describe(exc))
+                    logger.debug("group %s still down: %s", name, describe(exc))
         finally:
             self._skip.pop(name, None)
             task = asyncio.current_task()
             if task in self._tasks:
                 self._tasks.remove(task)
 
-    def _ranker_order(self, scored: Scored) -> Recommendations:
-        """The ReRanker's fallback: the best-scored candidates (retrieval order for a cold user),
-        no repeats; seen and filtered items were left out by the retriever already."""
-        candidates = scored.candidates
-        query = candidates.user.query
-        item_ids = self._item_ids.get(query.model_version)
-        if item_ids is None:
-            raise StageUnavailable("reranker")
-        rows = candidates.rows
-        if len(scored.scores) == len(rows):
-            order = np.argsort(-scored.scores, kind="stable")
-        else:
-            order = np.arange(len(rows))
-        _, first = np.unique(rows[order], return_index=True)
-        picked = order[np.sort(first)][: query.k]
-        if len(scored.scores) == len(rows):
-            scores = scored.scores[picked].astype(np.float32)
-        else:
-            scores = (1.0 - np.arange(len(picked)) / max(len(picked), 1)).astype(np.float32)
-        return final_list(
-            query,
-            query.model_version,
-            item_ids,
-            candidates,
-            picked,
-            scores,
-            "degraded",
-            scored.timings,
-        )
+    # --- chain.Fallbacks: what the Ingress answers alone ---------------------------------------
+
+    async def popular(self, users: list[UserState]) -> list[Recommendations]:
+        """Neither the retriever nor the re-ranker answered: the version's popular items kept here
+        (by segment, filters applied), flagged degraded."""
+        return answer_from_lists(self._fallback_lists, users)
+
+    async def ranker_order(self, scored: list[Scored]) -> list[Recommendations]:
+        """The ReRanker did not answer: the ranker's order, named with the item ids kept here."""
+        out = []
+        for s in scored:
+            item_ids = self._item_ids.get(s.candidates.user.query.model_version)
+            if item_ids is None:
+                raise StageUnavailable("reranker")
+            out.append(ranker_order(s, item_ids))
+        return out
 
     async def recommend(self, query: Query) -> Recommendations:
         """The query's answer, from the batch it joins (Overloaded when too many are waiting)."""

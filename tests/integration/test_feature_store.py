@@ -16,10 +16,10 @@ import redis
 from feature_repo.config import FeatureStoreConfig
 from feature_repo.store import apply, build_store, materialize_incremental
 from serve_app.config import EventLogConfig, RealtimeConfig
+from serve_app.deployments.user_tower import SEEN_ITEMS, seen_items_of
 from serve_app.events import EventLogWriter, ItemEmbeddings
 from serve_app.features import FeatureShapes, OnlineFeatureReader, connect_redis
 from serve_app.schemas import Event
-from serve_app.user_tower import SEEN_ITEMS, seen_items_of
 from training.data import normalize_events
 from training.feature_tables import (
     historical_user_features,

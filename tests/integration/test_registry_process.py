@@ -150,13 +150,13 @@ def test_a_child_past_its_timeout_is_killed_and_model_unavailable(
 PROBE = """
 import asyncio, json, sys
 from pathlib import Path
-import serve_app.ranker, serve_app.reranker, serve_app.retriever, serve_app.user_tower
+import serve_app.deployments.ranker, serve_app.deployments.reranker, serve_app.deployments.retriever, serve_app.deployments.user_tower
 from serve_app.config import ServeSettings
 from serve_app.models import ChildProcessModelSource, ModelSource, VersionedStage
 from serve_app.stages.ranker import RankingModel
 from serve_app.stages.reranker import ReRankingModel
 from serve_app.stages.retriever import RetrievalModel
-from serve_app.user_tower import load_tower
+from serve_app.deployments.user_tower import load_tower
 
 tracking_uri, cache_dir = sys.argv[1], Path(sys.argv[2])
 settings = ServeSettings(

@@ -1,7 +1,10 @@
 """A stage's only replica killed (`kill -9` of the real Ray process): requests keep getting 200, answered
 around the missing stage and flagged `degraded`, until Serve has restarted it and answers are whole.
 
-Runs on the session graph (`serving_app`); each test waits for the graph to be whole again.
+Runs on the session graph (`serving_app`, placement split), then on a graph beside it whose stages are
+grouped (two-tier, and the whole chain in one `Pipeline` deployment: its death leaves the Ingress to
+answer alone from its own popularity lists); each test waits for the graph to be whole again. A stage
+that raises inside a group (the real stages, in process) is answered around as across a hop.
 """
 
 from __future__ import annotations
@@ -41,11 +44,11 @@ def heavy_user(serving_app: ServingApp) -> tuple[str, set[str]]:
     return user, set(positive[positive["user_id"] == user]["item_id"])
 
 
-def replica_processes(deployment: str) -> list[psutil.Process]:
-    """The live processes of `deployment`'s replicas (the session app is named recserve), among
-    this process's descendants: the session's Ray was started here (another Ray on the machine
-    may run an app of the same name)."""
-    title = f"ray::ServeReplica:recserve:{deployment}"
+def replica_processes(deployment: str, app: str = "recserve") -> list[psutil.Process]:
+    """The live processes of `deployment`'s replicas in `app` (the session's is named recserve),
+    among this process's descendants: the session's Ray was started here (another Ray on the
+    machine may run an app of the same name)."""
+    title = f"ray::ServeReplica:{app}:{deployment}"
     found = []
     for process in psutil.Process().children(recursive=True):
         try:
@@ -68,9 +71,22 @@ def recommend(api: httpx.Client, user: str) -> dict[str, Any]:
 def test_a_killed_stage_replica_is_answered_around_flagged_degraded(
     deployment: str, api: httpx.Client, heavy_user: tuple[str, set[str]]
 ) -> None:
+    kill_and_watch(api, "recserve", deployment, heavy_user, knows_seen=deployment != "UserTower")
+
+
+def kill_and_watch(
+    api: httpx.Client,
+    app: str,
+    deployment: str,
+    heavy_user: tuple[str, set[str]],
+    knows_seen: bool,
+) -> None:
+    """Kill `deployment`'s only replica; every answer is 200, degraded until it is whole again.
+    `knows_seen`: whether a degraded answer still knows what the user has seen (not when the
+    user tower is among the dead: a cold answer cannot)."""
     user, seen = heavy_user
     assert recommend(api, user)["fallback"] is None  # whole before the fault
-    replicas = replica_processes(deployment)
+    replicas = replica_processes(deployment, app)
     assert len(replicas) == 1, replicas
     replicas[0].kill()
     replicas[0].wait(timeout=10)
@@ -80,7 +96,7 @@ def test_a_killed_stage_replica_is_answered_around_flagged_degraded(
         body = recommend(api, user)
         ids = [item["item_id"] for item in body["items"]]
         assert len(ids) == 10 and len(set(ids)) == 10
-        if deployment != "UserTower":  # a cold answer cannot know what the user has seen
+        if knows_seen:
             assert not set(ids) & seen
         if body["fallback"] is None:
             break  # Serve restarted the replica: whole again
@@ -88,3 +104,100 @@ def test_a_killed_stage_replica_is_answered_around_flagged_degraded(
         degraded += 1
         assert time.monotonic() < deadline, f"{deployment} not back in {RECOVERY_SECONDS:.0f}s"
     assert degraded > 0, "the first answer after the kill came from the dead stage"
+
+
+GROUPED = {
+    "two-tier": ["Retrieval", "Ranking"],
+    # The whole chain in one deployment behind the Ingress: killed, the Ingress answers alone.
+    '[["user_tower", "retriever", "ranker", "reranker"]]': ["Pipeline"],
+}
+
+
+@pytest.fixture(scope="module", params=list(GROUPED))
+def grouped(request: pytest.FixtureRequest, serving_app: ServingApp) -> Iterator[tuple[str, str]]:
+    """A graph whose stages are grouped, beside the session's: (placement, app name)."""
+    from ray import serve
+
+    from serve_app.cli import deploy, wait_ready
+    from serve_app.config import serve_config
+    from serve_app.placement import parse_placement
+
+    placement = parse_placement(request.param)
+    app = "grouped-" + ("two-tier" if placement == "two-tier" else "pipeline")
+    bundle = serving_app.bundle
+    config = serve_config({}, placement=placement)
+    for deployment in config["applications"][0]["deployments"]:
+        deployment["ray_actor_options"]["num_cpus"] = 0.01  # beside the session's graph
+        deployment["autoscaling_config"]["max_replicas"] = 1
+    settings = {
+        "feature_store": {"data_dir": str(bundle.data_dir), "profile": "embedded"},
+        "redis_url": serving_app.redis.url,
+        "models": {"tracking_uri": bundle.tracking_uri},
+        "placement": placement,
+    }
+    deploy(settings, config, name=app, route_prefix=f"/{app}")
+    try:
+        wait_ready(f"{serving_app.url}/{app}", 300)
+        yield request.param, app
+    finally:
+        serve.delete(app)
+
+
+def test_a_killed_group_replica_is_answered_around_flagged_degraded(
+    grouped: tuple[str, str], serving_app: ServingApp, heavy_user: tuple[str, set[str]]
+) -> None:
+    placement, app = grouped
+    with httpx.Client(base_url=f"{serving_app.url}/{app}", timeout=10.0) as api:
+        for deployment in GROUPED[placement]:
+            # Retrieval holds the user tower; the Pipeline everything: both answer cold.
+            kill_and_watch(api, app, deployment, heavy_user, knows_seen=deployment == "Ranking")
+
+
+@pytest.mark.parametrize("failing", ["user_tower", "retriever", "ranker", "reranker"])
+def test_a_stage_raising_inside_a_group_is_answered_around_as_across_a_hop(
+    failing: str, serving_app: ServingApp, heavy_user: tuple[str, set[str]]
+) -> None:
+    """The real stages of the served version in one group (as `fused` hosts them), one of them
+    raising: the batch is answered, degraded, by the same fallback the router applies across a
+    hop, and the failure is counted under that stage."""
+    import asyncio
+
+    from serve_app.chain import FINAL, Progress
+    from serve_app.config import ServeSettings
+    from serve_app.deployments.group import GroupHost
+    from serve_app.placement import STAGES
+    from serve_app.stages.records import Query
+
+    bundle = serving_app.bundle
+    settings = ServeSettings(
+        feature_store={"data_dir": str(bundle.data_dir), "profile": "embedded"},
+        redis_url=serving_app.redis.url,
+        models={"tracking_uri": bundle.tracking_uri},
+    )
+    user, seen = heavy_user
+    query = Query("r1", user, 10, model_version=bundle.version)
+
+    async def run() -> tuple[list[str], str | None, list[str], str | None]:
+        group = GroupHost(settings, STAGES)
+        try:
+            await group.warm(bundle.version)
+            whole = await group.run(Progress(0, [query]))
+
+            async def broken(batch: list[object]) -> list[object]:
+                raise RuntimeError(f"{failing} broke")
+
+            group._hosts[failing].run = broken  # type: ignore[method-assign]
+            degraded = await group.run(Progress(0, [query]))
+        finally:
+            group.close()
+        assert whole.at == degraded.at == FINAL
+        (w,), (d,) = whole.batch, degraded.batch
+        return [i.item_id for i in w.items], w.fallback, [i.item_id for i in d.items], d.fallback
+
+    whole_ids, whole_fallback, ids, fallback = asyncio.run(run())
+    assert whole_fallback is None and fallback == "degraded"
+    assert len(ids) == 10 and len(set(ids)) == 10
+    if failing != "user_tower":
+        assert not set(ids) & seen  # the retriever or re-ranker still left out what was seen
+    if failing in ("user_tower", "retriever"):
+        assert {i for i in ids} != set(whole_ids)  # popularity, not the user's own list

@@ -10,10 +10,10 @@ import pytest
 import redis
 
 from serve_app.config import EventLogConfig, RealtimeConfig
+from serve_app.deployments.user_tower import realtime_ages
 from serve_app.events import EventLogWriter, StreamStats, oldest_unacked_ms, stream_id_ms
 from serve_app.features import connect_redis
 from serve_app.metrics import CATALOG, FALLBACK_REASONS
-from serve_app.user_tower import realtime_ages
 from tests.conftest import PrivateRedis
 
 # Serve sets these itself on every metric recorded in a replica.

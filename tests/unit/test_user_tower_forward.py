@@ -143,13 +143,13 @@ def test_weights_of_the_wrong_shape_dtype_or_kind_are_refused(
 PROBE = """
 import json, sys
 from pathlib import Path
-import serve_app.ranker, serve_app.reranker, serve_app.retriever, serve_app.user_tower
+import serve_app.deployments.ranker, serve_app.deployments.reranker, serve_app.deployments.retriever, serve_app.deployments.user_tower
 from serve_app.imports import import_feast, import_xgboost
 import_feast()
 import feast, feature_repo.store  # what the UserTower reads features with
 import_xgboost()  # as the Ranker loads its booster
 from serve_app.bundle import read_manifest
-from serve_app.user_tower import load_tower
+from serve_app.deployments.user_tower import load_tower
 directory = Path(sys.argv[1])
 model = load_tower(directory, "1", read_manifest(directory))
 model.warm()
