@@ -291,10 +291,12 @@ class ApiConfig(BaseModel):
 class StageDeadlines(BaseModel):
     """How long the router waits for each stage's answer to a batch before it answers from what it
     has (`fallback: degraded`): UserTower missing -> the user as a cold one (popularity, by segment
-    when known); Retriever missing -> popularity lists from the ReRanker; Ranker missing ->
-    retrieval order; ReRanker missing -> the ranker's order of the candidates (the retriever already
-    left out seen and filtered items). A stage that was dead or late is not called again (its
-    requests go straight to the fallback) until a probe every `cooldown` seconds gets an answer."""
+    when known); Retriever missing -> popularity lists from the ReRanker (else from the Ingress's own
+    lists); Ranker missing -> retrieval order; ReRanker missing -> the ranker's order of the
+    candidates (the retriever already left out seen and filtered items). Inside a group of stages
+    (`placement`) the same deadlines apply to each stage, and a group's hop waits for the sum of its
+    stages'. A group that was dead or late is not called again (its requests go straight to the
+    fallbacks) until a probe every `cooldown` seconds gets an answer."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -1,11 +1,12 @@
-"""Router: assigns each request a variant, binds it to that variant's bundle version, runs the stages,
-and mirrors a share of requests to a shadow version off the critical path.
+"""Router: assigns each request a variant, binds it to that variant's bundle version, runs the stages
+(one hop per group of the placement, or none when the Ingress hosts them: `deployments.group`), and
+mirrors a share of requests to a shadow version off the critical path.
 
 It lives inside each Ingress replica (a plain object, not a deployment): a request crosses one Serve
 hop fewer, and the router's bookkeeping costs no process of its own (issue 4's latency budget).
 
 Variants and the shadow name registry refs (an alias, followed, or a fixed version); one `AliasWatcher`
-per distinct ref. A new version is served only after every stage has loaded it (`warm`), so a swap
+per distinct ref. A new version is served only after every group has loaded it (`warm`), so a swap
 never fails an in-flight request and a bad bundle is refused while the previous version keeps
 serving. Handles are kept per version (model multiplexing): the A/B arms and the shadow serve side by
 side in the same deployments. A user's variant is `assign_variant(salt, user_id, weights)`; a variant

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.chain import FallbackLists, Progress, advance, ranker_order
-from serve_app.cli import main
+from serve_app.cli import build_parser, main, settings_overrides
 from serve_app.config import ServeSettings, deployment_options, serve_config
 from serve_app.placement import (
     FINAL,
@@ -288,3 +288,17 @@ def test_the_ingress_answers_alone_from_small_popularity_lists_by_segment_and_fi
     assert answer(k=4, filters=Filters(exclude_categories=frozenset({"a"}))) == ["i2", "i4", "i5"]
     assert answer(filters=Filters(categories=frozenset({"a"}))) == ["i1", "i3", "i6"]
     assert answer(filters=Filters(exclude_item_ids=frozenset({"i1"}))) == ["i2", "i3", "i4"]
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_the_placement_flag_of_serve_and_demo_reaches_the_settings(command: str) -> None:
+    args = build_parser().parse_args([command, "--placement", "fused"])
+    assert ServeSettings(**settings_overrides(args)).placement == "fused"
+    custom = '[["user_tower","retriever","ranker"],["reranker"]]'
+    args = build_parser().parse_args([command, "--placement", custom])
+    assert ServeSettings(**settings_overrides(args)).placement == [
+        ["user_tower", "retriever", "ranker"],
+        ["reranker"],
+    ]
+    # Without the flag the environment (or split) decides: nothing is set here.
+    assert "placement" not in settings_overrides(build_parser().parse_args([command]))
