@@ -558,6 +558,17 @@ def _set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
     target[path[-1]] = value
 
 
+def _merged(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, nested dicts merged key by key."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def serve_config(
     environ: Mapping[str, str],
     path: Path = SERVE_CONFIG_PATH,
@@ -570,6 +581,8 @@ def serve_config(
     deployments: the file's options for each group's name (`applications[0].deployments` holds
     split's, `placement_deployments` the other named groups', e.g. `Retrieval`, `Pipeline`); a
     custom group without its own entry takes the options of its first stage's split deployment.
+    When the Ingress hosts the stages (`fused`), the file's `fused_ingress` options are merged over
+    the Ingress's.
     The document names the placement in its `args.settings`, so `serve run` of it builds the same
     graph. `RECSERVE_DEPLOYMENT__RANKER__MAX_ONGOING_REQUESTS=8` or
     `RECSERVE_DEPLOYMENT__USER_TOWER__AUTOSCALING_CONFIG__MAX_REPLICAS=3` set one option of one
@@ -594,7 +607,12 @@ def serve_config(
             continue
         own = known.get(group.name) or known[STAGE_DEPLOYMENTS[group.stages[0]]]
         hosted.append({**copy.deepcopy(own), "name": group.name})
-    app["deployments"] = [edge[0], *hosted, *edge[1:]]  # Ingress first, EventWriter last
+    ingress = edge[0]
+    if any(group.in_ingress for group in groups):
+        # The Ingress hosts the stages: its own options for that (`fused_ingress` in the file).
+        ingress = _merged(ingress, config.get("fused_ingress") or {})
+    config.pop("fused_ingress", None)
+    app["deployments"] = [ingress, *hosted, *edge[1:]]  # Ingress first, EventWriter last
     app["args"] = {**(app.get("args") or {})}
     app["args"]["settings"] = {**app["args"].get("settings", {}), "placement": placement}
     by_name = {_normalise(d["name"]): d for d in app["deployments"]}

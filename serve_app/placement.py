@@ -9,7 +9,7 @@ them in order with one handle hop per group, and a group hosts its stages as pla
 Presets and their deployment names (the Helm chart, serve_config.yaml and the metrics use these):
 - `split`: `UserTower` | `Retriever` | `Ranker` | `ReRanker` (four hops; each stage scales alone);
 - `two-tier`: `Retrieval` (user_tower + retriever) | `Ranking` (ranker + reranker) (two hops);
-- `fused`: the whole chain inside the Ingress replica itself (no hop, no stage deployment:
+- `fused`: the whole chain inside each Ingress replica (no hop, no stage deployment:
   measured faster than one `Pipeline` deployment behind the Ingress on 2 cores,
   bench/graph_vs_inprocess.py).
 An explicit list of groups gives any other cut, e.g. `[["user_tower", "retriever", "ranker"],

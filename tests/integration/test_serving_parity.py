@@ -158,7 +158,7 @@ def placed_graph(
     for deployment in config["applications"][0]["deployments"]:
         # Beside the session's graph on 2 CPUs: a small CPU share and one replica each.
         deployment["ray_actor_options"]["num_cpus"] = 0.01
-        deployment["autoscaling_config"]["max_replicas"] = 1
+        deployment["autoscaling_config"].update(min_replicas=1, initial_replicas=1, max_replicas=1)
     settings = {
         "feature_store": {"data_dir": str(bundle.data_dir), "profile": "embedded"},
         "redis_url": redis_url,

@@ -128,7 +128,7 @@ def grouped(request: pytest.FixtureRequest, serving_app: ServingApp) -> Iterator
     config = serve_config({}, placement=placement)
     for deployment in config["applications"][0]["deployments"]:
         deployment["ray_actor_options"]["num_cpus"] = 0.01  # beside the session's graph
-        deployment["autoscaling_config"]["max_replicas"] = 1
+        deployment["autoscaling_config"].update(min_replicas=1, initial_replicas=1, max_replicas=1)
     settings = {
         "feature_store": {"data_dir": str(bundle.data_dir), "profile": "embedded"},
         "redis_url": serving_app.redis.url,

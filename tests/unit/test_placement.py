@@ -302,3 +302,16 @@ def test_the_placement_flag_of_serve_and_demo_reaches_the_settings(command: str)
     ]
     # Without the flag the environment (or split) decides: nothing is set here.
     assert "placement" not in settings_overrides(build_parser().parse_args([command]))
+
+
+def test_under_fused_the_ingress_takes_one_replica_per_core_and_the_others_keep_theirs() -> None:
+    fused = deployment_options(serve_config({}, placement="fused"))["Ingress"]
+    split = deployment_options(serve_config({}, placement="split"))["Ingress"]
+    assert (
+        fused["autoscaling_config"]["min_replicas"]
+        == fused["autoscaling_config"]["max_replicas"]
+        == 2
+    )
+    assert fused["ray_actor_options"]["num_cpus"] > split["ray_actor_options"]["num_cpus"]
+    assert fused["user_config"] == split["user_config"]  # only what the file's fused_ingress names
+    assert split["autoscaling_config"]["max_replicas"] == 1
