@@ -100,6 +100,77 @@ def test_serve_config_is_valid_for_ray_serve(helm: Path, profile: str) -> None:
             AutoscalingConfig(**deployment["autoscaling_config"])
 
 
+# Every preset and a custom cut: the chart must name the deployments serve_app/placement.py names and
+# give each the options serve_config() gives it (serve_config.yaml's, a custom group its first stage's).
+PLACEMENTS: list[Any] = [
+    "split",
+    "two-tier",
+    "fused",
+    [["user_tower", "retriever", "ranker"], ["reranker"]],
+    [["user_tower"], ["retriever", "ranker", "reranker"]],
+    [["user_tower", "retriever", "ranker", "reranker"]],
+]
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS, ids=json.dumps)
+def test_serve_placement_renders_the_deployments_the_app_builds(helm: Path, placement: Any) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.config import serve_config
+    from serve_app.placement import resolve_placement
+
+    rendered = chart.serve_config(chart.render(set_json={"serve.placement": placement}))
+    ServeDeploySchema.model_validate(rendered)
+    expected = serve_config({}, placement=placement)
+    by_name = deployments_by_name(rendered)
+    stages = [g.name for g in resolve_placement(placement) if not g.in_ingress]
+    # Independent of serve_config(): the Ingress, the placement's groups in chain order, the EventWriter.
+    assert [d["name"] for d in rendered["applications"][0]["deployments"]] == [
+        "Ingress",
+        *stages,
+        "EventWriter",
+    ]
+    assert by_name == deployments_by_name(expected)
+    (app,) = rendered["applications"]
+    assert app["args"]["settings"]["placement"] == placement
+
+
+def test_fused_placement_renders_no_stage_deployment(helm: Path) -> None:
+    rendered = chart.serve_config(chart.render(set_json={"serve.placement": "fused"}))
+    assert set(deployments_by_name(rendered)) == {"Ingress", "EventWriter"}
+
+
+@pytest.mark.parametrize(
+    ("placement", "message"),
+    [
+        ("sharded", "unknown preset"),
+        ([["retriever", "user_tower"], ["ranker", "reranker"]], "consecutive stages"),
+        ([["user_tower", "retriever"], ["ranker"]], "consecutive stages"),
+        ([["user_tower", "retriever"], ["retriever", "ranker", "reranker"]], "consecutive stages"),
+    ],
+)
+def test_a_bad_placement_is_refused_naming_the_value(
+    helm: Path, placement: Any, message: str
+) -> None:
+    with pytest.raises(chart.HelmError, match=r"serve[./]placement") as refused:
+        chart.render(set_json={"serve.placement": placement})
+    if isinstance(placement, list):  # the schema passes it; the template's check names the rule
+        assert message in str(refused.value)
+
+
+def test_args_settings_keep_their_keys_beside_the_placement(helm: Path) -> None:
+    rendered = chart.serve_config(
+        chart.render(
+            set_json={
+                "serve.placement": "two-tier",
+                "serve.args": {"settings": {"deadlines": {"ranker": 0.5}}},
+            }
+        )
+    )
+    (app,) = rendered["applications"]
+    assert app["args"]["settings"] == {"deadlines": {"ranker": 0.5}, "placement": "two-tier"}
+
+
 def test_ray_serve_schema_refuses_a_broken_deployment(helm: Path) -> None:
     # The check above can fail: num_replicas next to autoscaling_config is refused by Ray itself.
     from ray.serve.schema import ServeDeploySchema

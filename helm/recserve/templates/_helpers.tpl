@@ -246,15 +246,72 @@ imagePullSecrets:
 serveConfigV2 of the RayService: one application built by serve.importPath, one entry per key of
 serve.deployments (Helm ranges over a map in sorted key order, so the output is stable).
 */}}
+{{/*
+The stage deployments of `serve.placement`, named as serve_app/placement.py names them: a JSON list of
+{name, first} (first: the group's first stage, whose split entry a custom group falls back to). `fused`
+has none (the chain runs in the Ingress replicas). A list of groups must hold each stage once, in chain
+order, in groups of consecutive stages: exactly what joining the groups gives back the chain.
+*/}}
+{{- define "recserve.placementGroups" -}}
+{{- $chain := list "user_tower" "retriever" "ranker" "reranker" }}
+{{- $single := dict "user_tower" "UserTower" "retriever" "Retriever" "ranker" "Ranker" "reranker" "ReRanker" }}
+{{- $named := dict "user_tower,retriever" "Retrieval" "ranker,reranker" "Ranking" "user_tower,retriever,ranker,reranker" "Pipeline" }}
+{{- $placement := .Values.serve.placement }}
+{{- $groups := list }}
+{{- if kindIs "string" $placement }}
+{{- if eq $placement "split" }}
+{{- $groups = list (list "user_tower") (list "retriever") (list "ranker") (list "reranker") }}
+{{- else if eq $placement "two-tier" }}
+{{- $groups = list (list "user_tower" "retriever") (list "ranker" "reranker") }}
+{{- else if ne $placement "fused" }}
+{{- fail (printf "serve.placement: unknown preset %q (expected split, two-tier, fused, or a list of groups of consecutive stages such as [[user_tower, retriever], [ranker, reranker]])" $placement) }}
+{{- end }}
+{{- else }}
+{{- $flat := list }}
+{{- range $placement }}
+{{- if not (kindIs "slice" .) }}
+{{- fail "serve.placement: expected a preset name or a list of lists of stage names" }}
+{{- end }}
+{{- if eq (len .) 0 }}
+{{- fail "serve.placement: a group holds at least one stage" }}
+{{- end }}
+{{- $flat = concat $flat . }}
+{{- end }}
+{{- if ne (join "," $flat) (join "," $chain) }}
+{{- fail (printf "serve.placement: %s is not the chain user_tower, retriever, ranker, reranker cut into groups of consecutive stages, each stage once, in order" (toJson $placement)) }}
+{{- end }}
+{{- $groups = $placement }}
+{{- end }}
+{{- $out := list }}
+{{- range $groups }}
+{{- $key := join "," . }}
+{{- $name := get $named $key }}
+{{- if not $name }}
+{{- range . }}{{ $name = printf "%s%s" $name (get $single .) }}{{ end }}
+{{- end }}
+{{- $out = append $out (dict "name" $name "first" (get $single (first .))) }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}
+
 {{- define "recserve.serveConfig" -}}
+{{- $all := .Values.serve.deployments }}
 {{- $deployments := list }}
-{{- range $name, $cfg := .Values.serve.deployments }}
-{{- $deployments = append $deployments (merge (dict "name" $name) (deepCopy (default (dict) $cfg))) }}
+{{- /* The Ingress first, the placement's stage deployments, the EventWriter last (as serve_config()). */}}
+{{- $entries := list (dict "name" "Ingress" "first" "Ingress") }}
+{{- range (include "recserve.placementGroups" . | fromJsonArray) }}
+{{- $entries = append $entries . }}
 {{- end }}
-{{- $app := dict "name" .Values.serve.appName "route_prefix" .Values.serve.routePrefix "import_path" .Values.serve.importPath "deployments" $deployments }}
-{{- with .Values.serve.args }}
-{{- $_ := set $app "args" . }}
+{{- $entries = append $entries (dict "name" "EventWriter" "first" "EventWriter") }}
+{{- range $entries }}
+{{- $cfg := get $all .name | default (get $all .first) | default (dict) }}
+{{- $deployments = append $deployments (merge (dict "name" .name) (deepCopy $cfg)) }}
 {{- end }}
+{{- $args := deepCopy (default (dict) .Values.serve.args) }}
+{{- $settings := deepCopy (default (dict) (get $args "settings")) }}
+{{- $_ := set $settings "placement" .Values.serve.placement }}
+{{- $_ = set $args "settings" $settings }}
+{{- $app := dict "name" .Values.serve.appName "route_prefix" .Values.serve.routePrefix "import_path" .Values.serve.importPath "deployments" $deployments "args" $args }}
 {{- /* In a cluster the proxies listen on every node's pod IP; serve_config.yaml's HeadOnly/127.0.0.1
 are for a single machine. The other http_options and logging_config come from values. */}}
 {{- $http := merge (dict "host" "0.0.0.0" "port" .Values.serve.port) (deepCopy .Values.serve.httpOptions) }}
