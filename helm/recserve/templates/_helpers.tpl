@@ -305,6 +305,10 @@ order, in groups of consecutive stages: exactly what joining the groups gives ba
 {{- $entries = append $entries (dict "name" "EventWriter" "first" "EventWriter") }}
 {{- range $entries }}
 {{- $cfg := get $all .name | default (get $all .first) | default (dict) }}
+{{- if and (eq .name "Ingress") (eq (toJson $.Values.serve.placement) (toJson "fused")) }}
+{{- /* The Ingress hosts the whole chain: serve.fusedIngress over its own options (serve_config()). */}}
+{{- $cfg = mergeOverwrite (deepCopy $cfg) (deepCopy (default (dict) $.Values.serve.fusedIngress)) }}
+{{- end }}
 {{- $deployments = append $deployments (merge (dict "name" .name) (deepCopy $cfg)) }}
 {{- end }}
 {{- $args := deepCopy (default (dict) .Values.serve.args) }}
