@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -93,7 +94,11 @@ class _Timer:
         log.info("pipeline: %s ...", name)
         yield
         self.timings[name] = round(time.perf_counter() - start, 3)
-        log.info("pipeline: %s done in %.1fs", name, self.timings[name])
+        # ru_maxrss is the process's peak so far (KiB on Linux): a phase that raised it set it.
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        log.info(
+            "pipeline: %s done in %.1fs (peak RSS so far %.0f MiB)", name, self.timings[name], peak
+        )
 
 
 def relevant_min_weight(dataset: Dataset) -> float | None:
