@@ -70,6 +70,19 @@ class TwoTowerConfig(BaseModel):
         1.0, ge=0.0, description="inverse-propensity exponent for clicks at known positions"
     )
     max_ipw: float = Field(5.0, ge=1.0, description="cap on the position-bias correction weight")
+    sparse_embeddings_min_items: int = Field(
+        20_000,
+        ge=1,
+        description="from this catalog size on, the id, history and title-token tables train with "
+        "sparse gradients (SparseAdam, a step costs O(batch) instead of O(table)); below it every "
+        "parameter trains with AdamW, as the small catalogs were tuned with",
+    )
+    validation_max_users: int = Field(
+        5_000,
+        ge=1,
+        description="validation users whose recall@50 stops the towers early (a seeded sample "
+        "above this many; the demo data has 5,000 users in all): each epoch scores a bound",
+    )
     threads: int = Field(2, ge=1)
     seed: int = 0
 
@@ -92,6 +105,12 @@ class RankerConfig(BaseModel):
     learning_rate: float = Field(0.05, gt=0.0)
     max_depth: int = Field(4, ge=1)
     validation_share: float = Field(0.2, gt=0.0, lt=1.0, description="share of groups held out")
+    max_groups: int = Field(
+        10_000,
+        ge=4,
+        description="labelled users (groups) the ranker learns from: a seeded sample above this "
+        "many, so candidates and features cost a bound, not the user count (demo data: fewer)",
+    )
     threads: int = Field(2, ge=1)
     seed: int = 0
 
@@ -178,6 +197,27 @@ class SearchConfig(BaseModel):
     chunks: int = Field(
         4, ge=1, description="parts a trial's users are scored in; each reports for pruning"
     )
+    max_events: int = Field(
+        1_000_000,
+        ge=1_000,
+        description="validation history larger than this: trials fit and score on a seeded sample "
+        "of users holding about this many events (all of each sampled user's events, the whole "
+        "catalog), so one trial fits in the budget; the demo data has fewer",
+    )
+    seed: int = 0
+
+
+class EvaluationConfig(BaseModel):
+    """The test round's table in `recserve train` (training.pipeline)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_users: int = Field(
+        20_000,
+        ge=1,
+        description="test users every system is scored on: a seeded sample above this many (the "
+        "table's `users` column says how many were scored; the demo data has fewer)",
+    )
     seed: int = 0
 
 
@@ -239,6 +279,7 @@ class TrainingSettings(BaseSettings):
     collaborative: CollaborativeConfig = CollaborativeConfig()
     cold_start: ColdStartConfig = ColdStartConfig()
     search: SearchConfig = SearchConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     @model_validator(mode="after")
     def _feature_store_defaults(self) -> TrainingSettings:

@@ -292,6 +292,13 @@ def evaluate_ranking(
     return out
 
 
+def score_block_rows(n_items: int, max_elements: int = 1 << 24, most: int = 1024) -> int:
+    """Users per block of a dense [users, n_items] score matrix: at most `max_elements` scores
+    (64 MB of float32) and `most` users, so scoring a 1M-item catalog holds a few users' rows at a
+    time; each block is reduced to its top k before the next."""
+    return max(1, min(most, max_elements // max(n_items, 1)))
+
+
 def top_k_from_scores(
     scores: np.ndarray, k: int, exclude: sp.spmatrix | sp.sparray | None = None
 ) -> np.ndarray:

@@ -141,22 +141,62 @@ def user_states_at(
     return UserStates(np.asarray(user_ids), count, prefs, recent, seen)
 
 
+# Dense values per chunk of training rows: rows x categories stays under this many (32 MB float64).
+_CHUNK_ELEMENTS = 1 << 22
+
+
 @dataclass(frozen=True)
 class TrainingRows:
-    """Point-in-time training rows for the two-tower: one per first positive (user, item)."""
+    """Point-in-time training rows for the two-tower: one per first positive (user, item).
+
+    The category shares are sparse (a row holds the categories its user had touched before it), so
+    the rows cost memory by what users did, never rows x categories; `profile(idx)` densifies the
+    rows of one batch.
+    """
 
     user_ids: np.ndarray  # str [N]
     item: np.ndarray  # int64 [N] target item index
     weight: np.ndarray  # float32 [N] event weight
     position: np.ndarray  # int32 [N], -1 when unknown
-    profile: np.ndarray  # float32 [N, 1 + C], as of just before the event
-    recent: np.ndarray  # int64 [N, L], as of just before the event
+    count: np.ndarray  # float32 [N]: the user's positives before the event
+    prefs: sp.csr_matrix  # float32 [N, C]: category weight shares before the event
+    recent: np.ndarray  # int32 [N, L], as of just before the event
+
+    def profile(self, idx: np.ndarray | None = None) -> np.ndarray:
+        """The user tower's profile input of rows `idx` (None: all): float32 [len, 1 + C]."""
+        count = self.count if idx is None else self.count[idx]
+        prefs = self.prefs if idx is None else self.prefs[idx]
+        out = np.empty((len(count), 1 + self.prefs.shape[1]), dtype=np.float32)
+        out[:, 0] = np.log1p(count)
+        out[:, 1:] = prefs.toarray()
+        return out
+
+
+def _chunk_bounds(user_sorted: np.ndarray, width: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges over events sorted by user, cut at user boundaries, each about
+    `_CHUNK_ELEMENTS // width` events (a single user with more is one chunk of its own)."""
+    n = len(user_sorted)
+    target = max(1, _CHUNK_ELEMENTS // max(width, 1))
+    bounds, lo = [], 0
+    while lo < n:
+        hi = min(n, lo + target)
+        if hi < n:
+            # Back up to the start of the user straddling hi; if that is lo, take that user whole.
+            cut = int(np.searchsorted(user_sorted, user_sorted[hi], side="left"))
+            hi = cut if cut > lo else int(np.searchsorted(user_sorted, user_sorted[hi], "right"))
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
 
 
 def training_rows(
     log: EncodedLog, position: np.ndarray, mask: np.ndarray, history_length: int
 ) -> TrainingRows:
-    """Rows for every first positive (user, item) in `mask`, with the state just before it."""
+    """Rows for every first positive (user, item) in `mask`, with the state just before it.
+
+    Built in chunks of users: the dense category sums of one chunk are the only array that grows
+    with categories (`_CHUNK_ELEMENTS`), and they are kept as sparse shares.
+    """
     first = first_positives(log, mask)
     pos_idx = np.flatnonzero(mask & log.positive)
     n, n_cat = len(first), log.n_categories
@@ -164,42 +204,59 @@ def training_rows(
     # Category weights accumulated per user over positives, read just before each target event.
     order = np.lexsort((pos_idx, log.user[pos_idx]))
     p_sorted = pos_idx[order]
-    onehot = np.zeros((len(p_sorted), n_cat), dtype=np.float64)
-    onehot[np.arange(len(p_sorted)), log.category[p_sorted]] = log.weight[p_sorted]
-    cum = np.cumsum(onehot, axis=0)
     user_sorted = log.user[p_sorted]
     start = np.searchsorted(user_sorted, user_sorted, side="left")
-    before_start = np.where(start > 0, start - 1, 0)
-    base = np.where((start > 0)[:, None], cum[before_start], 0.0)
     loc = np.empty(len(log.ts), dtype=np.int64)
     loc[p_sorted] = np.arange(len(p_sorted))
-    g = loc[first]
-    prev = g - 1
-    has_prev = prev >= start[g]
-    prefs = np.where(has_prev[:, None], cum[np.maximum(prev, 0)] - base[g], 0.0)
+    g = loc[first]  # each row's target in the sorted positives
     count = (g - start[g]).astype(np.float32)
-    prefs = prefs / prefs.sum(axis=1, keepdims=True).clip(1e-12)
+    by_g = np.argsort(g, kind="stable")
+    g_sorted = g[by_g]
+    blocks: list[sp.csr_matrix] = []
+    for lo, hi in _chunk_bounds(user_sorted, n_cat):
+        part = p_sorted[lo:hi]
+        onehot = np.zeros((hi - lo, n_cat), dtype=np.float64)
+        onehot[np.arange(hi - lo), log.category[part]] = log.weight[part]
+        cum = np.cumsum(onehot, axis=0)
+        del onehot
+        a, b = np.searchsorted(g_sorted, [lo, hi], side="left")
+        tg = g_sorted[a:b] - lo  # targets in this chunk (chunk-local)
+        prev = tg - 1
+        has_prev = prev >= start[g_sorted[a:b]] - lo
+        user_start = start[g_sorted[a:b]] - lo
+        base = np.where((user_start > 0)[:, None], cum[np.maximum(user_start - 1, 0)], 0.0)
+        prefs = np.where(has_prev[:, None], cum[np.maximum(prev, 0)] - base, 0.0)
+        prefs /= prefs.sum(axis=1, keepdims=True).clip(1e-12)
+        blocks.append(sp.csr_matrix(prefs.astype(np.float32)))
+    stacked = (
+        sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, n_cat), dtype=np.float32)
+    )
+    back = np.empty(n, dtype=np.int64)
+    back[by_g] = np.arange(n)
+    prefs_rows = sp.csr_matrix(stacked[back], dtype=np.float32)
 
-    # Recent items: the user's previous first positives, most recent first.
+    # Recent items: the user's previous first positives, most recent first (in row blocks).
     f_order = np.lexsort((first, log.user[first]))
     f_sorted = first[f_order]
     f_user = log.user[f_sorted]
     f_start = np.searchsorted(f_user, f_user, side="left")
+    f_item = log.item[f_sorted]
     offsets = np.arange(1, history_length + 1)
-    hist_pos = np.arange(n)[:, None] - offsets[None, :]
-    valid = hist_pos >= f_start[:, None]
-    recent_sorted = np.where(valid, log.item[f_sorted][np.maximum(hist_pos, 0)] + 1, 0)
-    recent = np.empty_like(recent_sorted)
-    recent[f_order] = recent_sorted
+    recent = np.empty((n, history_length), dtype=np.int32)
+    step = max(1, _CHUNK_ELEMENTS // history_length)
+    for lo in range(0, n, step):
+        hist_pos = np.arange(lo, min(n, lo + step))[:, None] - offsets[None, :]
+        valid = hist_pos >= f_start[lo : lo + step, None]
+        recent[f_order[lo : lo + step]] = np.where(valid, f_item[np.maximum(hist_pos, 0)] + 1, 0)
 
-    profile = np.hstack([np.log1p(count)[:, None], prefs]).astype(np.float32)
     return TrainingRows(
         user_ids=log.user_ids[log.user[first]],
         item=log.item[first],
         weight=log.weight[first],
         position=position[first].astype(np.int32),
-        profile=profile,
-        recent=recent.astype(np.int64),
+        count=count,
+        prefs=prefs_rows,
+        recent=recent,
     )
 
 

@@ -4,6 +4,8 @@ Two schemes (`split.ranker_labels`): `window`, the positives after a time quanti
 of that moment; `tail`, each user's newest first positives with the state just before them (a request in
 the middle of a visit, the usual case in a basket log). Both return the events the labels must not be
 learned from, so the towers and collaborative models behind the ranker's features are fit without them.
+With `max_users`, the groups are a seeded sample of that many labelled users (states are computed for
+those only), while the returned mask still removes every user's label events.
 """
 
 from __future__ import annotations
@@ -27,19 +29,31 @@ class Window:
     grades: sp.csr_matrix  # [B, n_items]: best grade of each new positive item in the window
 
 
+def sample_codes(codes: np.ndarray, max_users: int | None, seed: int) -> np.ndarray:
+    """A seeded sample of `max_users` of the sorted user `codes` (all of them when not more)."""
+    if max_users is None or len(codes) <= max_users:
+        return codes
+    return np.sort(np.random.default_rng(seed).choice(codes, size=max_users, replace=False))
+
+
 def label_window(
     log_: EncodedLog,
     start: pd.Timestamp,
     end: pd.Timestamp | None,
     history_length: int,
     event_types: np.ndarray,
+    max_users: int | None = None,
+    seed: int = 0,
 ) -> Window:
-    """States as of `start` for users with positives in [start, end) on items they had not seen."""
+    """States as of `start` for users with positives in [start, end) on items they had not seen
+    (a sample of `max_users` of them when there are more)."""
     in_window = (log_.ts >= start.value) & log_.positive
     if end is not None:
         in_window &= log_.ts < end.value
     idx = np.flatnonzero(in_window)
-    users = np.unique(log_.user[idx])
+    users = sample_codes(np.unique(log_.user[idx]), max_users, seed)
+    if len(users) < len(np.unique(log_.user[idx])):
+        idx = idx[np.isin(log_.user[idx], users)]
     states = user_states_at(log_, log_.user_ids[users], start, history_length)
     return _graded_window(log_, idx, users, states, event_types)
 
@@ -80,8 +94,10 @@ def tail_window(
     fraction: float,
     history_length: int,
     event_types: np.ndarray,
+    max_users: int | None = None,
+    seed: int = 0,
 ) -> tuple[Window, EncodedLog]:
-    window, mask = tail_labels(log_, end, fraction, history_length, event_types)
+    window, mask = tail_labels(log_, end, fraction, history_length, event_types, max_users, seed)
     return window, log_.subset(mask)
 
 
@@ -91,6 +107,8 @@ def tail_labels(
     fraction: float,
     history_length: int,
     event_types: np.ndarray,
+    max_users: int | None = None,
+    seed: int = 0,
 ) -> tuple[Window, np.ndarray]:
     """Labels at each user's own moment: the newest `fraction` (ceil, at least 1) of their first
     positive items before `end`, for users with at least 2 of them; states from everything they did
@@ -113,8 +131,10 @@ def tail_labels(
     np.minimum.at(label_start, users[is_label], first[is_label])
     position = np.arange(len(log_.ts))
     history = before & (position < label_start[log_.user])
-    labelled = np.flatnonzero(label_start < len(log_.ts))
+    labelled = sample_codes(np.flatnonzero(label_start < len(log_.ts)), max_users, seed)
     idx = np.flatnonzero(before & ~history & log_.positive)
+    if len(labelled) < int((label_start < len(log_.ts)).sum()):
+        idx = idx[np.isin(log_.user[idx], labelled)]
     kept = log_.subset(history)
     states = user_states_at(kept, log_.user_ids[labelled], None, history_length)
     return _graded_window(log_, idx, labelled, states, event_types), history

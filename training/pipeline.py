@@ -6,7 +6,8 @@
    EASE's lambda and kNN's size for the baselines tuned there too.
 3. The table printed and logged: the chosen settings fit on the test round's history
    (`training.system.fit_system`) and scored through the serving functions, beside popularity,
-   item-kNN and EASE on the same split. Nothing computed on test items feeds any choice.
+   item-kNN and EASE on the same split, on a seeded sample of at most `evaluation.max_users` test
+   users (the table's `users` column). Nothing computed on test items feeds any choice.
 4. The registered bundle: the same settings refit on the whole log (towers, collaborative models,
    ranker labels from each user's newest items), so serving knows the newest items and users. Its
    manifest says `refit: true` and keeps the validation and test figures.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,7 +50,7 @@ from training.feature_tables import (
 from training.features import EncodedLog, UserStates, item_stats_at, user_states_at
 from training.registry import RegisteredBundle, register_bundle
 from training.rounds import Round, temporal_rounds
-from training.search import SearchResult, search_settings
+from training.search import SearchResult, sample_users, search_settings
 from training.split import time_fraction_cutoffs
 from training.system import (
     ItemTable,
@@ -92,7 +94,11 @@ class _Timer:
         log.info("pipeline: %s ...", name)
         yield
         self.timings[name] = round(time.perf_counter() - start, 3)
-        log.info("pipeline: %s done in %.1fs", name, self.timings[name])
+        # ru_maxrss is the process's peak so far (KiB on Linux): a phase that raised it set it.
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        log.info(
+            "pipeline: %s done in %.1fs (peak RSS so far %.0f MiB)", name, self.timings[name], peak
+        )
 
 
 def relevant_min_weight(dataset: Dataset) -> float | None:
@@ -217,12 +223,13 @@ def run_pipeline(
         fitted = fit_system(chosen, data, items, progress=progress)
         test_dir = run_dir / "test_round_bundle"
         write_bundle(test_dir, chosen, fitted, data, items, snapshot="test-round")
-        users = test.user_ids
+        users = sample_users(test.user_ids, settings.evaluation.max_users, settings.evaluation.seed)
+        log.info("test round: scoring %d of %d users", len(users), len(test.user_ids))
         relevant = test.relevant(items.index, users)
         cold = user_states_at(data.encoded, users, None, 1).event_count == 0
         systems = baseline_lists(data, users, baselines, shrink, TABLE_K)
-        systems["retrieval"] = retrieval_lists(fitted, data, users, TABLE_K)
-        systems[FINAL_SYSTEM] = Served(test_dir, data).lists(users, TABLE_K)
+        systems["retrieval"] = retrieval_lists(fitted, data, users, TABLE_K, progress)
+        systems[FINAL_SYSTEM] = Served(test_dir, data).lists(users, TABLE_K, progress=progress)
         metrics = {
             name: evaluate_ranking(
                 ranked,
@@ -259,7 +266,8 @@ def run_pipeline(
             "refit": True,
             "rounds.holdout_fraction": settings.split.holdout_fraction,
             "rounds.validation_users": len(validation.user_ids),
-            "rounds.test_users": len(users),
+            "rounds.test_users": len(test.user_ids),
+            "evaluation.users": len(users),
             "baselines.ease_lambda": baselines.ease_lambda,
             "baselines.knn_neighbors": baselines.knn_neighbors,
             **search.summary(),

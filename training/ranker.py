@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import xgboost as xgb
+from tqdm import tqdm
 
 from serve_app.contract import (
     CF_SIGNALS,
@@ -25,19 +27,31 @@ from serve_app.contract import (
     ranker_features,
 )
 from training.config import RankerConfig
+from training.evaluate import score_block_rows
 from training.features import UserStates
 
 log = logging.getLogger(__name__)
 
 
 def exact_candidates(
-    user_vecs: np.ndarray, item_vecs: np.ndarray, seen: sp.csr_matrix, n: int, chunk: int = 256
+    user_vecs: np.ndarray,
+    item_vecs: np.ndarray,
+    seen: sp.csr_matrix,
+    n: int,
+    chunk: int | None = None,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-n items by dot product per user, seen items excluded; (items [B, n], scores [B, n])."""
+    """Top-n items by dot product per user, seen items excluded; (items [B, n], scores [B, n]).
+
+    Users are scored in blocks (default: `score_block_rows`, at most 256), each reduced to its top n
+    before the next, so memory is a block of scores whatever the catalog size."""
     n = min(n, item_vecs.shape[0])
+    chunk = chunk or score_block_rows(item_vecs.shape[0], most=256)
     items = np.empty((len(user_vecs), n), dtype=np.int64)
     scores = np.empty((len(user_vecs), n), dtype=np.float32)
-    for s in range(0, len(user_vecs), chunk):
+    blocks = range(0, len(user_vecs), chunk)
+    bar = tqdm(blocks, desc="exact top-n", unit="block", disable=not progress, leave=False)
+    for s in bar:
         sc = user_vecs[s : s + chunk] @ item_vecs.T
         coo = seen[s : s + chunk].tocoo()
         sc[coo.row, coo.col] = -np.inf
@@ -92,11 +106,12 @@ def ranking_inputs(
     item_categories: np.ndarray,
     n: int,
     collaborative: Collaborative | None,
+    progress: bool = False,
 ) -> RankingInputs:
     """Two-tower top-n without seen items, then (with `collaborative`) each signal's top unseen
     items, and the ranker features of every candidate: `serve_app.recommend.retrieve` and
     `candidate_features` for a batch (no filters, no popularity rows)."""
-    retrieved, scores = exact_candidates(user_vecs, item_vecs, states.seen, n)
+    retrieved, scores = exact_candidates(user_vecs, item_vecs, states.seen, n, progress=progress)
     if collaborative is None:
         x = candidate_matrix(retrieved, scores, states, item_features, item_categories)
         return RankingInputs(retrieved, retrieved, x, RANKER_FEATURE_NAMES)
@@ -108,7 +123,8 @@ def ranking_inputs(
         (b, width, len(RANKER_FEATURE_NAMES_CF) - len(RANKER_FEATURE_NAMES)), np.float32
     )
     seen = states.seen.tocsr()
-    for row in range(b):
+    bar = tqdm(range(b), desc="collaborative candidates", unit="user", disable=not progress)
+    for row in bar:
         seen_rows = np.sort(seen.indices[seen.indptr[row] : seen.indptr[row + 1]])
         signal = cf_scores(collaborative, seen_rows, states.recent_items[row])
         base = retrieved[row][retrieved[row] >= 0]
@@ -135,8 +151,27 @@ def graded_labels(candidates: np.ndarray, labels: sp.csr_matrix) -> np.ndarray:
     return np.where(candidates >= 0, grades, 0).astype(np.float32)
 
 
+class _RoundsBar(xgb.callback.TrainingCallback):
+    """A tqdm bar over boosting rounds (with its ETA up to `max_rounds`; early stopping ends it)."""
+
+    def __init__(self, total: int) -> None:
+        self.bar = tqdm(total=total, desc="ranker rounds", unit="round", leave=False)
+
+    def after_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
+        self.bar.update(1)
+        return False
+
+    def after_training(self, model: Any) -> Any:
+        self.bar.close()
+        return model
+
+
 def fit_lambdarank(
-    train: xgb.DMatrix, valid: xgb.DMatrix, config: RankerConfig, max_depth: int
+    train: xgb.DMatrix,
+    valid: xgb.DMatrix,
+    config: RankerConfig,
+    max_depth: int,
+    progress: bool = False,
 ) -> tuple[xgb.Booster, int, float]:
     """`rank:ndcg` with early stopping on `valid`; returns (booster cut at its best iteration,
     best iteration, valid NDCG@10). Cutting the trees means serving needs no iteration_range."""
@@ -163,6 +198,7 @@ def fit_lambdarank(
         early_stopping_rounds=config.early_stopping_rounds,
         evals_result=evals_result,
         verbose_eval=False,
+        callbacks=[_RoundsBar(config.max_rounds)] if progress else None,
     )
     best = int(booster.best_iteration)
     return booster[: best + 1], best, float(evals_result["valid"]["ndcg@10"][best])
@@ -183,6 +219,7 @@ def train_ranker(
     config: RankerConfig,
     names: tuple[str, ...] = RANKER_FEATURE_NAMES,
     valid: np.ndarray | None = None,
+    progress: bool = False,
 ) -> RankerResult:
     """Train `rank:ndcg` on groups of `n_candidates` rows; groups without a positive are dropped.
 
@@ -206,7 +243,7 @@ def train_ranker(
         return d
 
     booster, best, ndcg = fit_lambdarank(
-        dmatrix(~is_valid), dmatrix(is_valid), config, config.max_depth
+        dmatrix(~is_valid), dmatrix(is_valid), config, config.max_depth, progress
     )
     log.info("ranker: %d groups, best iteration %d, valid ndcg@10 %.4f", len(x), best, ndcg)
     return RankerResult(booster, best, ndcg, int((~is_valid).sum()))

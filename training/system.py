@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from tqdm import tqdm
 
 from serve_app.contract import ITEM_FEATURE_NAMES, Collaborative
 from serve_app.schemas import BundleManifest, FeatureSpec, IndexSpec
@@ -125,14 +126,23 @@ class RankerLabels:
 
 
 def ranker_labels(data: Log, settings: TrainingSettings, history_length: int) -> RankerLabels:
-    """Labels by `split.ranker_labels` (see `training.labels`)."""
-    split = settings.split
+    """Labels by `split.ranker_labels` (see `training.labels`), on a seeded sample of at most
+    `ranker.max_groups` labelled users."""
+    split, bound, seed = settings.split, settings.ranker.max_groups, settings.ranker.seed
     if split.ranker_labels == "window":
         (start,) = time_fraction_cutoffs(data.events, (split.ranker_fraction,))
-        groups = label_window(data.encoded, start, None, history_length, data.event_types)
+        groups = label_window(
+            data.encoded, start, None, history_length, data.event_types, bound, seed
+        )
         return RankerLabels(groups, data.encoded.before(start), start)
     groups, mask = tail_labels(
-        data.encoded, data.end, split.ranker_tail_fraction, history_length, data.event_types
+        data.encoded,
+        data.end,
+        split.ranker_tail_fraction,
+        history_length,
+        data.event_types,
+        bound,
+        seed,
     )
     return RankerLabels(groups, mask, data.end)
 
@@ -278,6 +288,7 @@ def fit_system(
         items.codes,
         settings.ranker.candidates,
         cf_rank,
+        progress=progress,
     )
     y = graded_labels(inputs.candidates, groups.grades)
     ranker = train_ranker(
@@ -287,6 +298,7 @@ def fit_system(
         settings.ranker,
         inputs.names,
         inputs.valid,
+        progress=progress,
     )
     return FittedSystem(
         tt=tt,
@@ -437,7 +449,9 @@ class Served:
         self.data = data
         self.row_of = {str(item): row for row, item in enumerate(self.model.bundle.item_ids)}
 
-    def lists(self, user_ids: np.ndarray, k: int, batch: int = 256) -> np.ndarray:
+    def lists(
+        self, user_ids: np.ndarray, k: int, batch: int = 256, progress: bool = False
+    ) -> np.ndarray:
         """Catalog rows [len(user_ids), k] (-1 padded) served to each user, whose `user_profile`
         row holds their state at the end of the log (no real-time events)."""
         from serve_app.config import RankingConfig
@@ -454,7 +468,9 @@ class Served:
         ranking = RankingConfig()
         out = np.full((len(user_ids), k), -1, dtype=np.int64)
         columns = ("event_count", "category_prefs", "base_embedding", "recent_items")
-        for start in range(0, len(user_ids), batch):
+        starts = range(0, len(user_ids), batch)
+        bar = tqdm(starts, desc="served lists", unit="batch", disable=not progress, leave=False)
+        for start in bar:
             part = profiles.iloc[start : start + batch]
             users = [str(u) for u in user_ids[start : start + batch]]
             read = {c: part[c].tolist() for c in columns}
@@ -473,9 +489,13 @@ class Served:
         return out
 
 
-def retrieval_lists(fitted: FittedSystem, data: Log, user_ids: np.ndarray, k: int) -> np.ndarray:
+def retrieval_lists(
+    fitted: FittedSystem, data: Log, user_ids: np.ndarray, k: int, progress: bool = False
+) -> np.ndarray:
     """The served towers' exact top-k without seen items (the "retrieval" row of the table)."""
     states = user_states_at(data.encoded, user_ids, None, fitted.tt.history_length)
     vecs = encode_users(fitted.towers.user_tower, states, fitted.tt)
-    items, _ = exact_candidates(vecs, fitted.towers.item_embeddings, states.seen, k)
+    items, _ = exact_candidates(
+        vecs, fitted.towers.item_embeddings, states.seen, k, progress=progress
+    )
     return items

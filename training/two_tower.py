@@ -24,6 +24,7 @@ from tqdm import tqdm
 from serve_app.contract import hash_bucket, title_tokens
 from serve_app.schemas import USER_TOWER_WEIGHT_NAMES, USER_TOWER_WEIGHTS_FILE
 from training.config import TwoTowerConfig
+from training.evaluate import score_block_rows
 from training.features import TrainingRows, UserStates
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,19 @@ log = logging.getLogger(__name__)
 class UserTower(nn.Module):
     """Hashed user id + profile features + mean of recent item embeddings -> unit vector."""
 
-    def __init__(self, user_buckets: int, n_items: int, profile_dim: int, hidden: int, dim: int):
+    def __init__(
+        self,
+        user_buckets: int,
+        n_items: int,
+        profile_dim: int,
+        hidden: int,
+        dim: int,
+        sparse: bool = False,
+    ):
         super().__init__()
-        self.user_embedding = nn.Embedding(user_buckets + 1, hidden)  # bucket 0: unknown user
-        self.history_embedding = nn.Embedding(n_items + 1, hidden, padding_idx=0)
+        # bucket 0: unknown user
+        self.user_embedding = nn.Embedding(user_buckets + 1, hidden, sparse=sparse)
+        self.history_embedding = nn.Embedding(n_items + 1, hidden, padding_idx=0, sparse=sparse)
         self.profile_proj = nn.Linear(profile_dim, hidden)
         self.mlp = nn.Sequential(nn.Linear(3 * hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim))
 
@@ -57,12 +67,13 @@ class ItemTower(nn.Module):
         n_numeric: int,
         hidden: int,
         dim: int,
+        sparse: bool = False,
     ):
         super().__init__()
-        self.id_embedding = nn.Embedding(item_buckets, hidden)
+        self.id_embedding = nn.Embedding(item_buckets, hidden, sparse=sparse)
         self.category_embedding = nn.Embedding(n_categories, hidden)
         self.token_embedding = nn.EmbeddingBag(
-            token_buckets + 1, hidden, mode="mean", padding_idx=0
+            token_buckets + 1, hidden, mode="mean", padding_idx=0, sparse=sparse
         )
         self.numeric_proj = nn.Linear(n_numeric, hidden)
         self.mlp = nn.Sequential(nn.Linear(4 * hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim))
@@ -182,18 +193,68 @@ def recall_against(
     relevant: list[np.ndarray],
     k: int,
 ) -> float:
-    """Recall@k of exact dot-product retrieval, excluding seen items (early-stopping signal)."""
+    """Recall@k of exact dot-product retrieval, excluding seen items (early-stopping signal).
+
+    Scored in blocks of users (`score_block_rows`), each reduced to its top k before the next."""
     hits, total = 0.0, 0
-    for s in range(0, len(user_vecs), 1024):
-        scores = user_vecs[s : s + 1024] @ item_vecs.T
-        seen = states.seen[s : s + 1024].tocoo()
+    block = score_block_rows(item_vecs.shape[0])
+    for s in range(0, len(user_vecs), block):
+        scores = user_vecs[s : s + block] @ item_vecs.T
+        seen = states.seen[s : s + block].tocoo()
         scores[seen.row, seen.col] = -np.inf
         top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
-        for row, rel in zip(top, relevant[s : s + 1024], strict=True):
+        for row, rel in zip(top, relevant[s : s + block], strict=True):
             if len(rel):
                 hits += len(np.intersect1d(row, rel)) / len(rel)
                 total += 1
     return hits / max(total, 1)
+
+
+def sample_rows(n: int, bound: int, seed: int) -> np.ndarray | None:
+    """Sorted row indices of a seeded sample of `bound` out of `n`; None when n <= bound (all)."""
+    if n <= bound:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=bound, replace=False))
+
+
+def take_states(states: UserStates, rows: np.ndarray) -> UserStates:
+    """The users at `rows` of `states`."""
+    return UserStates(
+        states.user_ids[rows],
+        states.event_count[rows],
+        states.category_prefs[rows],
+        states.recent_items[rows],
+        states.seen[rows],
+    )
+
+
+def uses_sparse_embeddings(config: TwoTowerConfig, n_items: int) -> bool:
+    """Sparse gradients for the id and history tables (SparseAdam) from this catalog size on."""
+    return n_items >= config.sparse_embeddings_min_items
+
+
+def optimizers(
+    modules: list[nn.Module], config: TwoTowerConfig, sparse: bool
+) -> list[torch.optim.Optimizer]:
+    """AdamW over every parameter; with `sparse`, SparseAdam over the sparse embedding tables
+    (a step updates the rows the batch touched: O(batch), not O(table)) and AdamW over the rest."""
+    params = [p for m in modules for p in m.parameters()]
+    if not sparse:
+        return [
+            torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        ]
+    tables = [
+        sub.weight
+        for m in modules
+        for sub in m.modules()
+        if isinstance(sub, nn.Embedding | nn.EmbeddingBag) and sub.sparse
+    ]
+    ids = {id(p) for p in tables}
+    dense = [p for p in params if id(p) not in ids]
+    return [
+        torch.optim.SparseAdam(tables, lr=config.learning_rate),
+        torch.optim.AdamW(dense, lr=config.learning_rate, weight_decay=config.weight_decay),
+    ]
 
 
 def train_two_tower(
@@ -218,8 +279,14 @@ def train_two_tower(
     torch.set_num_threads(config.threads)
     rng = np.random.default_rng(config.seed)
     n_items = len(items.bucket)
+    sparse = uses_sparse_embeddings(config, n_items)
     user_tower = UserTower(
-        config.user_buckets, n_items, rows.profile.shape[1], config.hidden_dim, config.embedding_dim
+        config.user_buckets,
+        n_items,
+        1 + rows.prefs.shape[1],
+        config.hidden_dim,
+        config.embedding_dim,
+        sparse=sparse,
     )
     item_tower = ItemTower(
         config.item_buckets,
@@ -228,14 +295,20 @@ def train_two_tower(
         items.numeric.shape[1],
         config.hidden_dim,
         config.embedding_dim,
+        sparse=sparse,
     )
     if init is not None:
         if init.item_tower is None:
             raise ValueError("init has no item tower to continue from")
         user_tower.load_state_dict(init.user_tower.state_dict())
         item_tower.load_state_dict(init.item_tower.state_dict())
-    params = list(user_tower.parameters()) + list(item_tower.parameters())
-    opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    opts = optimizers([user_tower, item_tower], config, sparse)
+    if valid_states is not None:
+        # Early stopping reads recall on a seeded sample of the validation users (a bound).
+        keep = sample_rows(len(valid_states.user_ids), config.validation_max_users, config.seed)
+        if keep is not None:
+            valid_states = take_states(valid_states, keep)
+            valid_relevant = [valid_relevant[i] for i in keep]
 
     # Per-row weight: event-type weight x inverse examination propensity (capped).
     pos = rows.position
@@ -247,7 +320,6 @@ def train_two_tower(
     log_q = torch.tensor(np.log(freq / freq.sum()), dtype=torch.float32)
 
     buckets_all = torch.from_numpy(user_buckets(rows.user_ids, config.user_buckets))
-    profile_all = torch.from_numpy(rows.profile)
     recent_all = torch.from_numpy(rows.recent)
     item_all = torch.from_numpy(rows.item)
 
@@ -270,7 +342,8 @@ def train_two_tower(
                 continue
             b = buckets_all[idx].clone()
             b[torch.rand(len(idx)) < config.user_id_dropout] = 0
-            u = user_tower(b, profile_all[idx], recent_all[idx])
+            profile = torch.from_numpy(rows.profile(idx.numpy()))
+            u = user_tower(b, profile, recent_all[idx].long())
             target = item_all[idx]
             v = item_tower(*items.take(target))
             logits = u @ v.T / config.temperature - config.logq_strength * log_q[target][None, :]
@@ -280,9 +353,11 @@ def train_two_tower(
             labels = torch.arange(len(idx))
             w = weights[idx]
             loss = (F.cross_entropy(logits, labels, reduction="none") * w).sum() / w.sum()
-            opt.zero_grad()
+            for opt in opts:
+                opt.zero_grad()
             loss.backward()
-            opt.step()
+            for opt in opts:
+                opt.step()
             total += float(loss.detach()) * len(idx)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         item_vecs = encode_items(item_tower, items)

@@ -56,9 +56,9 @@ def test_training_rows_see_only_the_past_of_each_event() -> None:
     assert rows.item.tolist() == [0, 2, 3, 1]
     assert rows.recent.tolist() == [[0, 0, 0], [1, 0, 0], [0, 0, 0], [3, 1, 0]]
     expected_counts = [0, 1, 0, 3]
-    np.testing.assert_allclose(rows.profile[:, 0], np.log1p(expected_counts), rtol=1e-6)
-    np.testing.assert_allclose(rows.profile[1, 1:], [1.0, 0.0])
-    np.testing.assert_allclose(rows.profile[3, 1:], [0.4, 0.6])
+    np.testing.assert_allclose(rows.profile()[:, 0], np.log1p(expected_counts), rtol=1e-6)
+    np.testing.assert_allclose(rows.profile()[1, 1:], [1.0, 0.0])
+    np.testing.assert_allclose(rows.profile()[3, 1:], [0.4, 0.6])
     np.testing.assert_allclose(rows.weight, [1.0, 3.0, 1.0, 1.0])
 
 
@@ -67,7 +67,7 @@ def test_the_state_before_an_event_equals_the_state_at_its_time() -> None:
     log = _log()
     rows = training_rows(log, np.full(len(log.ts), -1), np.ones(len(log.ts), dtype=bool), 3)
     at = user_states_at(log, np.array(["u1"]), T0 + pd.Timedelta(days=6), 3)
-    np.testing.assert_allclose(rows.profile[3], at.profile()[0], rtol=1e-6)
+    np.testing.assert_allclose(rows.profile()[3], at.profile()[0], rtol=1e-6)
     assert rows.recent[3].tolist() == at.recent_items[0].tolist()
 
 
