@@ -74,11 +74,40 @@ class IndexConfig(BaseModel):
     threads: int = Field(
         1,
         ge=1,
-        description="OpenMP threads for FAISS (process-wide). 1 because the machine has 2 cores"
-        " shared with the other training stages and, when serving, with every other replica:"
+        description="OpenMP threads for FAISS searches (process-wide). 1 because the machine has 2"
+        " cores shared with the other training stages and, when serving, with every other replica:"
         " oversubscribed FAISS threads cost far more than they save on single queries.",
     )
+    build_threads: int = Field(
+        2,
+        ge=1,
+        description="OpenMP threads while the index is built and its recall checked (exact"
+        " ground truth, batch search); set back to `threads` afterwards. The build is the one"
+        " phase of a bundle that has both cores to itself.",
+    )
+    recall_floor: float = Field(
+        0.95,
+        ge=0.0,
+        le=1.0,
+        description="A built index whose recall@100 against exact search on the check queries is"
+        " below this is refused (after `strengthen_steps` retries with a wider search).",
+    )
+    strengthen_steps: int = Field(
+        2,
+        ge=0,
+        description="Retries of a failed recall check, each doubling efSearch (HNSW) or nprobe"
+        " (IVF, capped at nlist) without rebuilding: the latency is measured on the final value.",
+    )
+    check_queries: int = Field(
+        1_000,
+        ge=1,
+        description="Most query vectors the build-time recall check uses (sampled, seeded).",
+    )
     seed: int = Field(0, description="Seed of the IVF training sample.")
+
+
+class IndexRecallError(RuntimeError):
+    """A built index misses the configured recall floor: the bundle must not be written."""
 
 
 @dataclass(frozen=True)
@@ -119,9 +148,16 @@ def build_index(embeddings: np.ndarray, config: IndexConfig) -> faiss.Index:
     norms = np.linalg.norm(x, axis=1)
     if np.abs(norms - 1.0).max() > _NORM_TOLERANCE:
         raise ValueError("embeddings must be L2-normalised (inner product stands for cosine)")
-    n, d = x.shape
-    faiss.omp_set_num_threads(config.threads)
+    faiss.omp_set_num_threads(config.build_threads)
+    try:
+        index = _build(x, config)
+    finally:
+        faiss.omp_set_num_threads(config.threads)
+    return index
 
+
+def _build(x: np.ndarray, config: IndexConfig) -> faiss.Index:
+    n, d = x.shape
     if n < config.exact_threshold:
         index: faiss.Index = faiss.IndexFlatIP(d)
     elif config.kind == "hnsw":
@@ -232,10 +268,14 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
 
 
 def exact_neighbours(embeddings: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Ids of the exact top-`k` by inner product (brute force), the ground truth for recall."""
-    flat = faiss.IndexFlatIP(embeddings.shape[1])
-    flat.add(_as_matrix(embeddings, "embeddings"))
-    return search(flat, queries, k)[1]
+    """Ids of the exact top-`k` by inner product (brute force), the ground truth for recall.
+
+    `faiss.knn` scans `embeddings` in place: no second copy of the catalog in an IndexFlat.
+    """
+    x = _as_matrix(embeddings, "embeddings")
+    q = _as_matrix(queries, "queries")
+    _, ids = faiss.knn(q, x, min(k, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
+    return ids.astype(np.int64)
 
 
 def measure_index(
@@ -271,6 +311,58 @@ def measure_index(
         qps=len(q) / batch_seconds,
         build_seconds=build_seconds,
     )
+
+
+def _strengthen(index: faiss.Index) -> bool:
+    """Double the search beam (efSearch, or nprobe up to nlist); False when nothing is left."""
+    if isinstance(index, faiss.IndexHNSWFlat):
+        index.hnsw.efSearch = 2 * int(index.hnsw.efSearch)
+        return True
+    if isinstance(index, faiss.IndexIVFFlat) and int(index.nprobe) < int(index.nlist):
+        index.nprobe = min(2 * int(index.nprobe), int(index.nlist))
+        return True
+    return False
+
+
+def build_checked_index(
+    embeddings: np.ndarray, queries: np.ndarray, config: IndexConfig, k: int = 100
+) -> tuple[faiss.Index, IndexReport]:
+    """Build the bundle's index once and check its recall@k against exact search on `queries`.
+
+    `queries` should be the vectors serving will search with (the served user tower's output for
+    sampled users), not random directions: recall depends on where the queries fall. Below
+    `config.recall_floor` the search beam is widened up to `config.strengthen_steps` times (no
+    rebuild); if it is still below, `IndexRecallError` refuses the index. Exact ground truth and the
+    build use `config.build_threads`; latency is measured on `config.threads` (serving's).
+    """
+    x = _as_matrix(embeddings, "embeddings")
+    q = _as_matrix(queries, "queries")
+    if len(q) > config.check_queries:
+        rng = np.random.default_rng(config.seed)
+        q = q[np.sort(rng.choice(len(q), size=config.check_queries, replace=False))]
+    k = min(k, len(x))
+    start = time.perf_counter()
+    index = build_index(x, config)
+    build_seconds = time.perf_counter() - start
+    faiss.omp_set_num_threads(config.build_threads)
+    try:
+        exact = exact_neighbours(x, q, k)
+    finally:
+        faiss.omp_set_num_threads(config.threads)
+    report = measure_index(index, x, q, k, exact, build_seconds)
+    for _ in range(config.strengthen_steps):
+        if report.recall_at_k >= config.recall_floor or not _strengthen(index):
+            break
+        report = measure_index(index, x, q, k, exact, build_seconds)
+    if report.recall_at_k < config.recall_floor:
+        params = index_spec(index, config)["params"]
+        raise IndexRecallError(
+            f"{index_kind(index)} index recall@{k} {report.recall_at_k:.4f} on {len(q)} served"
+            f" user vectors is below the floor {config.recall_floor} (index.recall_floor), even"
+            f" with the search widened to {params}: raise hnsw_m / hnsw_ef_search / ivf_nprobe,"
+            " use the other index kind, or lower the floor"
+        )
+    return index, report
 
 
 # Synthetic data for recall checks (tests, bench): clustered item vectors like a two-tower's output.
