@@ -27,8 +27,8 @@ SparseLike: TypeAlias = sp.spmatrix | sp.sparray
 
 # Elements per dense similarity block in ItemKNN.fit: ~32 MB of float64 at a time.
 _KNN_BLOCK_ELEMENTS = 1 << 22
-# Co-occurrence entries per chunk of the sparse item-kNN (~16 bytes each while topped): ~0.5 GB.
-_KNN_CHUNK_PAIRS = 1 << 25
+# Co-occurrence entries per chunk of the sparse item-kNN (~40 bytes each while scored and topped).
+_KNN_CHUNK_PAIRS = 1 << 24
 
 
 class CatalogTooLargeError(ValueError):
@@ -358,7 +358,7 @@ def sparse_knn_similarity(
         done = reach[bounds[-1] - 1] if bounds[-1] else 0.0
         stop = int(np.searchsorted(reach, done + chunk_pairs, side="right"))
         bounds.append(min(max(stop, bounds[-1] + 1), n_items))
-    parts: list[sp.coo_matrix] = []
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for start, stop in itertools.pairwise(bounds):
         if keep == 0:
             break
@@ -371,13 +371,16 @@ def sparse_knn_similarity(
         )
         del co, target, sims, other
         top = top_k_per_row_sparse(chunk, keep)
-        # Stored transposed: row = neighbour j, column = target i.
-        parts.append(sp.coo_matrix((top.data, (top.col, top.row + start)), shape=(n_items,) * 2))
+        # Stored transposed (row = neighbour j, column = target i), as int32 / float32: the kept
+        # neighbours are what stays in memory (up to k_neighbors per item).
+        parts.append((top.col.astype(np.int32), (top.row + start).astype(np.int32), top.data))
+        del chunk, top
     if not parts:
         return sp.csr_matrix((n_items, n_items))
-    rows = np.concatenate([p.row for p in parts])
-    cols = np.concatenate([p.col for p in parts])
-    vals = np.concatenate([p.data for p in parts])
+    rows = np.concatenate([p[0] for p in parts])
+    cols = np.concatenate([p[1] for p in parts])
+    vals = np.concatenate([p[2].astype(np.float32) for p in parts])
+    del parts
     return sp.csr_matrix((vals, (rows, cols)), shape=(n_items, n_items))
 
 

@@ -127,7 +127,7 @@ def test_sparse_knn_keeps_the_dense_neighbour_weights_of_every_item(chunk_pairs:
     assert dense is not None and dense.nnz == sparse.nnz
     d, s = dense.tocsc(), sparse.tocsc()
     for item in range(x.shape[1]):  # column = target item; ties may pick different neighbours
-        np.testing.assert_allclose(np.sort(s[:, item].data), np.sort(d[:, item].data), rtol=1e-12)
+        np.testing.assert_allclose(np.sort(s[:, item].data), np.sort(d[:, item].data), rtol=1e-6)
     assert s.diagonal().max() == 0.0 and s.getnnz(axis=0).max() <= 7
 
 
