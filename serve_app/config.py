@@ -229,6 +229,13 @@ class RankingConfig(BaseModel):
         le=1.0,
         description="at most ceil(share * k) items of one category per response (1: no cap)",
     )
+    exact_filter_below: int = Field(
+        20_000,
+        ge=0,
+        description="a request whose filters leave fewer items than this is searched exactly over "
+        "those items (one matrix product) instead of walking the index with a selector, where "
+        "HNSW loses recall when few nodes pass (bench/index_recall.py --filtered)",
+    )
 
 
 class BatchOptions(BaseModel):

@@ -173,11 +173,19 @@ class FeatureSpec(BaseModel):
 
 
 class IndexSpec(BaseModel):
+    """The bundle's FAISS index: type, build/search parameters and its build-time recall check
+    (recall@100 vs exact search on sampled users' served vectors; the build refuses < floor)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: str  # "flat", "ivf" or "hnsw"
     params: dict[str, float | int | str] = Field(default_factory=dict)
-    recall_at_100: float | None = None
+    recall_at_100: float | None = None  # at min(100, num_items) for tiny catalogs
+    recall_queries: int | None = None  # served user vectors the check searched with
+    recall_floor: float | None = None  # the floor the build checked against
+    build_seconds: float | None = None
+    search_p50_ms: float | None = None  # one query, one thread, on the build machine
+    search_p99_ms: float | None = None
 
 
 class BundleManifest(BaseModel):

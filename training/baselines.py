@@ -7,6 +7,7 @@ Users without history get the popularity ranking from kNN and EASE (see `_rank_w
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Protocol, TypeAlias
 
@@ -26,6 +27,8 @@ SparseLike: TypeAlias = sp.spmatrix | sp.sparray
 
 # Elements per dense similarity block in ItemKNN.fit: ~32 MB of float64 at a time.
 _KNN_BLOCK_ELEMENTS = 1 << 22
+# Co-occurrence entries per chunk of the sparse item-kNN (~40 bytes each while scored and topped).
+_KNN_CHUNK_PAIRS = 1 << 24
 
 
 class CatalogTooLargeError(ValueError):
@@ -240,12 +243,17 @@ class ItemKNNRecommender:
     most similar items j count. Items without any neighbour score are filled by popularity.
     """
 
-    def __init__(self, k_neighbors: int = 100, shrink: float = 10.0) -> None:
+    def __init__(
+        self, k_neighbors: int = 100, shrink: float = 10.0, dense_max_items: int = 20_000
+    ) -> None:
         if k_neighbors < 1:
             raise ValueError("k_neighbors must be >= 1")
         if shrink < 0:
             raise ValueError("shrink must be >= 0")
         self.k_neighbors = k_neighbors
+        # Up to this many items the similarities are scored in dense blocks (O(n^2) time, the
+        # numbers small catalogs have always had); above, sparse co-occurrence (O(pairs)).
+        self.dense_max_items = dense_max_items
         self.shrink = shrink
         self.similarity_: sp.csr_matrix | None = None
         self.interactions_: sp.csr_matrix | None = None
@@ -253,6 +261,15 @@ class ItemKNNRecommender:
 
     def fit(self, interactions: SparseLike) -> ItemKNNRecommender:
         matrix = as_interactions(interactions)
+        if matrix.shape[1] > self.dense_max_items:
+            self.similarity_ = sparse_knn_similarity(matrix, self.k_neighbors, self.shrink)
+        else:
+            self.similarity_ = self._dense_similarity(matrix)
+        self.interactions_ = matrix
+        self.popularity_ = np.asarray(matrix.sum(axis=0)).ravel()
+        return self
+
+    def _dense_similarity(self, matrix: sp.csr_matrix) -> sp.csr_matrix:
         n_items = matrix.shape[1]
         by_item = sp.csc_matrix(matrix)
         norms = np.sqrt(np.asarray(by_item.multiply(by_item).sum(axis=0)).ravel())
@@ -278,12 +295,8 @@ class ItemKNNRecommender:
             vals.append(top_vals[positive])
         if rows:
             data = (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols)))
-            self.similarity_ = sp.csr_matrix(data, shape=(n_items, n_items))
-        else:
-            self.similarity_ = sp.csr_matrix((n_items, n_items))
-        self.interactions_ = matrix
-        self.popularity_ = np.asarray(matrix.sum(axis=0)).ravel()
-        return self
+            return sp.csr_matrix(data, shape=(n_items, n_items))
+        return sp.csr_matrix((n_items, n_items))
 
     def _fitted(self) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
         if self.similarity_ is None or self.interactions_ is None or self.popularity_ is None:
@@ -309,6 +322,66 @@ class ItemKNNRecommender:
         scores[scores <= 0] = -np.inf  # no neighbour evidence: rank by popularity after the rest
         rows = _exclude_rows(exclude, users, popularity.size)
         return _rank_with_fallback(scores, popularity, k, rows)
+
+
+def top_k_per_row_sparse(m: sp.csr_matrix, k: int) -> sp.coo_matrix:
+    """The `k` largest positive entries of each row of `m` (ties: lower column first), as COO."""
+    m.sum_duplicates()
+    counts = np.diff(m.indptr)
+    row = np.repeat(np.arange(m.shape[0]), counts)
+    order = np.lexsort((m.indices, -m.data, row))  # by row, then value descending
+    rank = np.arange(m.nnz) - np.repeat(m.indptr[:-1], counts)
+    keep = order[(rank < k) & (m.data[order] > 0)]
+    return sp.coo_matrix((m.data[keep], (row[keep], m.indices[keep])), shape=m.shape)
+
+
+def sparse_knn_similarity(
+    matrix: sp.csr_matrix, k_neighbors: int, shrink: float, chunk_pairs: int = _KNN_CHUNK_PAIRS
+) -> sp.csr_matrix:
+    """Item-kNN similarities from sparse co-occurrence: S[j, i] = shrunk cosine of items j and i,
+    only i's `k_neighbors` largest kept (the layout `ItemKNNRecommender` scores with).
+
+    Targets are taken in chunks whose co-occurrence pairs (bounded by the sum over a target's users
+    of their history lengths) stay under `chunk_pairs`, so memory is O(nnz of the interactions +
+    one chunk + the kept neighbours) at any catalog size; only pairs that co-occur are scored
+    (an item pair nobody shares has cosine 0 and is never a neighbour here or in the dense path).
+    """
+    n_items = matrix.shape[1]
+    x = sp.csr_matrix(matrix, dtype=np.float64)
+    by_item = x.T.tocsr()  # items x users
+    norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=0)).ravel())
+    keep = min(k_neighbors, max(n_items - 1, 0))
+    # Upper bound of each target's co-occurrence entries: its users' history lengths, summed.
+    reach = np.cumsum(by_item @ np.diff(x.indptr).astype(np.float64))
+    bounds = [0]
+    while bounds[-1] < n_items:
+        done = reach[bounds[-1] - 1] if bounds[-1] else 0.0
+        stop = int(np.searchsorted(reach, done + chunk_pairs, side="right"))
+        bounds.append(min(max(stop, bounds[-1] + 1), n_items))
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for start, stop in itertools.pairwise(bounds):
+        if keep == 0:
+            break
+        co = (by_item[start:stop] @ x).tocoo()  # [targets, items]: co-occurrence weight
+        target = co.row + start
+        sims = co.data / (norms[target] * norms[co.col] + shrink + 1e-12)
+        other = co.col != target  # an item is not its own neighbour
+        chunk = sp.csr_matrix(
+            (sims[other], (co.row[other], co.col[other])), shape=(stop - start, n_items)
+        )
+        del co, target, sims, other
+        top = top_k_per_row_sparse(chunk, keep)
+        # Stored transposed (row = neighbour j, column = target i), as int32 / float32: the kept
+        # neighbours are what stays in memory (up to k_neighbors per item).
+        parts.append((top.col.astype(np.int32), (top.row + start).astype(np.int32), top.data))
+        del chunk, top
+    if not parts:
+        return sp.csr_matrix((n_items, n_items))
+    rows = np.concatenate([p[0] for p in parts])
+    cols = np.concatenate([p[1] for p in parts])
+    vals = np.concatenate([p[2].astype(np.float32) for p in parts])
+    del parts
+    return sp.csr_matrix((vals, (rows, cols)), shape=(n_items, n_items))
 
 
 def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:

@@ -2,8 +2,10 @@
 
 Fit on positive first interactions before a cutoff (the same history the user states read), stored in
 the bundle as `collaborative.npz` (CSR arrays, loaded without pickle) and applied on both sides by
-`serve_app.contract.cf_scores`. EASE is dense n x n when fit; only its `ease_top_k` largest weights per
-item are kept, so the bundle and a request's scoring stay sparse.
+`serve_app.contract.cf_scores`. EASE is dense n x n when fit, so it is fit only up to
+`collaborative.max_items` (above: an empty matrix); only its `ease_top_k` largest weights per item are
+kept, so the bundle and a request's scoring stay sparse. Transitions and item-kNN are sparse and stay
+on at any catalog size (1M items: see bench/collaborative_fit.py).
 """
 
 from __future__ import annotations
@@ -76,28 +78,30 @@ def interactions_before(log: EncodedLog, mask: np.ndarray) -> sp.csr_matrix:
 def fit_collaborative(
     log: EncodedLog, cutoff: pd.Timestamp | None, config: CollaborativeConfig
 ) -> Collaborative:
-    """EASE, kNN and transitions from positive interactions before `cutoff` (None: all)."""
+    """The switched-on models from positive interactions before `cutoff` (None: all); a model
+    switched off, or EASE above `config.max_items` (dense n x n while fitting), is an empty matrix.
+
+    Transitions and item-kNN are sparse (O(events) and O(co-occurring pairs)), so they stay on at
+    any catalog size; kNN scores dense blocks up to `knn_dense_max_items`, sparse chunks above.
+    """
     mask = log.before(cutoff) if cutoff is not None else np.ones(len(log.ts), dtype=bool)
-    history = interactions_before(log, mask)
-    ease = EASERecommender(lam=config.ease_lambda, max_items=config.max_items).fit(history)
-    knn = ItemKNNRecommender(config.knn_neighbors, config.knn_shrink).fit(history)
-    return collaborative_from(ease, knn, log, mask, config)
-
-
-def collaborative_from(
-    ease: EASERecommender,
-    knn: ItemKNNRecommender,
-    log: EncodedLog,
-    mask: np.ndarray,
-    config: CollaborativeConfig,
-) -> Collaborative:
-    """The bundle's models from EASE and kNN already fit on the positives within `mask` (the
-    pipeline's baselines), plus the transitions of the same events."""
-    assert ease.weights_ is not None and knn.similarity_ is not None, "fit them first"
+    n = log.n_items
+    empty = sp.csr_matrix((n, n), dtype=np.float32)
+    history = interactions_before(log, mask) if (config.ease or config.knn) else None
+    ease, knn = empty, empty
+    if config.ease and history is not None and n <= config.max_items:
+        weights = EASERecommender(lam=config.ease_lambda, max_items=config.max_items).fit(history)
+        assert weights.weights_ is not None
+        ease = top_k_per_row(weights.weights_, config.ease_top_k)
+    if config.knn and history is not None:
+        model = ItemKNNRecommender(
+            config.knn_neighbors, config.knn_shrink, dense_max_items=config.knn_dense_max_items
+        ).fit(history)
+        knn = sp.csr_matrix(model.similarity_, dtype=np.float32)
     return Collaborative(
-        ease=top_k_per_row(ease.weights_, config.ease_top_k),
-        knn=sp.csr_matrix(knn.similarity_, dtype=np.float32),
-        transitions=transition_matrix(log, mask, config.next_gap),
+        ease=ease,
+        knn=knn,
+        transitions=transition_matrix(log, mask, config.next_gap) if config.transitions else empty,
         last_items=config.last_items,
         per_source=config.per_source,
     )

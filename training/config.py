@@ -91,7 +91,22 @@ class IndexSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     exact_threshold: int = Field(50_000, ge=1, description="below this many items: exact search")
-    kind: Literal["hnsw", "ivf"] = "hnsw"
+    kind: Literal["hnsw", "ivf"] = Field(
+        "ivf", description="approximate index at or above exact_threshold (training/index.py: why)"
+    )
+    recall_floor: float = Field(
+        0.95,
+        ge=0.0,
+        le=1.0,
+        description="a bundle whose index recall@100 vs exact search, on sampled users' served "
+        "vectors, stays below this (after widening the search) is refused",
+    )
+    check_users: int = Field(
+        1_000, ge=1, description="users sampled for the build-time recall check"
+    )
+    build_threads: int = Field(
+        2, ge=1, description="FAISS threads while building and checking (serving searches on 1)"
+    )
 
 
 class RankerConfig(BaseModel):
@@ -129,7 +144,16 @@ class CollaborativeConfig(BaseModel):
     transitions: bool = Field(True, description="next-item transitions (signal next) on")
     knn: bool = Field(True, description="item-kNN (signal knn) on")
     max_items: int = Field(
-        20_000, ge=2, description="above this catalog size EASE (dense n x n) is not fit: off"
+        20_000,
+        ge=2,
+        description="above this catalog size EASE (dense n x n) is not fit: off; transitions and "
+        "item-kNN (sparse) stay on at any size",
+    )
+    knn_dense_max_items: int = Field(
+        20_000,
+        ge=1,
+        description="item-kNN scores dense similarity blocks up to this many items (O(n^2) time);"
+        " above, sparse co-occurrence in chunks (memory O(pairs))",
     )
     ease_lambda: float = Field(200.0, gt=0.0, description="EASE L2 weight")
     ease_top_k: int = Field(200, ge=1, description="EASE weights kept per item (largest first)")

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from tqdm import tqdm
 
@@ -190,21 +189,18 @@ def fit_tower(
 def collaborative_model(
     data: EncodedLog, config: CollaborativeConfig, n_items: int
 ) -> Collaborative | None:
-    """The bundle's collaborative models with the settings' signals (a model off: empty)."""
+    """The bundle's collaborative models with the settings' signals (a model off: empty).
+
+    Transitions and item-kNN are sparse and fit at any catalog size; EASE (dense n x n) only up
+    to `collaborative.max_items`, above which it is empty and the other two stay on.
+    """
     if not config.enabled or not (config.ease or config.transitions or config.knn):
         return None
-    if n_items > config.max_items:
-        log.warning("collaborative models off: %d items > collaborative.max_items", n_items)
-        return None
-    model = fit_collaborative(data, None, config)
-    empty = sp.csr_matrix((n_items, n_items), dtype=np.float32)
-    return Collaborative(
-        ease=model.ease if config.ease else empty,
-        knn=model.knn if config.knn else empty,
-        transitions=model.transitions if config.transitions else empty,
-        last_items=model.last_items,
-        per_source=model.per_source,
-    )
+    if config.ease and n_items > config.max_items:
+        log.warning("EASE off: %d items > collaborative.max_items (kNN, transitions on)", n_items)
+        if not (config.transitions or config.knn):
+            return None
+    return fit_collaborative(data, None, config)
 
 
 @dataclass
@@ -352,20 +348,8 @@ def write_bundle(
     np.save(directory / "item_embeddings.npy", item_vecs, allow_pickle=False)
     np.save(directory / "item_features.npy", stats_end.matrix(items.price), allow_pickle=False)
     np.save(directory / "item_categories.npy", items.codes.astype(np.int32), allow_pickle=False)
-    index_config = faiss_index.IndexConfig(
-        exact_threshold=settings.index.exact_threshold, kind=settings.index.kind
-    )
-    index = faiss_index.build_index(item_vecs, index_config)
+    index, index_report, index_config = bundle_index(settings, fitted, data, item_vecs)
     faiss_index.save_index(index, directory / "index.faiss")
-    # The shipped index against exact search, queried with the served user vectors.
-    sample = data.encoded.user_ids[: min(len(data.encoded.user_ids), 1000)]
-    states = user_states_at(data.encoded, sample, None, L)
-    report = faiss_index.measure_index(
-        index,
-        item_vecs,
-        encode_users(fitted.towers.user_tower, states, tt),
-        k=min(100, len(items.item_ids)),
-    )
     fitted.ranker.booster.save_model(str(directory / "ranker.ubj"))
     spec = (
         save_collaborative(fitted.collaborative, directory)
@@ -406,13 +390,52 @@ def write_bundle(
         item_feature_names=list(ITEM_FEATURE_NAMES),
         categories=categories,
         index=IndexSpec(
-            **{**faiss_index.index_spec(index, index_config), "recall_at_100": report.recall_at_k}
+            **faiss_index.index_spec(index, index_config),
+            recall_at_100=index_report.recall_at_k,
+            recall_queries=index_report.n_queries,
+            recall_floor=index_config.recall_floor,
+            build_seconds=index_report.build_seconds,
+            search_p50_ms=index_report.p50_ms,
+            search_p99_ms=index_report.p99_ms,
         ),
-        metrics={"index_recall@100": report.recall_at_k, **(metrics or {})},
+        metrics={"index_recall@100": index_report.recall_at_k, **(metrics or {})},
         params={**settings_params(settings, fitted), **(params or {})},
         files={},
     )
     return finalize_bundle(directory, manifest)
+
+
+def bundle_index(
+    settings: TrainingSettings, fitted: FittedSystem, data: Log, item_vecs: np.ndarray
+) -> tuple[Any, faiss_index.IndexReport, faiss_index.IndexConfig]:
+    """The bundle's index, built once (on `index.build_threads`) and checked: recall@100 against
+    exact search, queried with the served user vectors of users sampled from the log (their state at
+    its end, through the served user tower: what serving computes from their `user_profile` rows).
+    Raises `IndexRecallError` below `index.recall_floor`."""
+    s = settings.index
+    config = faiss_index.IndexConfig(
+        exact_threshold=s.exact_threshold,
+        kind=s.kind,
+        recall_floor=s.recall_floor,
+        check_queries=s.check_users,
+        build_threads=s.build_threads,
+    )
+    users = data.encoded.user_ids
+    rng = np.random.default_rng(settings.two_tower.seed)
+    sample = users[np.sort(rng.choice(len(users), min(len(users), s.check_users), replace=False))]
+    states = user_states_at(data.encoded, sample, None, fitted.tt.history_length)
+    queries = encode_users(fitted.towers.user_tower, states, fitted.tt)
+    index, report = faiss_index.build_checked_index(item_vecs, queries, config, k=100)
+    log.info(
+        "index %s: recall@%d %.4f on %d users, build %.1f s, search p99 %.2f ms",
+        faiss_index.index_kind(index),
+        report.k,
+        report.recall_at_k,
+        report.n_queries,
+        report.build_seconds or 0.0,
+        report.p99_ms,
+    )
+    return index, report, config
 
 
 SEARCHABLE_SECTIONS = ("two_tower", "ranker", "collaborative", "split", "cold_start")
