@@ -3,9 +3,9 @@ side in the same run, for another commit of it (`--before`).
 
 Two ways to measure:
 - stages (`--bundle DIR` or `--synthetic-items N`): one process per stage (UserTower, Retriever,
-  Ranker, ReRanker) at once, as replicas on one node are, each loading the same 1..V versions
-  (distinct copies of the bundle, as distinct versions are distinct files) through the stage's
-  `from_directory` and warming them; no Ray, no Redis. Memory after the warm-up, then again after
+  Ranker, ReRanker; `--replicas` of each) at once, as replicas on one node are, each loading the
+  same 1..V versions (distinct copies of the bundle, as distinct versions are distinct files)
+  through the stage's `from_directory` and warming them; no Ray, no Redis. Memory after the warm-up, then again after
   every mapped array was read once (a replica that has served long enough to touch every row).
   `--synthetic-items` writes a servable bundle of that size without training
   (`tests.bundle_factory.make_serving_bundle`: random embeddings, an untrained tower, an exact
@@ -153,14 +153,14 @@ sys.stdin.readline()
 """
 
 
-def measure_stages(checkout: Path, directories: Sequence[Path]) -> dict[str, Any]:
-    """Start one process per stage on `directories` (its versions), all at once; their memory
-    after loading and warming, then after reading every array."""
+def measure_stages(checkout: Path, directories: Sequence[Path], replicas: int) -> dict[str, Any]:
+    """Start `replicas` processes per stage on `directories` (its versions), all at once; their
+    memory (replicas summed) after loading and warming, then after reading every array."""
     import psutil
 
     env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1"}
     processes = {
-        stage: subprocess.Popen(
+        (stage, replica): subprocess.Popen(
             [sys.executable, "-c", STAGE_PROCESS, stage, *map(str, directories)],
             cwd=checkout,
             env=env,
@@ -169,23 +169,32 @@ def measure_stages(checkout: Path, directories: Sequence[Path]) -> dict[str, Any
             text=True,
         )
         for stage in STAGES
+        for replica in range(replicas)
     }
-    out: dict[str, Any] = {stage: {} for stage in STAGES}
+    out: dict[str, Any] = {stage: {"load_seconds": 0.0} for stage in STAGES}
+
+    def add(stage: str, state: str, process: subprocess.Popen[str]) -> None:
+        memory = process_memory(psutil.Process(process.pid))
+        total = out[stage].setdefault(state, dict.fromkeys(MEASURES, 0.0))
+        for key in MEASURES:
+            total[key] = round(total[key] + memory[key], 1)
+
     try:
-        for stage, process in processes.items():
+        for (stage, _), process in processes.items():
             line = process.stdout.readline()  # type: ignore[union-attr]
             if not line:
                 raise SystemExit(f"{checkout}: the {stage} process failed (exit {process.wait()})")
-            out[stage].update(json.loads(line))
-        for stage, process in processes.items():
-            out[stage]["warm"] = process_memory(psutil.Process(process.pid))
+            seconds = json.loads(line)["load_seconds"]
+            out[stage]["load_seconds"] = max(out[stage]["load_seconds"], seconds)
+        for (stage, _), process in processes.items():
+            add(stage, "warm", process)
         for process in processes.values():
             process.stdin.write("\n")  # type: ignore[union-attr]
             process.stdin.flush()  # type: ignore[union-attr]
         for process in processes.values():
             process.stdout.readline()  # type: ignore[union-attr]
-        for stage, process in processes.items():
-            out[stage]["touched"] = process_memory(psutil.Process(process.pid))
+        for (stage, _), process in processes.items():
+            add(stage, "touched", process)
     finally:
         for process in processes.values():
             if process.poll() is None:
@@ -282,9 +291,12 @@ def run_stages(args: argparse.Namespace) -> dict[str, Any]:
     for name, commit, directories in sides:
         with checkout_of(commit) as checkout:
             for count in versions:
-                result = measure_stages(checkout, directories[:count])
-                results.setdefault(name, {})[f"{count} versions"] = result
-                stage_table(f"{name}, {count} v", result)
+                result = measure_stages(checkout, directories[:count], args.replicas)
+                key = f"{count} versions" + (
+                    f", {args.replicas} replicas" if args.replicas > 1 else ""
+                )
+                results.setdefault(name, {})[key] = result
+                stage_table(f"{name}, {count} v x {args.replicas} r", result)
     for label, sizes in results["bundle_size_mb"].items():
         print(f"bundle on disk, {label}: {sizes['total']:,.1f} MB")
     return results
@@ -395,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", help="a commit to measure beside this checkout")
     parser.add_argument("--requests", type=int, default=200, help="graph: warm-up requests")
     parser.add_argument("--versions", default="1,4", help="stages: version counts to load")
+    parser.add_argument("--replicas", type=int, default=1, help="stages: processes per stage")
     parser.add_argument("--dim", type=int, default=64, help="synthetic: embedding dimension")
     parser.add_argument("--hidden", type=int, default=128, help="synthetic: tower width")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/replica-memory"))
