@@ -1,7 +1,14 @@
 """Serving side of the model bundle: resolve an alias, download a version once, verify, load.
 
 No serving logic and no training code: stages build themselves from the `Bundle` returned here.
-Nothing here unpickles (npy/npz with allow_pickle=False, TorchScript, FAISS and XGBoost formats, JSON).
+Nothing here unpickles (npy/npz with allow_pickle=False, FAISS and XGBoost formats, JSON).
+
+Memory: the catalog-sized arrays (item ids, embeddings, features, categories, the user tower's
+history table in `user_tower.npz`) and the FAISS index are memory-mapped read-only after the
+checksums are verified, so every replica and version on a node shares one copy in the page cache
+instead of holding its own; ids are looked up through `serve_app.ids.ItemIndex`, never a dict. A
+bundle's files must not change while it is loaded: the cache only ever adds or removes whole
+directories (a removed file stays readable through its mapping).
 
 Verification rules (`verify_bundle`): the manifest must parse, carry a known `format_version` and
 list every required file; every listed file must exist with the listed sha256. Files present but not
@@ -17,7 +24,9 @@ import logging
 import os
 import re
 import shutil
+import struct
 import tempfile
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +38,11 @@ from pydantic import ValidationError
 
 from serve_app.contract import Collaborative
 from serve_app.errors import BundleIntegrityError, ModelUnavailable
+from serve_app.ids import ItemIndex
 from serve_app.imports import import_xgboost
 from serve_app.schemas import (
     BUNDLE_FILES,
-    BUNDLE_FORMAT_VERSION,
+    READABLE_FORMAT_VERSIONS,
     USER_TOWER_WEIGHT_NAMES,
     USER_TOWER_WEIGHTS_FILE,
     BundleManifest,
@@ -40,7 +50,6 @@ from serve_app.schemas import (
 
 if TYPE_CHECKING:  # loaded lazily: a stage imports only the libraries of its artifacts
     import faiss
-    import torch
     import xgboost as xgb
 
 logger = logging.getLogger(__name__)
@@ -66,7 +75,7 @@ class Bundle:
 
     path: Path
     manifest: BundleManifest
-    user_tower: torch.jit.ScriptModule
+    user_tower_weights: dict[str, np.ndarray]  # user_tower.npz (the numpy tower's arrays)
     item_ids: np.ndarray  # unicode [n]
     item_embeddings: np.ndarray  # float32 [n, d], L2-normalised by training
     item_features: np.ndarray  # float32 [n, f], columns = manifest.item_feature_names
@@ -74,9 +83,8 @@ class Bundle:
     index: faiss.Index
     ranker: xgb.Booster
     popularity: dict[str, Any]  # {"global": [item_id...], "by_category": {category: [item_id...]}}
-    item_index: dict[str, int]  # item_id -> row
+    item_index: ItemIndex  # item_id -> row
     collaborative: Collaborative | None = None  # manifest.collaborative, when the bundle has it
-    user_tower_weights: dict[str, np.ndarray] | None = None  # user_tower.npz, if it has one
 
     @property
     def version(self) -> str | None:
@@ -106,10 +114,10 @@ def read_manifest(path: str | Path) -> BundleManifest:
     # Check the version before the schema: a future format may not validate against this one.
     if not isinstance(raw, dict):
         raise BundleIntegrityError("not a JSON object", file=MANIFEST_NAME)
-    if raw.get("format_version") != BUNDLE_FORMAT_VERSION:
+    if raw.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise BundleIntegrityError(
             f"unknown format_version {raw.get('format_version')!r} "
-            f"(this server reads {BUNDLE_FORMAT_VERSION})",
+            f"(this server reads {', '.join(map(str, READABLE_FORMAT_VERSIONS))})",
             file=MANIFEST_NAME,
         )
     try:
@@ -128,6 +136,14 @@ def verify_bundle(path: str | Path) -> BundleManifest:
     if not directory.is_dir():
         raise BundleIntegrityError(f"bundle directory {directory} does not exist")
     manifest = read_manifest(directory)
+    if USER_TOWER_WEIGHTS_FILE not in manifest.files:
+        # Format 1 bundles may carry the tower only as TorchScript, which serving no longer runs.
+        raise BundleIntegrityError(
+            f"not listed in {MANIFEST_NAME}: this server runs the user tower from "
+            f"{USER_TOWER_WEIGHTS_FILE} only (a bundle with just user_tower.pt must be exported "
+            "again by a current training run)",
+            file=USER_TOWER_WEIGHTS_FILE,
+        )
     for name in BUNDLE_FILES:
         if name not in manifest.files:
             raise BundleIntegrityError(f"required file not listed in {MANIFEST_NAME}", file=name)
@@ -294,15 +310,77 @@ def _download(tracking_uri: str, model_name: str, version: str, destination: Pat
 # --- loading ----------------------------------------------------------------------------------
 
 
-def _load_npy(directory: Path, name: str) -> np.ndarray:
+def _load_npy(directory: Path, name: str, *, mmap: bool = True) -> np.ndarray:
+    """A verified .npy, memory-mapped read-only by default (a plain ndarray viewing the map)."""
     try:
-        array = np.load(directory / name, allow_pickle=False)
+        array = np.load(directory / name, mmap_mode="r" if mmap else None, allow_pickle=False)
     except ValueError as exc:  # object arrays need pickle: refused, never unpickled
         raise BundleIntegrityError(f"not a plain numeric/unicode array: {exc}", file=name) from None
     if not isinstance(array, np.ndarray):
         raise BundleIntegrityError("expected a single .npy array", file=name)
+    array = np.asarray(array)  # np.memmap -> ndarray: slices and gathers are plain arrays
     array.flags.writeable = False
     return array
+
+
+_ZIP_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # PKZIP local file header, 30 bytes
+_ZIP_LOCAL_SIGNATURE = 0x04034B50
+
+
+def _npz_member(handle: Any, path: Path, info: zipfile.ZipInfo, name: str) -> np.ndarray | None:
+    """One member of an .npz mapped in place, or None when it cannot be (compressed, encrypted):
+    `np.savez` stores members uncompressed, each an .npy at a fixed offset of the archive."""
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        return None
+    handle.seek(info.header_offset)
+    header = handle.read(_ZIP_LOCAL_HEADER.size)
+    if len(header) != _ZIP_LOCAL_HEADER.size:
+        raise BundleIntegrityError("truncated zip member header", file=name)
+    fields = _ZIP_LOCAL_HEADER.unpack(header)
+    if fields[0] != _ZIP_LOCAL_SIGNATURE:
+        raise BundleIntegrityError("bad zip member header", file=name)
+    start = info.header_offset + _ZIP_LOCAL_HEADER.size + fields[9] + fields[10]
+    handle.seek(start)
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+    else:
+        return None
+    if dtype.hasobject:  # would need pickle: refused, never unpickled
+        raise BundleIntegrityError(f"unreadable: {info.filename} is an object array", file=name)
+    offset = handle.tell()
+    if offset - start + int(np.prod(shape)) * dtype.itemsize > info.file_size:
+        raise BundleIntegrityError(f"{info.filename} is shorter than its header says", file=name)
+    if int(np.prod(shape)) == 0:
+        return np.zeros(shape, dtype=dtype)
+    mapped = np.memmap(
+        path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C"
+    )
+    return np.asarray(mapped)
+
+
+def _load_npz(directory: Path, name: str) -> dict[str, np.ndarray]:
+    """The arrays of a verified .npz by name, without pickle; members stored uncompressed are
+    memory-mapped read-only (shared through the page cache), any other is read into memory."""
+    path = directory / name
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as handle:
+            for info in archive.infolist():
+                key = info.filename.removesuffix(".npy")
+                array = _npz_member(handle, path, info, name)
+                if array is None:
+                    with archive.open(info) as member:
+                        array = np.lib.format.read_array(member, allow_pickle=False)
+                array.flags.writeable = False
+                arrays[key] = array
+    except BundleIntegrityError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise BundleIntegrityError(f"unreadable: {exc}", file=name) from None
+    return arrays
 
 
 def _expect(array: np.ndarray, name: str, dtype: str, shape: tuple[int, ...]) -> None:
@@ -329,11 +407,7 @@ def _load_collaborative(directory: Path, manifest: BundleManifest, n: int) -> Co
         raise BundleIntegrityError(
             "collaborative lacks last_items/per_source", file="manifest.json"
         ) from None
-    try:
-        with np.load(directory / name, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError) as exc:
-        raise BundleIntegrityError(f"unreadable: {exc}", file=name) from None
+    arrays = _load_npz(directory, name)
     matrices = {}
     for matrix in COLLABORATIVE_MATRICES:
         try:
@@ -383,13 +457,14 @@ def _apply_search_params(index: faiss.Index, params: dict[str, float | int | str
 # process never imports torch or FAISS, the Retriever's never torch or XGBoost).
 
 
-def load_item_ids(directory: Path, manifest: BundleManifest) -> tuple[np.ndarray, dict[str, int]]:
-    """`item_ids.npy` and the id -> row map (ids must be unique)."""
+def load_item_ids(directory: Path, manifest: BundleManifest) -> tuple[np.ndarray, ItemIndex]:
+    """`item_ids.npy` (memory-mapped) and its id -> row lookup (ids must be unique)."""
     item_ids = _load_npy(directory, "item_ids.npy")
     _expect(item_ids, "item_ids.npy", "unicode", (manifest.num_items,))
-    item_index = {str(item_id): row for row, item_id in enumerate(item_ids.tolist())}
-    if len(item_index) != manifest.num_items:
-        raise BundleIntegrityError("duplicate item ids", file="item_ids.npy")
+    try:
+        item_index = ItemIndex.from_ids(item_ids)
+    except ValueError as exc:
+        raise BundleIntegrityError(str(exc), file="item_ids.npy") from None
     return item_ids, item_index
 
 
@@ -421,12 +496,16 @@ def load_item_categories(directory: Path, manifest: BundleManifest) -> np.ndarra
 
 
 def load_index(directory: Path, manifest: BundleManifest) -> faiss.Index:
-    """The FAISS index (its own reader), with the manifest's search-time parameters."""
+    """The FAISS index (its own reader), with the manifest's search-time parameters. Its vectors
+    (flat storage, HNSW's too) and graph are memory-mapped read-only, shared by every process on
+    the node that maps the same file."""
     import faiss
 
     n, d = manifest.num_items, manifest.embedding_dim
     try:
-        index = faiss.read_index(str(directory / "index.faiss"))
+        index = faiss.read_index(
+            str(directory / "index.faiss"), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+        )
     except RuntimeError as exc:
         raise BundleIntegrityError(f"unreadable FAISS index: {exc}", file="index.faiss") from None
     if index.ntotal != n or index.d != d:
@@ -455,37 +534,14 @@ def load_ranker(directory: Path, manifest: BundleManifest) -> xgb.Booster:
     return ranker
 
 
-def load_user_tower(directory: Path) -> torch.jit.ScriptModule:
-    """The TorchScript user tower on CPU, in eval mode, without gradients."""
-    import torch
-
-    try:
-        user_tower = torch.jit.load(str(directory / "user_tower.pt"), map_location="cpu")
-    except RuntimeError as exc:
-        raise BundleIntegrityError(
-            f"unreadable TorchScript module: {exc}", file="user_tower.pt"
-        ) from None
-    user_tower.eval()
-    # Serving never trains: without this every forward would still record an autograd graph.
-    for parameter in user_tower.parameters():
-        parameter.requires_grad_(False)
-    return user_tower
-
-
-def load_user_tower_weights(
-    directory: Path, manifest: BundleManifest
-) -> dict[str, np.ndarray] | None:
+def load_user_tower_weights(directory: Path, manifest: BundleManifest) -> dict[str, np.ndarray]:
     """The user tower's weights (`user_tower.npz`: float32, `USER_TOWER_WEIGHT_NAMES`, shapes that
-    chain into [embedding_dim] vectors over this catalog), or None when the manifest does not list
-    the file (a bundle from before it: serve its TorchScript tower)."""
+    chain into [embedding_dim] vectors over this catalog), memory-mapped: the history table is
+    [num_items + 1, H], 512 MB at a million items and H = 128."""
     name = USER_TOWER_WEIGHTS_FILE
-    if name not in manifest.files:  # verify_bundle checked the listed files only
-        return None
-    try:
-        with np.load(directory / name, allow_pickle=False) as npz:
-            weights = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError) as exc:  # object arrays need pickle: refused, never unpickled
-        raise BundleIntegrityError(f"unreadable: {exc}", file=name) from None
+    if name not in manifest.files:  # verify_bundle refuses such a bundle; a caller may not verify
+        raise BundleIntegrityError(f"not listed in {MANIFEST_NAME}", file=name)
+    weights = _load_npz(directory, name)
     if sorted(weights) != sorted(USER_TOWER_WEIGHT_NAMES):
         raise BundleIntegrityError(
             f"arrays {sorted(weights)}, expected {sorted(USER_TOWER_WEIGHT_NAMES)}", file=name
@@ -512,7 +568,6 @@ def load_user_tower_weights(
             raise BundleIntegrityError(
                 f"{key} is {array.dtype} {array.shape}, expected float32 {shape}", file=name
             )
-        array.flags.writeable = False
     return weights
 
 
@@ -544,7 +599,7 @@ def load_bundle(path: str | Path) -> Bundle:
     return Bundle(
         path=directory,
         manifest=manifest,
-        user_tower=load_user_tower(directory),
+        user_tower_weights=load_user_tower_weights(directory, manifest),
         item_ids=item_ids,
         item_embeddings=load_item_embeddings(directory, manifest),
         item_features=load_item_features(directory, manifest),
@@ -554,5 +609,4 @@ def load_bundle(path: str | Path) -> Bundle:
         popularity=load_popularity(directory),
         item_index=item_index,
         collaborative=load_collaborative(directory, manifest),
-        user_tower_weights=load_user_tower_weights(directory, manifest),
     )

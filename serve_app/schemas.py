@@ -134,10 +134,18 @@ def validate_catalog(rows: Iterable[Mapping[str, Any]]) -> list[CatalogItem]:
     return out
 
 
-BUNDLE_FORMAT_VERSION = 1
+# 2: the user tower ships once, as `user_tower.npz` (format 1 also carried `user_tower.pt`, the same
+# weights as TorchScript: at a million items a second copy of a 512 MB history table).
+BUNDLE_FORMAT_VERSION = 2
+# What serving still reads: a format 1 bundle that lists `user_tower.npz` (its `user_tower.pt` is
+# verified like any listed file and never opened); one without it is refused.
+READABLE_FORMAT_VERSIONS = (1, 2)
+# The user tower's weights as plain float32 arrays (np.savez, uncompressed: serving memory-maps them
+# without pickle), named as in its state dict; serving runs the forward in numpy, without torch.
+USER_TOWER_WEIGHTS_FILE = "user_tower.npz"
 # Files every bundle carries; the manifest lists their sha256 (plus any extra file it ships).
 BUNDLE_FILES = (
-    "user_tower.pt",
+    USER_TOWER_WEIGHTS_FILE,
     "item_ids.npy",
     "item_embeddings.npy",
     "item_features.npy",
@@ -146,10 +154,8 @@ BUNDLE_FILES = (
     "ranker.ubj",
     "popularity.json",
 )
-# Optional beside user_tower.pt: the same tower's weights as plain float32 arrays (np.savez, loaded
-# without pickle), named as in its state dict, so serving runs the forward in numpy without importing
-# torch (~250 MiB per replica). A bundle without it is served through the TorchScript file.
-USER_TOWER_WEIGHTS_FILE = "user_tower.npz"
+# A file format 2 leaves out: `finalize_bundle` refuses a bundle directory that holds it.
+RETIRED_BUNDLE_FILES = ("user_tower.pt",)
 USER_TOWER_WEIGHT_NAMES = (
     "user_embedding.weight",  # [user_buckets + 1, H], row 0: unknown user
     "history_embedding.weight",  # [num_items + 1, H], row 0: padding

@@ -1,4 +1,4 @@
-"""Test helper: builds a tiny but real model bundle (TorchScript tower, FAISS index, XGBoost).
+"""Test helper: builds a tiny but real model bundle (the user tower's npz, FAISS index, XGBoost).
 
 Shared by the bundle, registry and serving tests so they exercise the real file formats without a
 training run. Keep `make_tiny_bundle`'s signature stable; the pieces are exposed so tests can
@@ -16,42 +16,20 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 import xgboost as xgb
-from torch import nn
 
 from serve_app.schemas import BundleManifest, FeatureSpec, IndexSpec
 from training.registry import finalize_bundle
+from training.two_tower import UserTower, export_user_tower
 
 NUM_BUCKETS = 64
-PROFILE_DIM = 4
-HISTORY_LENGTH = 5
-PADDING_ID = -1  # pads `recent` when a user has fewer than HISTORY_LENGTH interactions
 CATEGORIES = ("books", "games", "music")
+PROFILE_DIM = 1 + len(CATEGORIES)
+HISTORY_LENGTH = 5
+HIDDEN = 6
 ITEM_FEATURE_NAMES = ("price", "popularity", "age_days")
 RANKER_FEATURES = ("retrieval_score", "price", "popularity", "age_days", "category_affinity")
 DEFAULT_METRICS = {"ndcg@10": 0.30, "recall@100": 0.50}
-
-
-class TinyUserTower(nn.Module):
-    """User bucket embedding + profile projection + mean of recent item embeddings, normalised."""
-
-    def __init__(self, item_embeddings: torch.Tensor, num_buckets: int, profile_dim: int) -> None:
-        super().__init__()
-        dim = int(item_embeddings.shape[1])
-        self.user_embedding = nn.Embedding(num_buckets, dim)
-        self.profile = nn.Linear(profile_dim, dim)
-        self.items = nn.Buffer(item_embeddings.clone())  # saved with the module, not trained
-        self.padding_id: int = PADDING_ID
-
-    def forward(
-        self, user_bucket: torch.Tensor, profile: torch.Tensor, recent: torch.Tensor
-    ) -> torch.Tensor:
-        mask = (recent != self.padding_id).unsqueeze(-1).to(profile.dtype)
-        history = self.items[recent.clamp(min=0)] * mask
-        history_mean = history.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        out = self.user_embedding(user_bucket) + self.profile(profile) + history_mean
-        return F.normalize(out, dim=-1)
 
 
 @dataclass(frozen=True)
@@ -82,11 +60,12 @@ def tiny_arrays(n_items: int = 50, dim: int = 8, seed: int = 0) -> TinyArrays:
     )
 
 
-def build_tiny_tower(item_embeddings: np.ndarray, seed: int = 0) -> TinyUserTower:
-    """The eager user tower, deterministic in `seed` without touching torch's global RNG."""
+def build_tiny_tower(n_items: int, dim: int, seed: int = 0) -> UserTower:
+    """The eager user tower (training's class, untrained), deterministic in `seed` without touching
+    torch's global RNG."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        tower = TinyUserTower(torch.from_numpy(item_embeddings), NUM_BUCKETS, PROFILE_DIM)
+        tower = UserTower(NUM_BUCKETS, n_items, PROFILE_DIM, HIDDEN, dim)
     return tower.eval()
 
 
@@ -130,9 +109,7 @@ def make_tiny_bundle(
     np.save(out / "item_features.npy", arrays.item_features, allow_pickle=False)
     np.save(out / "item_categories.npy", arrays.item_categories, allow_pickle=False)
 
-    torch.jit.save(
-        torch.jit.script(build_tiny_tower(arrays.item_embeddings, seed)), out / "user_tower.pt"
-    )
+    export_user_tower(build_tiny_tower(n_items, dim, seed), out)
 
     index = faiss.IndexFlatIP(dim)
     index.add(arrays.item_embeddings)
@@ -148,10 +125,9 @@ def make_tiny_bundle(
         embedding_dim=dim,
         num_items=n_items,
         user_tower={
-            "num_buckets": NUM_BUCKETS,
+            "user_buckets": NUM_BUCKETS,
             "profile_dim": PROFILE_DIM,
             "history_length": HISTORY_LENGTH,
-            "padding_id": PADDING_ID,
             "input_names": ["user_bucket", "profile", "recent"],
         },
         user_tower_inputs=[
@@ -179,3 +155,77 @@ def tamper_registered(source_uri: str, name: str = "item_embeddings.npy") -> Non
     data = bytearray(stored.read_bytes())
     data[-1] ^= 0xFF
     stored.write_bytes(bytes(data))
+
+
+def make_serving_bundle(
+    directory: str | Path,
+    *,
+    n_items: int = 50,
+    dim: int = 8,
+    hidden: int = HIDDEN,
+    n_categories: int = len(CATEGORIES),
+    seed: int = 0,
+    popular: int = 1_000,
+) -> BundleManifest:
+    """A bundle the serving stages accept (the contract's item and ranker features, training's user
+    tower), of any size, without training: random unit embeddings, an untrained tower, an exact
+    index and a few-tree ranker on random rows. For tests of loading and for bench/replica_memory.py
+    (a million items: ~1 GB on disk, about a minute to write)."""
+    from serve_app.contract import ITEM_FEATURE_NAMES as ITEM_FEATURES
+    from serve_app.contract import RANKER_FEATURE_NAMES
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    item_ids = np.array([f"i{i}" for i in rng.permutation(n_items)])  # rows not in id order
+    np.save(out / "item_ids.npy", item_ids, allow_pickle=False)
+    embeddings = np.empty((n_items, dim), dtype=np.float32)
+    for start in range(0, n_items, 1 << 17):  # in chunks: no float64 copy of the whole table
+        part = rng.standard_normal((min(1 << 17, n_items - start), dim), dtype=np.float32)
+        embeddings[start : start + len(part)] = part / np.linalg.norm(part, axis=1, keepdims=True)
+    np.save(out / "item_embeddings.npy", embeddings, allow_pickle=False)
+    features = rng.uniform(0.0, 5.0, (n_items, len(ITEM_FEATURES))).astype(np.float32)
+    np.save(out / "item_features.npy", features, allow_pickle=False)
+    codes = rng.integers(0, n_categories, n_items).astype(np.int32)
+    np.save(out / "item_categories.npy", codes, allow_pickle=False)
+    index = faiss.IndexFlatIP(dim)
+    index.add(embeddings)
+    faiss.write_index(index, str(out / "index.faiss"))
+    del index, embeddings
+    categories = [f"c{c}" for c in range(n_categories)]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tower = UserTower(NUM_BUCKETS, n_items, 1 + n_categories, hidden, dim).eval()
+    export_user_tower(tower, out)
+    del tower
+    x = rng.uniform(size=(200, len(RANKER_FEATURE_NAMES))).astype(np.float32)
+    train = xgb.DMatrix(x, label=(x[:, 0] > 0.5).astype(np.float32))
+    train.set_group([10] * 20)
+    params = {"objective": "rank:ndcg", "max_depth": 3, "nthread": 1, "seed": seed}
+    xgb.train(params, train, num_boost_round=4).save_model(str(out / "ranker.ubj"))
+    top = np.argsort(-features[:, 0], kind="stable")[:popular]
+    popularity = {
+        "global": item_ids[top].tolist(),
+        "by_category": {categories[c]: item_ids[top[codes[top] == c]].tolist() for c in range(3)},
+    }
+    (out / "popularity.json").write_text(json.dumps(popularity))
+    manifest = BundleManifest(
+        model_name="recserve",
+        created_at=datetime(2024, 1, 1, tzinfo=UTC),
+        data_snapshot_id=f"synthetic-{n_items}-seed{seed}",
+        embedding_dim=dim,
+        num_items=n_items,
+        user_tower={
+            "user_buckets": NUM_BUCKETS,
+            "history_length": HISTORY_LENGTH,
+            "profile_dim": 1 + n_categories,
+        },
+        user_tower_inputs=[],
+        ranker_features=list(RANKER_FEATURE_NAMES),
+        item_feature_names=list(ITEM_FEATURES),
+        categories=categories,
+        index=IndexSpec(type="flat", params={}),
+        params={"seed": seed, "factory": "tests.bundle_factory.make_serving_bundle"},
+        files={},
+    )
+    return finalize_bundle(out, manifest)

@@ -23,7 +23,12 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-from serve_app.schemas import BUNDLE_FILES, BUNDLE_FORMAT_VERSION, BundleManifest
+from serve_app.schemas import (
+    BUNDLE_FILES,
+    BUNDLE_FORMAT_VERSION,
+    RETIRED_BUNDLE_FILES,
+    BundleManifest,
+)
 
 if TYPE_CHECKING:
     from training.online_gate import OnlineEvidence
@@ -91,6 +96,8 @@ def finalize_bundle(bundle_dir: str | Path, manifest: BundleManifest) -> BundleM
 
     Every regular file except the manifest itself is listed, so nothing in the directory goes
     unverified. Sub-directories are refused: the format is flat and the verifier would skip them.
+    So is a file the format retired (`user_tower.pt`: the tower ships once, as `user_tower.npz`).
+    The manifest is written in the current format version, whatever `manifest` said.
     """
     directory = Path(bundle_dir)
     files: dict[str, str] = {}
@@ -99,11 +106,16 @@ def finalize_bundle(bundle_dir: str | Path, manifest: BundleManifest) -> BundleM
             continue
         if not entry.is_file():
             raise RegistryError(f"bundle {directory}: '{entry.name}' is not a regular file")
+        if entry.name in RETIRED_BUNDLE_FILES:
+            raise RegistryError(
+                f"bundle {directory}: '{entry.name}' is not part of bundle format "
+                f"{BUNDLE_FORMAT_VERSION} (the user tower ships once, as user_tower.npz)"
+            )
         files[entry.name] = sha256_file(entry)
     missing = [name for name in BUNDLE_FILES if name not in files]
     if missing:
         raise RegistryError(f"bundle {directory}: missing required files {missing}")
-    final = manifest.model_copy(update={"files": files})
+    final = manifest.model_copy(update={"files": files, "format_version": BUNDLE_FORMAT_VERSION})
     write_manifest(directory, final)
     return final
 

@@ -1,16 +1,15 @@
 """Two-tower retrieval model: user and item towers trained with in-batch negatives (InfoNCE).
 
 Sampled-softmax log-Q correction removes the popularity bias of in-batch negatives; event-type weights and
-an empirical position-bias correction weight each positive. The user tower is exported as TorchScript
-(the bundle's `user_tower.pt`) and as plain weights (`user_tower.npz`, served in numpy); item
-embeddings are precomputed for the whole catalog.
+an empirical position-bias correction weight each positive. The user tower is exported once, as plain
+weights (the bundle's `user_tower.npz`, served in numpy); item embeddings are precomputed for the
+whole catalog.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -398,14 +397,10 @@ def train_two_tower(
 
 
 def export_user_tower(tower: UserTower, directory: Path) -> None:
-    """Save the user tower into a bundle directory twice, both loadable without pickle and without
-    the Python class: TorchScript (`user_tower.pt`) and its weights as float32 arrays
-    (`user_tower.npz`, `USER_TOWER_WEIGHT_NAMES`), which serving runs in numpy without torch."""
-    with warnings.catch_warnings():
-        # TorchScript is deprecated upstream but remains the pickle-free format Torch 2.x loads.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        scripted = torch.jit.script(tower.eval())
-        torch.jit.save(scripted, str(directory / "user_tower.pt"))
+    """Save the user tower into a bundle directory, once: its weights as float32 arrays
+    (`user_tower.npz`, `USER_TOWER_WEIGHT_NAMES`, uncompressed so that serving memory-maps them),
+    loadable without pickle and without torch; serving runs them in numpy. No TorchScript copy:
+    at a million items it would ship the 512 MB history table a second time."""
     state = tower.state_dict()
     if tuple(state) != USER_TOWER_WEIGHT_NAMES:
         # The numpy forward (serve_app.stages.user_tower) is this architecture, array for array.
@@ -416,3 +411,17 @@ def export_user_tower(tower: UserTower, directory: Path) -> None:
         name: value.detach().cpu().numpy().astype(np.float32) for name, value in state.items()
     }
     np.savez(directory / USER_TOWER_WEIGHTS_FILE, **arrays)
+
+
+def read_user_tower(directory: Path) -> UserTower:
+    """The torch module of a bundle's `user_tower.npz` (the inverse of `export_user_tower`), for
+    offline scoring that wants torch's forward beside serving's numpy one. No pickle."""
+    with np.load(directory / USER_TOWER_WEIGHTS_FILE, allow_pickle=False) as npz:
+        state = {name: torch.from_numpy(npz[name].copy()) for name in USER_TOWER_WEIGHT_NAMES}
+    buckets = state["user_embedding.weight"].shape[0] - 1
+    n_items = state["history_embedding.weight"].shape[0] - 1
+    hidden, profile_dim = state["profile_proj.weight"].shape
+    dim = state["mlp.2.weight"].shape[0]
+    tower = UserTower(buckets, n_items, profile_dim, hidden, dim)
+    tower.load_state_dict(state)
+    return tower.eval()

@@ -3,6 +3,8 @@ them, popularity, and the manifest terms a server checks before serving a bundle
 
 Each table is built from the files it needs (`serve_app.bundle` loaders), so a stage that loads it
 pays only for those: item ids and categories are small next to embeddings, the index or the booster.
+Ids map to rows through `serve_app.ids.ItemIndex` (sorted ids, `np.searchsorted`), never a dict per
+replica; the arrays are the bundle's memory maps.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from serve_app.contract import (
     RANKER_FEATURE_SETS,
 )
 from serve_app.errors import BundleIntegrityError
+from serve_app.ids import ItemIndex
 from serve_app.schemas import BundleManifest
 from serve_app.stages.records import Filters, UserState
 
@@ -110,7 +113,7 @@ class Catalog:
     """Item ids, their rows and categories: what filters and responses are expressed in."""
 
     item_ids: np.ndarray  # unicode [n]
-    item_index: Mapping[str, int]  # item_id -> row
+    item_index: ItemIndex  # item_id -> row
     item_categories: np.ndarray  # int32 [n], indexes categories
     categories: tuple[str, ...]
 
@@ -118,7 +121,7 @@ class Catalog:
     def n_items(self) -> int:
         return len(self.item_ids)
 
-    @cached_property  # read by every request's filters
+    @cached_property  # read by every request's filters (one entry per category, not per item)
     def category_codes(self) -> dict[str, int]:
         return {name: code for code, name in enumerate(self.categories)}
 
@@ -140,12 +143,7 @@ class Catalog:
 
     def filter_rows(self, filters: Filters) -> np.ndarray:
         """Rows the request's filters leave out (sorted, unique)."""
-        parts = [
-            np.array(
-                [self.item_index[i] for i in filters.exclude_item_ids if i in self.item_index],
-                dtype=np.int64,
-            )
-        ]
+        parts = [self.item_index.known_rows(filters.exclude_item_ids)]
         codes_of = self.category_codes
         if filters.exclude_categories:
             codes = [codes_of[c] for c in filters.exclude_categories if c in codes_of]
@@ -157,8 +155,7 @@ class Catalog:
 
     def rows_of(self, item_ids: Sequence[str]) -> np.ndarray:
         """Sorted unique rows of the known ids among `item_ids` (unknown ones are skipped)."""
-        index = self.item_index
-        return np.unique(np.array([index[i] for i in item_ids if i in index], dtype=np.int64))
+        return np.unique(self.item_index.known_rows(item_ids))
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,15 +169,15 @@ class Popularity:
     @classmethod
     def from_lists(cls, popularity: Mapping[str, Any], catalog: Catalog) -> Popularity:
         index = catalog.item_index
-        top = [index[i] for i in popularity.get("global", []) if i in index]
+        top = index.known_rows(popularity.get("global", []))
         prior = np.zeros(catalog.n_items, dtype=np.float32)
-        if top:
+        if len(top):
             prior[top] = 1.0 - np.arange(len(top), dtype=np.float32) / len(top)
         by_category = {
-            str(name): np.array([index[i] for i in ids if i in index], dtype=np.int64)
+            str(name): index.known_rows(ids)
             for name, ids in dict(popularity.get("by_category", {})).items()
         }
-        return cls(np.array(top, dtype=np.int64), by_category, prior)
+        return cls(top, by_category, prior)
 
     def rows(self, category: str | None, excluded: np.ndarray, count: int) -> np.ndarray:
         """Most popular rows first: the category's list (when known) ahead of the global one."""

@@ -43,7 +43,11 @@ class RetrievalModel:
     terms: BundleTerms
     catalog: Catalog
     index: faiss.Index
-    item_embeddings: np.ndarray  # float32 [n, d]: scores of the candidates not from the index
+    # float32 [n, d], a read-only map of item_embeddings.npy: scores of the candidates not from the
+    # index. Not a second copy: the ReRanker maps the same file (one page-cache copy per node), and
+    # the index maps its own file; reconstructing from the index instead would not save the npy's
+    # pages (the ReRanker needs them) and is lossy for compressed indexes.
+    item_embeddings: np.ndarray
     popularity: Popularity
     collaborative: Collaborative | None  # set when the ranker reads collaborative features
 

@@ -1,7 +1,7 @@
 """The user tower stage, pure: tower inputs from online features, one forward pass per batch, the
 real-time delta added. Twin of the `serve_app.user_tower` deployment; loads only the tower
-(`user_tower.npz`, run in numpy; `user_tower.pt` for a bundle without it) and the item ids, to read
-histories.
+(`user_tower.npz`, memory-mapped and run in numpy: serving never imports torch) and the item ids, to
+read histories.
 
 Semantics follow the offline evaluation exactly (`training.two_tower.encode_users`): user bucket =
 hash_bucket(user_id, user_buckets) + 1, or 0 for a user whose snapshot has no positive event; profile
@@ -19,13 +19,12 @@ import numpy as np
 
 from serve_app.config import RankingConfig
 from serve_app.contract import hash_bucket
+from serve_app.ids import ItemIndex
 from serve_app.schemas import BundleManifest
 from serve_app.stages.catalog import BundleTerms
 from serve_app.stages.records import Query, UserState
 
 if TYPE_CHECKING:  # serve_app.features imports Feast (seconds): only the deployment reads it
-    import torch
-
     from serve_app.bundle import Bundle
     from serve_app.features import UserFeatures
 
@@ -80,28 +79,12 @@ class NumpyUserTower:
 
 
 @dataclass(frozen=True, eq=False)
-class TorchScriptUserTower:
-    """The bundle's TorchScript tower (`user_tower.pt`), for bundles without `user_tower.npz`."""
-
-    module: torch.jit.ScriptModule
-
-    def __call__(self, buckets: np.ndarray, profile: np.ndarray, recent: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            out = self.module(
-                torch.from_numpy(buckets), torch.from_numpy(profile), torch.from_numpy(recent)
-            )
-        return np.asarray(out.numpy(), dtype=np.float32)
-
-
-@dataclass(frozen=True, eq=False)
 class TowerModel:
     """What the user tower serves from: the tower's forward pass and the item id -> row map."""
 
     terms: BundleTerms
     tower: UserTowerForward
-    item_index: Mapping[str, int]
+    item_index: ItemIndex
 
     @property
     def version(self) -> str:
@@ -109,44 +92,30 @@ class TowerModel:
 
     @property
     def runs_torch(self) -> bool:
-        return isinstance(self.tower, TorchScriptUserTower)
+        """Always False since bundle format 2 (the tower ships as numpy arrays only); kept for the
+        deployment, which sets torch's threads when it is True."""
+        return False
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, terms: BundleTerms) -> TowerModel:
-        """The numpy forward when the bundle has the weights (what the deployment serves)."""
-        tower: UserTowerForward = (
-            NumpyUserTower.from_weights(bundle.user_tower_weights)
-            if bundle.user_tower_weights is not None
-            else TorchScriptUserTower(bundle.user_tower)
-        )
-        return cls(terms, tower, bundle.item_index)
+        return cls(terms, NumpyUserTower.from_weights(bundle.user_tower_weights), bundle.item_index)
 
     @classmethod
     def from_directory(
         cls, directory: Path, version: str, manifest: BundleManifest | None = None
     ) -> TowerModel:
         """`manifest`: the bundle's, already verified (`fetch_bundle` checked every file); None:
-        verify the directory here. Torch is imported only for a bundle without `user_tower.npz`."""
-        from serve_app.bundle import (
-            load_item_ids,
-            load_user_tower,
-            load_user_tower_weights,
-            verify_bundle,
-        )
+        verify the directory here. A bundle without `user_tower.npz` is refused
+        (BundleIntegrityError): there is no TorchScript fallback."""
+        from serve_app.bundle import load_item_ids, load_user_tower_weights, verify_bundle
 
         manifest = manifest or verify_bundle(directory)
         _, item_index = load_item_ids(directory, manifest)
-        weights = load_user_tower_weights(directory, manifest)
-        tower: UserTowerForward = (
-            NumpyUserTower.from_weights(weights)
-            if weights is not None
-            else TorchScriptUserTower(load_user_tower(directory))
-        )
+        tower = NumpyUserTower.from_weights(load_user_tower_weights(directory, manifest))
         return cls(BundleTerms.from_manifest(manifest, version), tower, item_index)
 
     def warm(self) -> None:
-        """The first calls are slow (TorchScript profiles and optimises; numpy's first touch of
-        the weights): make them here."""
+        """The first calls are slow (numpy's first touch of the small weights): make them here."""
         c = len(self.terms.categories)
         for batch in (1, 2, 4, 8, 16, 32):
             user_vectors(
@@ -157,15 +126,13 @@ class TowerModel:
             )
 
 
-def encode_recent(
-    item_ids: Sequence[str], item_index: Mapping[str, int], length: int
-) -> np.ndarray:
+def encode_recent(item_ids: Sequence[str], item_index: ItemIndex, length: int) -> np.ndarray:
     """History as the tower reads it: row + 1 per known item, newest first, 0-padded to `length`.
 
     Items the bundle does not know (newer than its catalog) are skipped.
     """
     out = np.zeros(length, dtype=np.int64)
-    rows = [item_index[i] + 1 for i in item_ids if i in item_index][:length]
+    rows = item_index.known_rows(item_ids)[:length] + 1
     out[: len(rows)] = rows
     return out
 
@@ -234,7 +201,7 @@ def embed_users(
         seen_ids = set(features.recent_items[row])
         if seen_items is not None:
             seen_ids.update(seen_items[row])
-        seen = np.unique(np.array([index[i] for i in seen_ids if i in index], dtype=np.int64))
+        seen = np.unique(index.known_rows(seen_ids))
         count = float(features.event_count[row])
         interactions = max(int(count), len(seen_ids))
         states.append(

@@ -22,6 +22,7 @@ from training.pipeline import FINAL_SYSTEM, run_pipeline
 from training.registry import promote
 from training.rounds import temporal_rounds
 from training.synthetic import generate
+from training.two_tower import read_user_tower
 
 pytestmark = pytest.mark.integration
 
@@ -92,9 +93,11 @@ def test_pipeline_registers_a_verified_refit_bundle_that_round_trips(tmp_path: P
     # Every item is its own nearest neighbour in the shipped index.
     _, ids = bundle.index.search(np.ascontiguousarray(bundle.item_embeddings[:20]), 1)
     assert ids[:, 0].tolist() == list(range(20))
-    # The TorchScript tower runs on the manifest's declared inputs and returns unit vectors.
+    # The tower ships once (npz, no TorchScript copy), runs on the manifest's declared inputs and
+    # returns unit vectors.
+    assert "user_tower.npz" in manifest.files and "user_tower.pt" not in manifest.files
     spec = manifest.user_tower
-    out = bundle.user_tower(
+    out = read_user_tower(path)(
         torch.tensor([0, 1]),
         torch.zeros(2, spec["profile_dim"]),
         torch.tensor([[1] + [0] * (spec["history_length"] - 1)] * 2),

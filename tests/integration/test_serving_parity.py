@@ -55,7 +55,7 @@ def offline(trained_bundle: TrainedBundle) -> Offline:
     from training.data import read_dataset
     from training.features import encode_log, user_states_at
     from training.ranker import ranking_inputs, rerank
-    from training.two_tower import encode_users
+    from training.two_tower import encode_users, read_user_tower
 
     settings = ServeSettings(
         feature_store={"data_dir": trained_bundle.data_dir, "profile": "embedded"},
@@ -80,8 +80,8 @@ def offline(trained_bundle: TrainedBundle) -> Offline:
         history_length=model.history_length,
         embedding_dim=bundle.manifest.embedding_dim,
     )
-    # The bundle's TorchScript tower: the module training exported (encode_users only calls it).
-    vectors = encode_users(bundle.user_tower, states, tower)  # type: ignore[arg-type]
+    # The bundle's tower read back into training's torch module (encode_users runs it in torch).
+    vectors = encode_users(read_user_tower(bundle.path), states, tower)
     assert model.collaborative is not None, "the fixture's pipeline ships collaborative models"
     inputs = ranking_inputs(
         vectors,
@@ -114,7 +114,7 @@ def test_serving_pipeline_reproduces_the_offline_ranking(
     version = source.resolve()
     assert version == trained_bundle.version
     model = source.load(version)
-    # Two independent forwards: serving runs the tower in numpy, the offline side in TorchScript.
+    # Two independent forwards: serving runs the tower in numpy, the offline side in torch.
     assert isinstance(model.tower.tower, NumpyUserTower)
     users, k = offline.users, offline.k
     features, seen = UserFeatureSource.from_settings(settings).read(model, users)

@@ -15,6 +15,7 @@ from serve_app.bundle import load_bundle, verify_bundle
 from serve_app.contract import Collaborative
 from serve_app.errors import BundleIntegrityError
 from serve_app.schemas import BUNDLE_FILES
+from serve_app.stages.user_tower import NumpyUserTower
 from tests.bundle_factory import (
     HISTORY_LENGTH,
     NUM_BUCKETS,
@@ -69,18 +70,20 @@ def test_round_trip_gives_identical_arrays_and_same_tower_output(bundle_dir: Pat
     )
     assert not bundle.item_embeddings.flags.writeable
 
-    # The scripted, saved and reloaded tower computes what the eager module computes.
-    eager = build_tiny_tower(expected.item_embeddings, SEED)
+    # The saved and reloaded weights, run in numpy, compute what the eager torch module computes.
+    eager = build_tiny_tower(N_ITEMS, DIM, SEED)
     gen = torch.Generator().manual_seed(1)
-    user_bucket = torch.randint(0, NUM_BUCKETS, (4,), generator=gen)
+    user_bucket = torch.randint(0, NUM_BUCKETS + 1, (4,), generator=gen)
     profile = torch.randn(4, PROFILE_DIM, generator=gen)
-    recent = torch.tensor([[0, 3, -1, -1, -1], [5, 6, 7, 8, 9], [-1] * HISTORY_LENGTH, [2] * 5])
+    recent = torch.tensor([[1, 3, 0, 0, 0], [5, 6, 7, 8, 9], [0] * HISTORY_LENGTH, [N_ITEMS] * 5])
+    loaded_out = NumpyUserTower.from_weights(bundle.user_tower_weights)(
+        user_bucket.numpy(), profile.numpy(), recent.numpy()
+    )
     with torch.inference_mode():
-        loaded_out = bundle.user_tower(user_bucket, profile, recent)
-        eager_out = eager(user_bucket, profile, recent)
+        eager_out = eager(user_bucket, profile, recent).numpy()
     assert loaded_out.shape == (4, DIM)
-    torch.testing.assert_close(loaded_out, eager_out)
-    torch.testing.assert_close(loaded_out.norm(dim=1), torch.ones(4))
+    np.testing.assert_allclose(loaded_out, eager_out, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(loaded_out, axis=1), 1.0, atol=1e-6)
 
     # Inner-product search over unit vectors: every item is its own nearest neighbour.
     _, neighbours = bundle.index.search(expected.item_embeddings[[0, 11, 29]], 1)
@@ -121,6 +124,41 @@ def test_missing_file_is_refused_naming_it(bundle_dir: Path) -> None:
     assert excinfo.value.file == "ranker.ubj"
 
 
+def test_the_user_tower_ships_once_as_npz(bundle_dir: Path) -> None:
+    manifest = read_manifest(bundle_dir)
+    assert manifest.format_version == 2
+    assert "user_tower.npz" in manifest.files and "user_tower.pt" not in manifest.files
+    assert not (bundle_dir / "user_tower.pt").exists()
+    # The writer refuses the retired TorchScript copy of the tower.
+    (bundle_dir / "user_tower.pt").write_bytes(b"torchscript")
+    with pytest.raises(RegistryError, match=r"'user_tower\.pt' is not part of bundle format 2"):
+        finalize_bundle(bundle_dir, manifest)
+
+
+def test_a_bundle_without_the_npz_tower_is_refused_naming_it(bundle_dir: Path) -> None:
+    # A format 1 bundle that carries its tower only as TorchScript: no torch fallback any more.
+    manifest = read_manifest(bundle_dir)
+    (bundle_dir / "user_tower.npz").unlink()
+    (bundle_dir / "user_tower.pt").write_bytes(b"torchscript")
+    files = {k: v for k, v in manifest.files.items() if k != "user_tower.npz"}
+    files["user_tower.pt"] = hashlib.sha256(b"torchscript").hexdigest()
+    write_manifest(bundle_dir, manifest.model_copy(update={"files": files, "format_version": 1}))
+    with pytest.raises(
+        BundleIntegrityError, match=r"runs the user tower from user_tower\.npz only"
+    ):
+        verify_bundle(bundle_dir)
+
+
+def test_a_format_1_bundle_with_the_npz_tower_still_loads(bundle_dir: Path) -> None:
+    manifest = read_manifest(bundle_dir)
+    (bundle_dir / "user_tower.pt").write_bytes(b"never opened")
+    files = {**manifest.files, "user_tower.pt": hashlib.sha256(b"never opened").hexdigest()}
+    write_manifest(bundle_dir, manifest.model_copy(update={"files": files, "format_version": 1}))
+    bundle = load_bundle(bundle_dir)
+    assert bundle.manifest.format_version == 1
+    assert bundle.item_index["item_0003"] == 3
+
+
 def test_unknown_format_version_is_refused(bundle_dir: Path) -> None:
     manifest_path = bundle_dir / "manifest.json"
     raw = json.loads(manifest_path.read_text())
@@ -149,6 +187,7 @@ def test_manifest_file_name_outside_the_bundle_is_refused(bundle_dir: Path) -> N
 
 def test_unlisted_extra_file_is_ignored(bundle_dir: Path) -> None:
     (bundle_dir / "notes.txt").write_text("left by a copy tool")
+    (bundle_dir / "user_tower.pt").write_text("a stray file the loader never opens")
     assert verify_bundle(bundle_dir).files.keys() == set(BUNDLE_FILES)
 
 

@@ -17,9 +17,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 import xgboost as xgb
-from torch import nn
 
 from serve_app.bundle import Bundle
 from serve_app.config import RankingConfig
@@ -33,6 +31,7 @@ from serve_app.contract import (
 )
 from serve_app.errors import BundleIntegrityError
 from serve_app.features import FeatureShapes, UserRealtimeState, assemble_user_features
+from serve_app.ids import ItemIndex
 from serve_app.recommend import ServingModel, recommend_in_process
 from serve_app.schemas import BundleManifest, IndexSpec
 from serve_app.stages import reranker, user_tower
@@ -41,6 +40,7 @@ from serve_app.stages.records import Candidates, Filters, Query, Recommendations
 from serve_app.stages.reranker import category_cap, mmr_select
 from serve_app.stages.retriever import OVERFETCH_LIMIT, retrieve_batch, search_batch
 from serve_app.stages.user_tower import add_delta, encode_recent
+from training.two_tower import UserTower
 
 CATEGORIES = ("a", "b", "c")
 N_ITEMS, DIM, HISTORY, BUCKETS = 30, 4, 3, 16
@@ -100,20 +100,12 @@ def rerank(model: ServingModel, scored: Scored, ranking: RankingConfig) -> Recom
     return reranker.rerank(model.reranking, scored, ranking)
 
 
-class Tower(nn.Module):
-    """Same signature as the real user tower: (bucket, profile, recent) -> unit vector."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.user = nn.Embedding(BUCKETS + 1, DIM)
-        self.items = nn.Embedding(N_ITEMS + 1, DIM, padding_idx=0)
-        self.profile = nn.Linear(1 + len(CATEGORIES), DIM)
-
-    def forward(
-        self, bucket: torch.Tensor, profile: torch.Tensor, recent: torch.Tensor
-    ) -> torch.Tensor:
-        history = self.items(recent).sum(1)
-        return F.normalize(self.user(bucket) + self.profile(profile) + history, dim=-1)
+def tower_weights(seed: int) -> dict[str, np.ndarray]:
+    """The arrays of `user_tower.npz` (training's tower, untrained), deterministic in `seed`."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tower = UserTower(BUCKETS, N_ITEMS, 1 + len(CATEGORIES), DIM, DIM)
+    return {k: v.detach().numpy().astype(np.float32) for k, v in tower.state_dict().items()}
 
 
 def make_model(
@@ -134,9 +126,6 @@ def make_model(
     data = xgb.DMatrix(x, label=y)
     data.set_group([10] * 20)
     ranker = xgb.train({"objective": "rank:ndcg", "nthread": 1, "seed": 0}, data, 3)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        tower = torch.jit.script(Tower().eval())
     popularity = {
         "global": [f"i{i:02d}" for i in (5, 4, 3, 2, 1, 0)],
         "by_category": {"b": ["i07", "i04", "i01"]},
@@ -160,7 +149,7 @@ def make_model(
     bundle = Bundle(
         path=Path("."),
         manifest=manifest,
-        user_tower=tower,
+        user_tower_weights=tower_weights(seed),
         item_ids=item_ids,
         item_embeddings=emb,
         item_features=features,
@@ -168,7 +157,7 @@ def make_model(
         index=index,
         ranker=ranker,
         popularity=popularity,
-        item_index={str(i): r for r, i in enumerate(item_ids)},
+        item_index=ItemIndex.from_ids(item_ids),
         collaborative=collaborative,
     )
     return ServingModel.from_bundle(bundle)

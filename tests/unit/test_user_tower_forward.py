@@ -1,8 +1,9 @@
-"""The user tower in numpy (`user_tower.npz`) computes what the TorchScript tower training exported
-computes, and serving a bundle that has it imports no torch (Feast included; nor XGBoost sklearn).
+"""The user tower in numpy (`user_tower.npz`) computes what training's torch tower computes, serving
+a bundle imports no torch (Feast included; nor XGBoost sklearn), and a bundle without the npz is
+refused (no TorchScript fallback).
 
-The reference is the TorchScript file of the same tower (`training.two_tower.export_user_tower`
-writes both), run by torch: the independent path the numpy forward must reproduce.
+The reference is the eager `training.two_tower.UserTower` that was exported, and the same module read
+back by `read_user_tower`, run by torch: the independent path the numpy forward must reproduce.
 """
 
 from __future__ import annotations
@@ -14,30 +15,32 @@ import numpy as np
 import pytest
 import torch
 
-from serve_app.bundle import load_user_tower, load_user_tower_weights, read_manifest
+from serve_app.bundle import load_user_tower_weights, read_manifest
 from serve_app.contract import ITEM_FEATURE_NAMES, RANKER_FEATURE_NAMES
 from serve_app.errors import BundleIntegrityError
 from serve_app.schemas import USER_TOWER_WEIGHTS_FILE, BundleManifest, IndexSpec
-from serve_app.stages.user_tower import NumpyUserTower, TorchScriptUserTower, TowerModel
+from serve_app.stages.user_tower import NumpyUserTower, TowerModel
 from tests.fresh_interpreter import run_probe
 from training.registry import sha256_file, write_manifest
-from training.two_tower import UserTower, export_user_tower
+from training.two_tower import UserTower, export_user_tower, read_user_tower
 
 BUCKETS, N_ITEMS, HIDDEN, DIM, HISTORY = 16, 30, 12, 6, 5
 CATEGORIES = ("a", "b", "c")
 PROFILE_DIM = 1 + len(CATEGORIES)
 
 
-def write_tower_bundle(directory: Path, *, seed: int = 0, with_weights: bool = True) -> None:
+def write_tower_bundle(directory: Path, *, seed: int = 0, with_weights: bool = True) -> UserTower:
     """The user tower's part of a bundle: an untrained tower exported as training exports it, the
-    item ids, and a manifest listing those files (the other stages' files are not needed here)."""
+    item ids, and a manifest listing those files (the other stages' files are not needed here).
+    Returns the exported module."""
     directory.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        tower = UserTower(BUCKETS, N_ITEMS, PROFILE_DIM, HIDDEN, DIM)
+        tower = UserTower(BUCKETS, N_ITEMS, PROFILE_DIM, HIDDEN, DIM).eval()
     export_user_tower(tower, directory)
-    if not with_weights:  # a bundle from before the npz
+    if not with_weights:  # a bundle from before the npz (its tower only as TorchScript)
         (directory / USER_TOWER_WEIGHTS_FILE).unlink()
+        (directory / "user_tower.pt").write_bytes(b"torchscript")
     item_ids = np.array([f"i{i:02d}" for i in range(N_ITEMS)])
     np.save(directory / "item_ids.npy", item_ids, allow_pickle=False)
     files = {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file()}
@@ -56,6 +59,7 @@ def write_tower_bundle(directory: Path, *, seed: int = 0, with_weights: bool = T
         files=files,
     )
     write_manifest(directory, manifest)
+    return tower
 
 
 def tower_batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -74,18 +78,27 @@ def tower_batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarra
     return buckets, profile, recent
 
 
+def torch_forward(
+    tower: UserTower, buckets: np.ndarray, profile: np.ndarray, recent: np.ndarray
+) -> np.ndarray:
+    with torch.inference_mode():
+        out = tower(torch.from_numpy(buckets), torch.from_numpy(profile), torch.from_numpy(recent))
+    return np.asarray(out.numpy(), dtype=np.float32)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_numpy_forward_equals_the_torchscript_forward(tmp_path: Path, seed: int) -> None:
-    write_tower_bundle(tmp_path, seed=seed)
+def test_numpy_forward_equals_the_torch_forward(tmp_path: Path, seed: int) -> None:
+    exported = write_tower_bundle(tmp_path, seed=seed)
     manifest = read_manifest(tmp_path)
-    weights = load_user_tower_weights(tmp_path, manifest)
-    assert weights is not None
-    numpy_tower = NumpyUserTower.from_weights(weights)
-    script_tower = TorchScriptUserTower(load_user_tower(tmp_path))
+    numpy_tower = NumpyUserTower.from_weights(load_user_tower_weights(tmp_path, manifest))
 
     buckets, profile, recent = tower_batch(np.random.default_rng(seed), 64)
     got = numpy_tower(buckets, profile, recent)
-    expected = script_tower(buckets, profile, recent)
+    expected = torch_forward(exported, buckets, profile, recent)
+    # Read back for offline scoring, the module is the one exported.
+    np.testing.assert_array_equal(
+        torch_forward(read_user_tower(tmp_path), buckets, profile, recent), expected
+    )
 
     assert got.dtype == np.float32 and got.shape == (64, DIM)
     assert float(np.abs(got - expected).max()) < 1e-5
@@ -94,16 +107,19 @@ def test_numpy_forward_equals_the_torchscript_forward(tmp_path: Path, seed: int)
     assert float(np.abs(got[0] - got[1]).max()) > 1e-3
 
 
-def test_tower_model_serves_numpy_when_the_bundle_has_the_weights(tmp_path: Path) -> None:
+def test_tower_model_serves_the_npz_memory_mapped_and_refuses_a_bundle_without_it(
+    tmp_path: Path,
+) -> None:
     write_tower_bundle(tmp_path / "new")
     write_tower_bundle(tmp_path / "old", with_weights=False)
     new = TowerModel.from_directory(tmp_path / "new", "2", read_manifest(tmp_path / "new"))
-    old = TowerModel.from_directory(tmp_path / "old", "1", read_manifest(tmp_path / "old"))
     assert isinstance(new.tower, NumpyUserTower) and not new.runs_torch
-    assert isinstance(old.tower, TorchScriptUserTower) and old.runs_torch
-    batch = tower_batch(np.random.default_rng(5), 16)
-    # The same tower exported twice: both bundles serve the same vectors.
-    assert float(np.abs(new.tower(*batch) - old.tower(*batch)).max()) < 1e-5
+    # The history table is a read-only map of the file, not a copy in this process.
+    table = new.tower.history_embedding
+    assert not table.flags.owndata and not table.flags.writeable
+    with pytest.raises(BundleIntegrityError, match=r"user tower from user_tower\.npz only") as exc:
+        TowerModel.from_directory(tmp_path / "old", "1")
+    assert exc.value.file == USER_TOWER_WEIGHTS_FILE
 
 
 def rewrite_weights(directory: Path, **changes: np.ndarray) -> None:
@@ -153,24 +169,22 @@ from serve_app.deployments.user_tower import load_tower
 directory = Path(sys.argv[1])
 model = load_tower(directory, "1", read_manifest(directory))
 model.warm()
+if len(sys.argv) > 2:  # the probe's own check: a module imported after the load is seen
+    import torch
 print(json.dumps({name: name in sys.modules for name in ("torch", "feast", "sklearn")}))
 """
 
 
-def imports_of_a_tower_replica(bundle: Path) -> dict[str, bool]:
+def imports_of_a_tower_replica(bundle: Path, *extra: str) -> dict[str, bool]:
     """Load and warm the bundle's tower in a fresh interpreter after importing the four stage
     deployments, Feast and XGBoost as serving does; which of torch, Feast and sklearn it holds."""
-    result: dict[str, bool] = run_probe(PROBE, str(bundle))
+    result: dict[str, bool] = run_probe(PROBE, str(bundle), *extra)
     return result
 
 
 @pytest.mark.slow
-def test_serving_stages_feast_and_xgboost_import_no_torch_when_the_bundle_has_the_weights(
-    tmp_path: Path,
-) -> None:
-    write_tower_bundle(tmp_path / "new")
-    write_tower_bundle(tmp_path / "old", with_weights=False)
-    new = imports_of_a_tower_replica(tmp_path / "new")
-    assert new == {"torch": False, "feast": True, "sklearn": False}
-    # The probe does see torch: a bundle with only the TorchScript tower imports it.
-    assert imports_of_a_tower_replica(tmp_path / "old")["torch"] is True
+def test_serving_stages_feast_and_xgboost_import_no_torch(tmp_path: Path) -> None:
+    write_tower_bundle(tmp_path)
+    assert imports_of_a_tower_replica(tmp_path) == {"torch": False, "feast": True, "sklearn": False}
+    # The probe does see torch when something imports it.
+    assert imports_of_a_tower_replica(tmp_path, "import-torch")["torch"] is True
