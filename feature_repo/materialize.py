@@ -154,6 +154,9 @@ class _SqliteWriter:
         with self._conn:  # one transaction per chunk
             self._conn.executemany(self._sql, params)
 
+    def close(self) -> None:
+        self._conn.close()
+
 
 def _naive_utc(stamp: datetime) -> datetime:
     # Feast stores naive UTC datetimes in SQLite.
@@ -188,23 +191,29 @@ def materialize_view(
     sqlite = _SqliteWriter(store, view) if _SqliteWriter.applies(store) else None
     provider = store._get_provider()
     done, offset, last_report = 0, 0, started
-    for batch in parquet.iter_batches(
-        batch_size=chunk_rows, columns=[*join_keys, timestamp, *features]
-    ):
-        chosen = batch.filter(pa.array(mask[offset : offset + batch.num_rows]))
-        offset += batch.num_rows
-        if chosen.num_rows == 0:
-            continue
-        rows = _convert_arrow_to_proto(chosen, view, join_keys)
+    try:
+        for batch in parquet.iter_batches(
+            batch_size=chunk_rows, columns=[*join_keys, timestamp, *features]
+        ):
+            chosen = batch.filter(pa.array(mask[offset : offset + batch.num_rows]))
+            offset += batch.num_rows
+            if chosen.num_rows == 0:
+                continue
+            rows = _convert_arrow_to_proto(chosen, view, join_keys)
+            if sqlite is not None:
+                sqlite.write(rows)
+            else:
+                provider.online_write_batch(store.config, view, rows, progress=None)
+            done += chosen.num_rows
+            now = time.monotonic()
+            if progress is not None and (
+                now - last_report >= PROGRESS_EVERY_SECONDS or done == total
+            ):
+                progress(Progress(name, done, total, now - started))
+                last_report = now
+    finally:
         if sqlite is not None:
-            sqlite.write(rows)
-        else:
-            provider.online_write_batch(store.config, view, rows, progress=None)
-        done += chosen.num_rows
-        now = time.monotonic()
-        if progress is not None and (now - last_report >= PROGRESS_EVERY_SECONDS or done == total):
-            progress(Progress(name, done, total, now - started))
-            last_report = now
+            sqlite.close()
     if progress is not None and total == 0:
         progress(Progress(name, 0, 0, time.monotonic() - started))
     store.registry.apply_materialization(view, store.project, start, end)
