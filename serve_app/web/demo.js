@@ -97,6 +97,8 @@ async function ensureItems(itemIds) {
   if (!unknown.length) return;
   const found = await api("GET", `/v1/demo/items?${new URLSearchParams({ ids: unknown.join(",") })}`);
   remember(found.items);
+  // Not in the catalog: named by id, and not asked again.
+  for (const id of found.missing) state.items.set(id, { item_id: id, title: id });
 }
 
 async function loadCatalog(offset = 0) {
@@ -169,7 +171,8 @@ async function sendEvent(itemId, eventType) {
 async function refresh() {
   const body = { user_id: state.user, k: K, explain: true };
   const result = await api("POST", "/v1/recommendations?debug=true", body);
-  await ensureItems(result.items.map((i) => i.item_id));
+  // Titles are a nicety: without them the list still shows, by id.
+  await ensureItems(result.items.map((i) => i.item_id)).catch((e) => console.warn(e));
   showError("");
   const previous = new Set(state.last && state.last.user_id === result.user_id
     ? state.last.items.map((i) => i.item_id) : []);
