@@ -4,7 +4,9 @@
 The page itself talks to the real API (`POST /v1/events`, `POST /v1/recommendations` with
 `"explain": true`, `GET /v1/experiments`); what is here only lists the catalog and the known users
 (local Parquet files, `DemoConfig`), reads one user's vectors through the graph, and reports this
-replica's last minute (`serve_app.live`) with the shadow log's overlap.
+replica's last minute (`serve_app.live`) with the shadow log's overlap. The catalog's search, paging
+and id lookup (`serve_app.demo_catalog`, sized for a million items) run in a worker thread, never on
+the event loop that answers recommendations.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fastapi import FastAPI
 from fastapi import Path as PathParam
 from fastapi import Query as QueryParam
@@ -25,6 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from serve_app.config import ServeSettings
+from serve_app.demo_catalog import MAX_MATCHES, CatalogIndex
 from serve_app.experiments import ExperimentLog, ShadowSummary
 from serve_app.metrics import RequestMetrics
 from serve_app.schemas import ID_PATTERN, MAX_ID_LENGTH
@@ -35,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("web")
 MAX_PAGE = 200  # catalog items per response
+MAX_LOOKUP = 100  # ids per /v1/demo/items request
+MAX_OFFSET = 10_000_000
 SHADOW_SAMPLE = 500  # latest shadow comparisons the ops view summarises
 NO_CACHE = {"Cache-Control": "no-cache"}
 
@@ -51,10 +59,22 @@ class CatalogItemOut(BaseModel):
 
 class CatalogPage(BaseModel):
     total: int = Field(description="items matching the search and category")
+    total_capped: bool = Field(
+        False,
+        description=f"a search stops counting at {MAX_MATCHES} matches: `total` is a lower bound "
+        "and pages end there (refine the search)",
+    )
     offset: int
     limit: int
     categories: list[str] = Field(description="every category of the catalog, sorted")
     items: list[CatalogItemOut] = Field(max_length=MAX_PAGE)
+
+
+class CatalogItems(BaseModel):
+    items: list[CatalogItemOut] = Field(
+        max_length=MAX_LOOKUP, description="the catalog rows of the ids asked, in their order"
+    )
+    missing: list[str] = Field(description="ids the catalog does not hold")
 
 
 class KnownUser(BaseModel):
@@ -103,77 +123,88 @@ class LiveStats(BaseModel):
 
 @dataclass(frozen=True)
 class DemoTables:
-    """The catalog and the known users, as the page lists them."""
+    """The catalog (indexed for search and lookup) and the known users, as the page lists them."""
 
-    items: list[CatalogItemOut]
-    categories: list[str]
+    catalog: CatalogIndex
     users: list[KnownUser]
+
+    @property
+    def categories(self) -> list[str]:
+        return self.catalog.categories
 
     @classmethod
     def load(cls, catalog_file: Path, users_file: Path, max_users: int) -> DemoTables:
-        import pyarrow.parquet as pq
+        catalog = CatalogIndex.load(catalog_file)
+        return cls(catalog, known_users(users_file, catalog, max_users))
 
-        table = pq.read_table(catalog_file)
-        columns = set(table.column_names)
-        missing = {"item_id", "category", "price"} - columns
-        if missing:
-            raise ValueError(f"{catalog_file} lacks columns {sorted(missing)}")
-        rows = table.select(
-            [c for c in ("item_id", "category", "price", "title") if c in columns]
-        ).to_pylist()
-        items = [
-            CatalogItemOut(
-                item_id=str(r["item_id"]),
-                title=str(r.get("title") or r["item_id"]),
-                category=str(r["category"]),
-                price=round(float(r["price"]), 2),
+
+def known_users(users_file: Path, catalog: CatalogIndex, max_users: int) -> list[KnownUser]:
+    """The `max_users` most active users (one row each) with their main category; only their rows'
+    seen items are read, so a million-user table costs two columns and a few rows."""
+    names = pq.read_schema(users_file).names
+    table = pq.read_table(users_file, columns=[c for c in ("user_id", "event_count") if c in names])
+    ids = table.column("user_id").to_numpy(zero_copy_only=False).astype(str)
+    counts = (
+        np.nan_to_num(table.column("event_count").to_numpy(zero_copy_only=False).astype(float))
+        if "event_count" in names
+        else np.zeros(len(ids))
+    )
+    # Most active first, ties by id; a user with several snapshots counts once (their largest).
+    order = np.lexsort((ids, -counts))
+    _, first = np.unique(ids[order], return_index=True)
+    top = order[np.sort(first)][:max_users]
+    seen_of: dict[str, list[str]] = {}
+    if "seen_items" in names and len(top):
+        column = pq.read_table(users_file, columns=["seen_items"]).column("seen_items")
+        rows = column.take(pa.array(top.astype(np.int64)))
+        seen_of = {ids[p]: list(r or ()) for p, r in zip(top, rows.to_pylist(), strict=True)}
+    users = []
+    for p in top:
+        found, _ = catalog.lookup([str(i) for i in seen_of.get(ids[p], ())][:MAX_LOOKUP])
+        seen = Counter(row.category for row in found)
+        users.append(
+            KnownUser(
+                user_id=str(ids[p]),
+                event_count=float(counts[p]),
+                top_category=seen.most_common(1)[0][0] if seen else None,
             )
-            for r in rows
-        ]
-        category_of = {i.item_id: i.category for i in items}
-        users_table = pq.read_table(users_file)
-        user_columns = [
-            c for c in ("user_id", "event_count", "seen_items") if c in users_table.column_names
-        ]
-        users = []
-        for r in users_table.select(user_columns).to_pylist():
-            seen = Counter(
-                category_of.get(i) for i in r.get("seen_items") or () if i in category_of
-            )
-            users.append(
-                KnownUser(
-                    user_id=str(r["user_id"]),
-                    event_count=float(r.get("event_count") or 0.0),
-                    top_category=seen.most_common(1)[0][0] if seen else None,
-                )
-            )
-        users.sort(key=lambda u: (-u.event_count, u.user_id))
-        return cls(items, sorted({i.category for i in items}), users[:max_users])
+        )
+    return users
 
 
 def catalog_page(
     tables: DemoTables, q: str, category: str | None, offset: int, limit: int
 ) -> CatalogPage:
-    """Items whose id, title or category contains `q` (case-insensitive), of `category` if given."""
-    needle = q.strip().lower()
-    matching = [
-        i
-        for i in tables.items
-        if (category is None or i.category == category)
-        and (
-            not needle
-            or needle in i.title.lower()
-            or needle in i.item_id.lower()
-            or needle in i.category.lower()
-        )
-    ]
+    """A page of items whose id, title or category contains `q` (case-insensitive), of `category` if
+    given (`CatalogIndex.search`: bounded cost, at most `MAX_MATCHES` counted)."""
+    code = None if category is None else tables.catalog.category_code(category)
+    found = tables.catalog.search(q, code, offset, limit)
     return CatalogPage(
-        total=len(matching),
+        total=found.total,
+        total_capped=found.total_capped,
         offset=offset,
         limit=limit,
         categories=tables.categories,
-        items=matching[offset : offset + limit],
+        items=[CatalogItemOut(**asdict(row)) for row in found.rows],
     )
+
+
+def catalog_items(tables: DemoTables, ids: list[str]) -> CatalogItems:
+    rows, missing = tables.catalog.lookup(ids)
+    return CatalogItems(items=[CatalogItemOut(**asdict(r)) for r in rows], missing=missing)
+
+
+def parse_ids(raw: str) -> list[str] | str:
+    """The ids of a comma-separated `ids` parameter, or why they are refused."""
+    ids = [i.strip() for i in raw.split(",") if i.strip()]
+    if not ids:
+        return "give at least one item id"
+    if len(ids) > MAX_LOOKUP:
+        return f"at most {MAX_LOOKUP} ids per request, got {len(ids)}"
+    for item_id in ids:
+        if len(item_id) > MAX_ID_LENGTH or not ID_PATTERN.fullmatch(item_id):
+            return f"not an item id: {item_id[:MAX_ID_LENGTH]!r}"
+    return ids
 
 
 # --- routes --------------------------------------------------------------------------------------
@@ -248,19 +279,42 @@ def mount_demo(
     async def catalog(
         q: Annotated[str, QueryParam(max_length=64, description="search text")] = "",
         category: Annotated[str | None, QueryParam(max_length=MAX_ID_LENGTH)] = None,
-        offset: Annotated[int, QueryParam(ge=0, le=1_000_000)] = 0,
+        offset: Annotated[int, QueryParam(ge=0, le=MAX_OFFSET)] = 0,
         limit: Annotated[int, QueryParam(ge=1, le=MAX_PAGE)] = 60,
     ) -> Any:
-        """The demo catalog (title, category, price), searchable and filtered by category."""
+        """The demo catalog (title, category, price), searchable and filtered by category, paged
+        (a search counts at most its first matches: see `total_capped`)."""
         try:
             found = await tables()
         except Exception as exc:
             return unavailable(exc)
-        if category is not None and category not in found.categories:
+        if category is not None and found.catalog.category_code(category) is None:
             return error_response(
                 422, "invalid_request", f"unknown category {category!r}", "category"
             )
-        return catalog_page(found, q, category, offset, limit)
+        # Off the event loop: a search over a million titles must not hold up recommendations.
+        return await asyncio.to_thread(catalog_page, found, q, category, offset, limit)
+
+    @app.get("/v1/demo/items", response_model=CatalogItems, responses=ERRORS)
+    async def items(
+        ids: Annotated[
+            str,
+            QueryParam(
+                max_length=MAX_LOOKUP * (MAX_ID_LENGTH + 1),
+                description=f"comma-separated item ids (at most {MAX_LOOKUP})",
+            ),
+        ],
+    ) -> Any:
+        """Title, category and price of the given items (the page names its recommendations
+        with these, without holding the catalog)."""
+        wanted = parse_ids(ids)
+        if isinstance(wanted, str):
+            return error_response(422, "invalid_request", wanted, "ids")
+        try:
+            found = await tables()
+        except Exception as exc:
+            return unavailable(exc)
+        return await asyncio.to_thread(catalog_items, found, wanted)
 
     @app.get("/v1/demo/users", response_model=KnownUsers, responses=ERRORS)
     async def users() -> Any:

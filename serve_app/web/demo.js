@@ -4,9 +4,11 @@
 "use strict";
 
 const K = 10;
+const PAGE = 60; // catalog items per grid page
 const state = {
   user: null,
-  items: new Map(), // item_id -> {title, category, price}
+  items: new Map(), // item_id -> {title, category, price}: only items shown so far, never the catalog
+  catalogOffset: 0,
   last: null, // last recommendations response
   previousDelta: null,
   roundtrips: [], // ms, event POST start -> recommendations rendered
@@ -89,19 +91,37 @@ function remember(items) {
   for (const item of items) state.items.set(item.item_id, item);
 }
 
-async function loadCatalog() {
+// Titles of recommended items the page has not shown yet, in one bounded lookup.
+async function ensureItems(itemIds) {
+  const unknown = [...new Set(itemIds)].filter((id) => !state.items.has(id));
+  if (!unknown.length) return;
+  const found = await api("GET", `/v1/demo/items?${new URLSearchParams({ ids: unknown.join(",") })}`);
+  remember(found.items);
+  // Not in the catalog: named by id, and not asked again.
+  for (const id of found.missing) state.items.set(id, { item_id: id, title: id });
+}
+
+async function loadCatalog(offset = 0) {
   const q = $("search").value;
   const category = $("category").value;
-  const params = new URLSearchParams({ q, limit: "60" });
+  const params = new URLSearchParams({ q, limit: String(PAGE), offset: String(offset) });
   if (category) params.set("category", category);
   const page = await api("GET", `/v1/demo/catalog?${params}`);
+  state.catalogOffset = offset;
   remember(page.items);
   const select = $("category");
   if (select.options.length === 1) {
     for (const name of page.categories) select.append(el("option", { value: name, textContent: name }));
   }
-  $("catalog-total").textContent = `${page.items.length} of ${page.total}`;
+  const total = page.total.toLocaleString() + (page.total_capped ? "+" : "");
+  $("catalog-total").textContent = page.items.length
+    ? `${(offset + 1).toLocaleString()}-${(offset + page.items.length).toLocaleString()} of ${total}`
+    : `0 of ${total}`;
+  $("catalog-total").dataset.total = String(page.total);
+  $("page-prev").disabled = offset === 0;
+  $("page-next").disabled = offset + page.items.length >= page.total;
   const grid = $("catalog");
+  grid.dataset.offset = String(offset);
   grid.replaceChildren(...page.items.map(productCard));
 }
 
@@ -151,6 +171,8 @@ async function sendEvent(itemId, eventType) {
 async function refresh() {
   const body = { user_id: state.user, k: K, explain: true };
   const result = await api("POST", "/v1/recommendations?debug=true", body);
+  // Titles are a nicety: without them the list still shows, by id.
+  await ensureItems(result.items.map((i) => i.item_id)).catch((e) => console.warn(e));
   showError("");
   const previous = new Set(state.last && state.last.user_id === result.user_id
     ? state.last.items.map((i) => i.item_id) : []);
@@ -301,15 +323,12 @@ function debounce(fn, ms) {
 
 async function start() {
   $("explain-close").addEventListener("click", () => { $("explain-panel").hidden = true; });
-  $("search").addEventListener("input", debounce(() => loadCatalog().catch((e) => showError(e.message)), 200));
-  $("category").addEventListener("change", () => loadCatalog().catch((e) => showError(e.message)));
+  const reload = (offset) => loadCatalog(offset).catch((e) => showError(e.message));
+  $("search").addEventListener("input", debounce(() => reload(0), 200));
+  $("category").addEventListener("change", () => reload(0));
+  $("page-prev").addEventListener("click", () => reload(Math.max(0, state.catalogOffset - PAGE)));
+  $("page-next").addEventListener("click", () => reload(state.catalogOffset + PAGE));
   try {
-    // Titles of recommended items: the first pages of the catalog, then whatever the grid shows.
-    for (let offset = 0; offset < 1000; offset += 200) {
-      const page = await api("GET", `/v1/demo/catalog?limit=200&offset=${offset}`);
-      remember(page.items);
-      if (offset + 200 >= page.total) break;
-    }
     await loadCatalog();
     await loadUsers();
     document.body.dataset.ready = "true";

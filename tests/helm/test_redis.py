@@ -3,6 +3,7 @@ URL from a Secret. The rendered redis-server arguments are run by a real redis-s
 
 from __future__ import annotations
 
+import math
 import shutil
 import socket
 import subprocess
@@ -79,6 +80,58 @@ def test_external_redis_url_comes_from_a_secret_and_nothing_is_bundled(helm: Pat
 def test_redis_auth_with_an_external_redis_is_refused_with_a_reason(helm: Path) -> None:
     with pytest.raises(chart.HelmError, match=r"redis.auth.existingSecret applies to the bundled"):
         chart.render(set_json={"redis.enabled": False, "redis.auth.existingSecret": "x"})
+
+
+# --- sizing from the expected users and items ------------------------------------------------------
+
+
+def sized_mib(users: float, items: float) -> tuple[int, int]:
+    """(maxmemory, memory limit) in MiB from values.yaml's per-million figures, by hand."""
+    sizing = chart.profile_values("default")["redis"]["sizing"]
+    maxmemory = math.ceil(
+        sizing["baseMiB"]
+        + users * sizing["mibPerMillionUsers"]
+        + items * sizing["mibPerMillionItems"]
+    )
+    return maxmemory, math.ceil(maxmemory * sizing["memoryOverhead"])
+
+
+def test_unsized_redis_keeps_the_written_maxmemory_and_resources(helm: Path) -> None:
+    values = chart.profile_values("default")["redis"]
+    assert values["sizing"]["expectedUsersMillions"] == 0
+    container = redis_container(chart.render_profile("default"))
+    assert option(container["args"], "--maxmemory") == values["maxmemory"]
+    assert container["resources"] == values["resources"]
+
+
+@pytest.mark.parametrize(("users", "items"), [(1, 1), (2.5, 0.1), (0.2, 0)])
+def test_sized_redis_follows_the_expected_users_and_items(
+    helm: Path, users: float, items: float
+) -> None:
+    container = redis_container(
+        chart.render(
+            set_json={
+                "redis.sizing.expectedUsersMillions": users,
+                "redis.sizing.expectedItemsMillions": items,
+            }
+        )
+    )
+    maxmemory, limit = sized_mib(users, items)
+    assert option(container["args"], "--maxmemory") == f"{maxmemory}mb"
+    assert option(container["args"], "--maxmemory-policy") == "noeviction"
+    resources = container["resources"]
+    assert resources["requests"]["memory"] == resources["limits"]["memory"] == f"{limit}Mi"
+    # Only memory follows the sizing; the CPU stays as written.
+    written = chart.profile_values("default")["redis"]["resources"]
+    assert resources["requests"]["cpu"] == written["requests"]["cpu"]
+    assert resources["limits"]["cpu"] == written["limits"]["cpu"]
+    # The limit leaves room above maxmemory (fragmentation, the AOF rewrite's fork).
+    assert limit > maxmemory
+
+
+def test_negative_expected_users_are_refused(helm: Path) -> None:
+    with pytest.raises(chart.HelmError, match=r"expectedUsersMillions"):
+        chart.render(set_json={"redis.sizing.expectedUsersMillions": -1})
 
 
 # --- the rendered arguments, run by a real redis-server -------------------------------------------------
@@ -172,3 +225,18 @@ def test_rendered_redis_with_auth_refuses_clients_without_the_password(
     with pytest.raises(redis.AuthenticationError):
         anonymous.get("k")
     anonymous.close()
+
+
+@pytest.mark.parametrize(
+    "rendered_redis",
+    [({"redis.sizing.expectedUsersMillions": 1, "redis.sizing.expectedItemsMillions": 1}, {})],
+    indirect=True,
+)
+def test_rendered_sized_maxmemory_is_what_redis_runs_with(
+    helm: Path, rendered_redis: RenderedRedis
+) -> None:
+    client = rendered_redis.start()
+    maxmemory, _ = sized_mib(1, 1)
+    assert client.config_get("maxmemory") == {"maxmemory": str(maxmemory * 2**20)}
+    assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+    client.close()

@@ -89,6 +89,24 @@ def recommended(driver: WebDriver) -> list[tuple[str, str]]:
     ]
 
 
+def titles_shown(driver: WebDriver) -> dict[str, str]:
+    """Item id -> the title text of each recommendation card."""
+    from selenium.webdriver.common.by import By
+
+    return {
+        str(li.get_attribute("data-item-id")): li.find_element(By.CSS_SELECTOR, ".title").text
+        for li in driver.find_elements(By.CSS_SELECTOR, "#recs li.rec")
+    }
+
+
+def catalog_titles(serving_app: ServingApp) -> dict[str, str]:
+    """The catalog's own titles, read from the dataset the demo serves."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(serving_app.bundle.dataset_dir / "catalog.parquet")
+    return dict(zip(table["item_id"].to_pylist(), table["title"].to_pylist(), strict=True))
+
+
 def shot(driver: WebDriver, directory: Path, name: str) -> None:
     assert driver.save_screenshot(str(directory / f"{name}.png"))
 
@@ -125,6 +143,10 @@ def test_clicks_on_an_absent_category_refresh_the_list_and_move_the_delta(
     )
     before = recommended(driver)
     assert len(before) == 10 and all(item for item, _ in before)
+    # Every card is named by its catalog title, though the page never loaded the catalog (the grid
+    # holds one page): the page looks the titles up.
+    titles = catalog_titles(serving_app)
+    assert titles_shown(driver) == {item: titles[item] for item, _ in before}
     assert driver.find_element(By.ID, "model-version").text == serving_app.bundle.version
     shot(driver, screenshots, "1-known-user")
 
@@ -162,6 +184,7 @@ def test_clicks_on_an_absent_category_refresh_the_list_and_move_the_delta(
             f"click {n} on {item} did not refresh the list",
         )
     after = recommended(driver)
+    assert titles_shown(driver) == {item: titles[item] for item, _ in after}
     shot(driver, screenshots, "2-after-three-clicks")
 
     # The list is answered anew for the clicks. Whether three clicks bring the category in depends

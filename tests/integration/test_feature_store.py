@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -319,3 +320,148 @@ def test_reader_marks_an_unapplied_registry_as_degraded_without_raising(
 
 def test_redis_client_for_reads_is_the_shared_server(redis_client: redis.Redis) -> None:
     assert redis_client.ping()
+
+
+# --- batched materialization -----------------------------------------------------------------
+
+
+def _write_history(data_dir: Path) -> None:
+    """Profiles with several snapshots per entity, rows after the window and none for some: what
+    Feast picks (latest per entity in the window) is not simply the last row."""
+    rng = np.random.default_rng(7)
+    features = data_dir / "features"
+    features.mkdir(parents=True, exist_ok=True)
+    users = [f"u{k}" for k in range(23)]
+    stamps = [T1 - timedelta(days=2), T1, T1 + timedelta(days=3)]  # the last is past the window
+    rows = [(u, s) for s in stamps for u in users if (hash(u) + s.day) % 4 != 0]
+    rng.shuffle(rows)
+    n = len(rows)
+    pd.DataFrame(
+        {
+            "user_id": [u for u, _ in rows],
+            "event_timestamp": [s for _, s in rows],
+            "event_count": rng.integers(0, 50, n).astype(np.float32),
+            "category_prefs": list(rng.dirichlet(np.ones(5), n).astype(np.float32)),
+            "base_embedding": [
+                rng.normal(size=4).astype(np.float32) if k % 5 else np.zeros(0, np.float32)
+                for k in range(n)
+            ],
+            "recent_items": [
+                [f"i{j}" for j in rng.choice(40, k % 4, replace=False)] for k in range(n)
+            ],
+            "seen_items": [
+                [f"i{j}" for j in rng.choice(40, k % 6, replace=False)] for k in range(n)
+            ],
+        }
+    ).to_parquet(features / "user_profile.parquet", index=False, row_group_size=7)
+    m = 17
+    pd.DataFrame(
+        {
+            "item_id": [f"i{k}" for k in range(m)],
+            "event_timestamp": [T1 - timedelta(hours=k) for k in range(m)],
+            "category": [f"c{k % 3}" for k in range(m)],
+            "price": rng.uniform(1, 100, m),
+            **{
+                name: rng.random(m).astype(np.float32)
+                for name in (
+                    "log_pop_all",
+                    "log_pop_7d",
+                    "log_pop_1d",
+                    "ctr",
+                    "age_days",
+                    "log_price",
+                )
+            },
+        }
+    ).to_parquet(features / "item_profile.parquet", index=False)
+
+
+def _online_rows(config: FeatureStoreConfig, redis_client: redis.Redis) -> dict[Any, Any]:
+    """Every online row of the project's batch views, as stored (bytes), keyed without the project."""
+    if config.resolved_profile == "embedded":
+        import sqlite3
+
+        conn = sqlite3.connect(config.feast_dir / "online.db")
+        got: dict[Any, Any] = {}
+        for view in ("user_profile", "item_profile"):
+            table = f"{config.project}_{view}"
+            for row in conn.execute(
+                f'SELECT entity_key, feature_name, value, value_text, event_ts, created_ts FROM "{table}"'
+            ):
+                got[(view, row[0], row[1])] = row[2:]
+        conn.close()
+        return got
+    # Feast's Redis key: serialized entity key + project name.
+    keys = list(redis_client.scan_iter(match=f"*{config.project}".encode(), count=1000))
+    return {k[: -len(config.project)]: redis_client.hgetall(k) for k in keys}
+
+
+@pytest.mark.parametrize("profile", ["embedded", "on_redis"])
+def test_batched_materialization_writes_what_feast_writes(
+    profile: str, request: pytest.FixtureRequest, tmp_path: Path, redis_url: str
+) -> None:
+    """The chunked writer against Feast's own `FeatureStore.materialize` on the same tables: the
+    same stored bytes, the same features read back, the same recorded intervals."""
+    from feature_repo.materialize import Progress
+    from feature_repo.store import BATCH_VIEW_NAMES, materialize
+
+    ours: FeatureStoreConfig = request.getfixturevalue(profile)
+    _write_history(ours.data_dir)
+    # Feast's own run: another project over the same tables, its own registry and SQLite file.
+    elsewhere = tmp_path / "feast_own"
+    elsewhere.mkdir()
+    (elsewhere / "features").symlink_to(ours.data_dir / "features")
+    theirs = ours.model_copy(update={"project": _project(), "data_dir": elsewhere})
+    client = redis.Redis.from_url(redis_url)
+    try:
+        start, end = T1 - timedelta(days=7), T1 + timedelta(hours=1)
+        apply(ours)
+        reports: list[Progress] = []
+        materialize(ours, start, end, chunk_rows=5, progress=reports.append)
+        feast_store = apply(theirs)
+        feast_store.materialize(
+            start_date=start, end_date=end, feature_views=list(BATCH_VIEW_NAMES)
+        )
+
+        assert {r.view for r in reports} == set(BATCH_VIEW_NAMES)
+        final = {r.view: r for r in reports if r.rows_done == r.rows_total}
+        table = pd.read_parquet(ours.data_dir / "features" / "user_profile.parquet")
+        in_window = table[table["event_timestamp"] <= end]
+        assert final["user_profile"].rows_total == in_window["user_id"].nunique()
+        assert final["item_profile"].rows_total == 17
+
+        mine, feasts = _online_rows(ours, client), _online_rows(theirs, client)
+        assert len(mine) > 0 and mine == feasts
+
+        def read(config: FeatureStoreConfig) -> dict[str, Any]:
+            users = [{"user_id": f"u{k}"} for k in range(25)]
+            refs = [
+                f"user_profile:{c}"
+                for c in (
+                    "event_count",
+                    "category_prefs",
+                    "base_embedding",
+                    "recent_items",
+                    "seen_items",
+                )
+            ]
+            return (
+                build_store(config).get_online_features(features=refs, entity_rows=users).to_dict()
+            )
+
+        assert read(ours) == read(theirs)
+        expected = in_window.sort_values("event_timestamp").groupby("user_id").last()
+        got = read(ours)
+        for user, count in zip(got["user_id"], got["event_count"], strict=True):
+            want = expected["event_count"].get(user)
+            assert (count is None and want is None) or count == pytest.approx(want)
+        for name in BATCH_VIEW_NAMES:
+            a, b = (
+                build_store(ours).get_feature_view(name),
+                build_store(theirs).get_feature_view(name),
+            )
+            assert a.most_recent_end_time == b.most_recent_end_time == end
+            assert a.materialization_intervals == b.materialization_intervals
+    finally:
+        if profile == "on_redis":
+            build_store(theirs).teardown()

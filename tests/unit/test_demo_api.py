@@ -202,3 +202,138 @@ def test_stats_count_this_replicas_recommendations(model: ServingModel, tables: 
     assert stats["requests"] == 3 and stats["served"] == 3 and stats["errors"] == 0
     assert stats["fallback_share"] == 0.0 and stats["p99_ms"] >= stats["p50_ms"] > 0
     assert stats["shadow"]["mirrored"] == 0  # no shadow configured
+
+
+# --- the catalog at scale: paging, the bound on a search, the id lookup ---------------------------
+
+
+def big_catalog(path: Path, n: int) -> Path:
+    """`n` items in categories a/b/c; every 7th is a "lamp", item 5 a "Blue Lamp" of category c."""
+    titles = [f"Lamp {i}" if i % 7 == 0 else f"Chair {i}" for i in range(n)]
+    titles[5] = "Blue Lamp"
+    pq.write_table(
+        pa.table(
+            {
+                "item_id": [f"x{i}" for i in range(n)],
+                "category": [CATEGORIES[i % 3] for i in range(n)],
+                "price": [1.0] * n,
+                "title": titles,
+            }
+        ),
+        path,
+    )
+    return path
+
+
+def test_search_pages_through_matches_in_category_then_catalog_order(
+    model: ServingModel, tables: Path
+) -> None:
+    n = 300
+    api = demo_client(InProcess(model), tables, catalog_path=big_catalog(tables / "big.parquet", n))
+    lamps = [i for i in range(n) if i % 7 == 0 or i == 5]
+    expected = sorted(lamps, key=lambda i: (CATEGORIES[i % 3], i))
+    pages = []
+    for offset in range(0, len(expected), 10):
+        body = api.get(
+            "/v1/demo/catalog", params={"q": "LAMP", "offset": offset, "limit": 10}
+        ).json()
+        assert body["total"] == len(expected) and body["total_capped"] is False
+        pages += [i["item_id"] for i in body["items"]]
+    assert pages == [f"x{i}" for i in expected]
+    in_c = api.get("/v1/demo/catalog", params={"q": "lamp", "category": "c", "limit": 3}).json()
+    want_c = [i for i in expected if i % 3 == 2]
+    assert in_c["total"] == len(want_c)
+    assert [i["item_id"] for i in in_c["items"]] == [f"x{i}" for i in want_c[:3]]
+    # Past the end: an empty page with the same total.
+    tail = api.get("/v1/demo/catalog", params={"q": "lamp", "offset": 1000}).json()
+    assert tail["items"] == [] and tail["total"] == len(expected)
+
+
+def test_a_search_stops_counting_at_its_cap(
+    model: ServingModel, tables: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import serve_app.demo_catalog as demo_catalog
+
+    monkeypatch.setattr(demo_catalog, "MAX_MATCHES", 25)
+    api = demo_client(
+        InProcess(model), tables, catalog_path=big_catalog(tables / "big.parquet", 300)
+    )
+    body = api.get("/v1/demo/catalog", params={"q": "chair", "offset": 20, "limit": 10}).json()
+    assert body["total"] == 25 and body["total_capped"] is True
+    # The 21st-25th chairs in (category, position) order: category a holds i % 3 == 0.
+    chairs_a = [i for i in range(300) if i % 3 == 0 and i % 7 != 0]
+    assert [i["item_id"] for i in body["items"]] == [f"x{i}" for i in chairs_a[20:25]]
+    plain = api.get("/v1/demo/catalog", params={"limit": 1}).json()
+    assert plain["total"] == 300 and plain["total_capped"] is False  # a listing is exact
+
+
+def test_search_finds_matches_across_scan_slices_and_never_across_fields(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import serve_app.demo_catalog as demo_catalog
+
+    monkeypatch.setattr(demo_catalog, "SCAN_SLICE", 5)  # a needle straddles many slice ends
+    catalog = demo_catalog.CatalogIndex.load(big_catalog(tmp_path / "c.parquet", 60))
+    found = catalog.search("blue lamp", None, 0, 10)
+    assert [r.item_id for r in found.rows] == ["x5"] and found.total == 1
+    titles = [r.title for r in catalog.search("chair 4", None, 0, 100).rows]
+    assert sorted(titles) == sorted(
+        f"Chair {i}" for i in range(60) if str(i).startswith("4") and i % 7
+    )
+    # The search text joins title, id and category with separators: "5\x1fx5" is no match.
+    assert catalog.search("lamp\x1fx5", None, 0, 10).total == 0
+    assert catalog.search("lamp x5", None, 0, 10).total == 0
+
+
+def test_the_catalog_search_runs_off_the_event_loop(
+    model: ServingModel, tables: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    import serve_app.demo as demo
+
+    loops: list[bool] = []
+    real = demo.catalog_page
+
+    def spy(*args: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            loops.append(True)
+        except RuntimeError:
+            loops.append(False)
+        return real(*args)
+
+    monkeypatch.setattr(demo, "catalog_page", spy)
+    api = demo_client(InProcess(model), tables)
+    assert api.get("/v1/demo/catalog", params={"q": "thing"}).status_code == 200
+    assert loops == [False]
+
+
+def test_items_are_looked_up_by_id_in_the_order_asked(model: ServingModel, tables: Path) -> None:
+    api = demo_client(InProcess(model), tables)
+    body = api.get("/v1/demo/items", params={"ids": "i07,nope,i01,i07"}).json()
+    assert body == {
+        "items": [
+            {"item_id": "i07", "title": "Red Lamp", "category": "b", "price": 7.5},
+            {"item_id": "i01", "title": "Thing 1", "category": "b", "price": 1.5},
+        ],
+        "missing": ["nope"],
+    }
+    many = ",".join(f"i{i:02d}" for i in range(30))
+    assert [
+        i["item_id"] for i in api.get("/v1/demo/items", params={"ids": many}).json()["items"]
+    ] == [f"i{i:02d}" for i in range(30)]
+
+
+def test_bad_item_lookups_get_4xx_naming_ids(model: ServingModel, tables: Path) -> None:
+    from serve_app.demo import MAX_LOOKUP
+
+    api = demo_client(InProcess(model), tables)
+    assert_error(api.get("/v1/demo/items"), 422, "invalid_request", "ids")
+    assert_error(api.get("/v1/demo/items", params={"ids": " , "}), 422, "invalid_request", "ids")
+    assert_error(
+        api.get("/v1/demo/items", params={"ids": "i01,not ok"}), 422, "invalid_request", "ids"
+    )
+    too_many = ",".join(f"i{i}" for i in range(MAX_LOOKUP + 1))
+    assert_error(api.get("/v1/demo/items", params={"ids": too_many}), 422, "invalid_request", "ids")
+    assert api.get("/v1/demo/items", params={"ids": too_many.rsplit(",", 1)[0]}).status_code == 200

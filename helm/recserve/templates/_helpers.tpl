@@ -424,3 +424,14 @@ spec:
             {{- toYaml . | nindent 12 }}
           {{- end }}
 {{- end }}
+
+{{/*
+maxmemory of the bundled Redis in MiB when sized by redis.sizing.expectedUsersMillions (> 0); empty
+otherwise: baseMiB + users x mibPerMillionUsers + items x mibPerMillionItems, rounded up.
+*/}}
+{{- define "recserve.redisMaxmemoryMiB" -}}
+{{- $s := .Values.redis.sizing -}}
+{{- if gt (float64 $s.expectedUsersMillions) 0.0 -}}
+{{- addf $s.baseMiB (mulf $s.expectedUsersMillions $s.mibPerMillionUsers) (mulf $s.expectedItemsMillions $s.mibPerMillionItems) | ceil | int -}}
+{{- end -}}
+{{- end }}
