@@ -370,8 +370,14 @@ def private_redis() -> Iterator[str]:
 
 @contextmanager
 def graph(
-    data_dir: Path, redis_url: str, num_cpus: int, metrics_port: int | None = None
+    data_dir: Path,
+    redis_url: str,
+    num_cpus: int,
+    metrics_port: int | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> Iterator[str]:
+    """Ray, Serve and the graph on a free loopback port; yield its URL. `settings` (ServeSettings
+    fields) default to `settings_for(data_dir, redis_url)`: features in the embedded store."""
     import ray
     from ray import serve
 
@@ -386,7 +392,7 @@ def graph(
             http_options={**config.get("http_options", {}), "host": "127.0.0.1", "port": port},
             logging_config=config.get("logging_config"),
         )
-        deploy(settings_for(data_dir, redis_url), config)
+        deploy(settings or settings_for(data_dir, redis_url), config)
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, 300)
         yield url
