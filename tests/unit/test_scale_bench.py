@@ -27,6 +27,9 @@ def test_a_bar_passes_at_its_threshold_and_fails_past_it() -> None:
     recall = bar("index_recall100", "xl", ">= 0.95")
     assert verdict(recall, {"index_recall100": 0.95}) == "pass"
     assert verdict(recall, {"index_recall100": 0.9499}) == "FAIL"
+    replicas = bar("stage_replicas_mb", "xl", "<= 3 GB (2,861 MiB)")
+    assert verdict(replicas, {"stage_replicas_mb": 2861.0}) == "pass"  # 3e9 B / 2**20 = 2,861.0
+    assert verdict(replicas, {"stage_replicas_mb": 2862.0}) == "FAIL"
     errors = bar("errors_50", "xl", "0")
     assert verdict(errors, {"errors_50": 0}) == "pass"
     assert verdict(errors, {"errors_50": 1}) == "FAIL"
