@@ -157,14 +157,19 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("demo_search_errors", "demo catalog search errors", ""),
     ("p99_ms_with_search", "served p99 at 50/s during the searches", "ms"),
     ("errors_with_search", "served errors at 50/s during the searches", ""),
+    ("p99_with_search_over_alone", "served p99 at 50/s, during the searches / alone", "x"),
 )
 
 
 def figures_of(steps: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Every step's `figures` in one flat dict (a later step's name wins; names do not overlap)."""
+    """Every step's `figures` in one flat dict (names do not overlap), and the ratio of the p99 at
+    50/s during the catalog searches to the p99 at 50/s alone."""
     out: dict[str, Any] = {}
     for step in STEPS:
         out.update(steps.get(step, {}).get("figures", {}))
+    alone, during = out.get("p99_ms_50"), out.get("p99_ms_with_search")
+    if isinstance(alone, int | float) and isinstance(during, int | float) and alone > 0:
+        out["p99_with_search_over_alone"] = round(during / alone, 2)
     return out
 
 

@@ -8,6 +8,7 @@ import pytest
 from bench.scale import (
     BARS,
     acceptance,
+    figures_of,
     merge_results,
     parse_steps,
     strongest_baseline,
@@ -121,3 +122,12 @@ def test_serve_and_search_bring_materialize_and_steps_run_in_order() -> None:
     assert parse_steps("all")[0] == "generate"
     with pytest.raises(SystemExit, match="unknown"):
         parse_steps("train,deploy")
+
+
+def test_the_p99_during_searches_is_reported_as_a_ratio_to_the_p99_alone() -> None:
+    steps = {
+        "serve": {"figures": {"p99_ms_50": 40.0}},
+        "search": {"figures": {"p99_ms_with_search": 50.0}},
+    }
+    assert figures_of(steps)["p99_with_search_over_alone"] == 1.25  # 50 / 40
+    assert "p99_with_search_over_alone" not in figures_of({"serve": steps["serve"]})
