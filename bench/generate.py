@@ -15,8 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from training.cli import SIZES
-from training.config import SyntheticConfig
+from training.config import SIZES, SyntheticConfig
 from training.synthetic import generate
 
 

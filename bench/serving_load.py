@@ -375,9 +375,11 @@ def graph(
     num_cpus: int,
     metrics_port: int | None = None,
     placement: Any = None,
+    settings: dict[str, Any] | None = None,
 ) -> Iterator[str]:
-    """The graph on a local Ray; `placement` (serve_app/placement.py) None: RECSERVE_PLACEMENT or
-    split."""
+    """Ray, Serve and the graph on a free loopback port; yield its URL. `placement`
+    (serve_app/placement.py) None: RECSERVE_PLACEMENT or split; `settings` (ServeSettings fields)
+    default to `settings_for(data_dir, redis_url)`: features in the embedded store."""
     import ray
     from ray import serve
 
@@ -392,7 +394,7 @@ def graph(
             http_options={**config.get("http_options", {}), "host": "127.0.0.1", "port": port},
             logging_config=config.get("logging_config"),
         )
-        settings = settings_for(data_dir, redis_url)
+        settings = dict(settings or settings_for(data_dir, redis_url))
         settings["placement"] = config["applications"][0]["args"]["settings"]["placement"]
         deploy(settings, config)
         url = f"http://127.0.0.1:{port}"

@@ -175,8 +175,7 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> TrainedBundle:
     from datetime import UTC, datetime
 
     from feature_repo.store import apply, materialize_incremental
-    from training.cli import SIZES
-    from training.config import SyntheticConfig, TrainingSettings
+    from training.config import SIZES, SyntheticConfig, TrainingSettings
     from training.data import write_dataset
     from training.pipeline import run_pipeline
     from training.registry import promote

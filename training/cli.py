@@ -10,13 +10,13 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.logging import RichHandler
 
-from training.config import OnlineGateConfig, TrainingSettings, load_settings
+from training.config import SIZES, OnlineGateConfig, TrainingSettings, load_settings
 from training.data import Dataset, read_dataset, write_dataset
 from training.job_metrics import (
     MaterializationMetrics,
@@ -24,6 +24,9 @@ from training.job_metrics import (
     add_metrics_arguments,
     metrics_output,
 )
+
+if TYPE_CHECKING:
+    from training.pipeline import PipelineResult
 
 # Wide enough for the metrics table even when stdout is a pipe or a CI log.
 console = Console(width=160) if not Console().is_terminal else Console()
@@ -70,15 +73,6 @@ def _pins(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-# Named sizes of the generated data set: tiny for tests, default for the demo, large for benchmarks.
-SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"n_users": 300, "n_items": 200, "n_events": 12_000, "n_categories": 8},
-    "default": {"n_users": 5_000, "n_items": 2_000, "n_events": 300_000, "n_categories": 20},
-    "large": {"n_users": 200_000, "n_items": 100_000, "n_events": 3_000_000, "n_categories": 100},
-    "xl": {"n_users": 1_000_000, "n_items": 1_000_000, "n_events": 10_000_000, "n_categories": 500},
-}
-
-
 def load_dataset(settings: TrainingSettings, progress: bool = True) -> Dataset:
     """The data set named by settings; generated data is written under data_dir/datasets."""
     if settings.dataset == "synthetic":
@@ -116,14 +110,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from training.evaluate import print_metrics_table
-    from training.pipeline import FINAL_SYSTEM, run_pipeline
+    from training.pipeline import FINAL_SYSTEM, peak_rss_mb, run_pipeline
 
     settings = _settings(args)
+    started = time.perf_counter()
     dataset = load_dataset(settings)
+    loaded = round(time.perf_counter() - started, 3)
     console.print(
         f"data set [bold]{dataset.name}[/]: {len(dataset.events):,} events, "
         f"{dataset.events['user_id'].nunique():,} users, {len(dataset.catalog):,} items"
     )
+    load_phase = {"data": {"seconds": loaded, "peak_rss_mb": peak_rss_mb()}}
     budget = settings.search.budget_seconds
     console.print(
         f"choosing settings on the validation round for up to {budget:.0f} s"
@@ -165,11 +162,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     _publish_training_metrics(
         args, result.timings, final, result.registered.version if result.registered else None
     )
+    promoted = None
     if args.promote and result.registered:
         # Not winning the promotion gate is an outcome, not a failure of the training run.
         # The version just registered has served no traffic: the A/B counts belong to others.
-        _promote(settings, force=False, version=result.registered.version, online=False)
+        code = _promote(settings, force=False, version=result.registered.version, online=False)
+        promoted = code == 0
+    phases_json = getattr(args, "phases_json", None)  # `recserve demo` has no such flag
+    if phases_json:
+        write_phases_json(phases_json, result, load_phase, promoted)
+        console.print(f"phases: {phases_json}")
     return 0
+
+
+def write_phases_json(
+    path: Path,
+    result: PipelineResult,
+    load_phase: dict[str, dict[str, float]],
+    promoted: bool | None,
+) -> None:
+    """What one `recserve train` run measured, for bench/scale.py: per phase its seconds and the
+    process's peak RSS when it ended (data loading first), the bundle, and the test round's table
+    (non-finite figures as null)."""
+    import json
+    import math
+
+    phases = dict(load_phase)
+    for name, seconds in result.timings.items():
+        phases[name] = {"seconds": seconds, "peak_rss_mb": result.peak_rss_mb[name]}
+    document = {
+        "phases": phases,
+        "seconds": round(sum(p["seconds"] for p in phases.values()), 3),
+        "peak_rss_mb": max(p["peak_rss_mb"] for p in phases.values()),
+        "bundle_dir": str(result.bundle_dir),
+        "registered_version": result.registered.version if result.registered else None,
+        "promoted": promoted,
+        "index": result.manifest.index.model_dump(),
+        "metrics": {
+            system: {k: (v if math.isfinite(v) else None) for k, v in values.items()}
+            for system, values in result.metrics.items()
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
 
 
 def _publish_training_metrics(
@@ -429,6 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="pin a setting (not searched), e.g. --set ranker.max_depth=6; repeatable",
     )
     t.add_argument("--promote", action="store_true", help="promote to champion if it wins")
+    t.add_argument(
+        "--phases-json",
+        type=Path,
+        help="also write each phase's seconds and peak RSS, the bundle and the test table as JSON "
+        "(read by bench/scale.py)",
+    )
     add_metrics_arguments(t)
     t.set_defaults(func=cmd_train)
 

@@ -35,6 +35,16 @@ class SyntheticConfig(BaseModel):
     seed: int = 0
 
 
+# Named sizes of the generated data set: tiny for tests, default for the demo, large and xl for the
+# scale benchmarks (`recserve train --size`, bench/generate.py, bench/scale.py).
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"n_users": 300, "n_items": 200, "n_events": 12_000, "n_categories": 8},
+    "default": {"n_users": 5_000, "n_items": 2_000, "n_events": 300_000, "n_categories": 20},
+    "large": {"n_users": 200_000, "n_items": 100_000, "n_events": 3_000_000, "n_categories": 100},
+    "xl": {"n_users": 1_000_000, "n_items": 1_000_000, "n_events": 10_000_000, "n_categories": 500},
+}
+
+
 class TwoTowerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

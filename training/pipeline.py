@@ -77,6 +77,9 @@ class PipelineResult:
     manifest: BundleManifest
     metrics: dict[str, dict[str, float]]  # the test round's table
     timings: dict[str, float] = field(default_factory=dict)
+    # The process's peak resident memory (MiB) when each phase ended: a high-water mark, so a phase
+    # whose figure is above the one before it set the peak (bench/scale.py reads these).
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
     registered: RegisteredBundle | None = None
     index_report: dict[str, float] = field(default_factory=dict)
     feature_tables: dict[str, Path] = field(default_factory=dict)
@@ -84,9 +87,15 @@ class PipelineResult:
     settings: TrainingSettings | None = None  # the chosen settings the bundle was refit with
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MiB (Linux reports ru_maxrss in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 class _Timer:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -94,10 +103,12 @@ class _Timer:
         log.info("pipeline: %s ...", name)
         yield
         self.timings[name] = round(time.perf_counter() - start, 3)
-        # ru_maxrss is the process's peak so far (KiB on Linux): a phase that raised it set it.
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.peak_rss_mb[name] = peak_rss_mb()
         log.info(
-            "pipeline: %s done in %.1fs (peak RSS so far %.0f MiB)", name, self.timings[name], peak
+            "pipeline: %s done in %.1fs (peak RSS %.0f MiB)",
+            name,
+            self.timings[name],
+            self.peak_rss_mb[name],
         )
 
 
@@ -328,6 +339,7 @@ def run_pipeline(
         manifest=manifest,
         metrics=metrics,
         timings=timer.timings,
+        peak_rss_mb=timer.peak_rss_mb,
         registered=registered,
         index_report={"recall@100": float(manifest.index.recall_at_100 or 0.0)},
         feature_tables=feature_paths,

@@ -15,8 +15,7 @@ from mlflow.tracking import MlflowClient
 from serve_app.bundle import fetch_bundle, load_bundle, resolve_alias
 from serve_app.contract import RANKER_FEATURE_NAMES, RANKER_FEATURE_NAMES_CF
 from serve_app.schemas import BUNDLE_FILES
-from training.cli import SIZES
-from training.config import TrainingSettings, load_settings
+from training.config import SIZES, TrainingSettings, load_settings
 from training.data import Dataset
 from training.pipeline import FINAL_SYSTEM, run_pipeline
 from training.registry import promote
