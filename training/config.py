@@ -131,7 +131,7 @@ class RankerConfig(BaseModel):
     max_depth: int = Field(4, ge=1)
     validation_share: float = Field(0.2, gt=0.0, lt=1.0, description="share of groups held out")
     max_groups: int = Field(
-        10_000,
+        40_000,
         ge=4,
         description="labelled users (groups) the ranker learns from: a seeded sample above this "
         "many, so candidates and features cost a bound, not the user count (demo data: fewer)",

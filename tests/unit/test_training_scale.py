@@ -14,7 +14,7 @@ import training.features as features
 from training.config import SyntheticConfig, TwoTowerConfig
 from training.evaluate import score_block_rows
 from training.features import first_positives, training_rows
-from training.labels import relevant_lists, tail_labels
+from training.labels import label_window, relevant_lists, tail_labels
 from training.ranker import exact_candidates
 from training.rounds import holdout_round
 from training.search import subsample_round
@@ -200,6 +200,20 @@ def test_capped_ranker_groups_are_a_seeded_sample_and_the_mask_still_hides_every
     rows = pd.Index(full.states.user_ids).get_indexer(capped.states.user_ids)
     assert (rows >= 0).all()
     np.testing.assert_array_equal(capped.states.recent_items, full.states.recent_items[rows])
+    assert (capped.grades != full.grades[rows]).nnz == 0
+
+
+def test_capped_window_groups_are_the_same_groups_as_uncapped(
+    tiny: tuple[Log, ItemTable],
+) -> None:
+    data, _ = tiny
+    start = pd.Timestamp(int(np.quantile(data.encoded.ts, 0.7)), tz="UTC")
+    full = label_window(data.encoded, start, None, 5, data.event_types)
+    capped = label_window(data.encoded, start, None, 5, data.event_types, 25, 4)
+    assert len(full.states.user_ids) > 25 >= len(capped.states.user_ids) > 15
+    rows = pd.Index(full.states.user_ids).get_indexer(capped.states.user_ids)
+    assert (rows >= 0).all()
+    np.testing.assert_array_equal(capped.states.category_prefs, full.states.category_prefs[rows])
     assert (capped.grades != full.grades[rows]).nnz == 0
 
 
