@@ -233,8 +233,11 @@ class RankingConfig(BaseModel):
         20_000,
         ge=0,
         description="a request whose filters leave fewer items than this is searched exactly over "
-        "those items (one matrix product) instead of walking the index with a selector, where "
-        "HNSW loses recall when few nodes pass (bench/index_recall.py --filtered)",
+        "those items (one matrix product) instead of searching the index with a selector, which "
+        "loses recall when few items pass: at 1M items x 128 dims (bench/index_recall.py "
+        "--filtered-shares) IVF + selector finds 0.82 of the top-100 with 2k items allowed, "
+        "exact 1.0 in 1.0 ms p50 (20k allowed: 3.3 ms; 50k: 7.0 ms, where the selector is exact "
+        "in 3.4 ms); HNSW + selector loses more (0.84 at 2% allowed, 100k items)",
     )
 
 
