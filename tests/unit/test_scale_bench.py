@@ -1,16 +1,16 @@
-"""bench/scale.py's pure parts: the issue's bars per size, the table rows, the merge of runs into
+"""bench/scale.py's pure parts (bench/scale_report.py): the issue's bars per size, the table rows, the merge of runs into
 scale.json, the strongest baseline and the step list. No process is started."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.scale import (
+from bench.scale import parse_steps
+from bench.scale_report import (
     BARS,
     acceptance,
     figures_of,
     merge_results,
-    parse_steps,
     strongest_baseline,
     table_rows,
     verdict,
