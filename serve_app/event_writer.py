@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from ray import serve
 
 from serve_app.config import ServeSettings
@@ -54,12 +53,14 @@ class EventWriteSummary:
 
 def load_item_embeddings(source: ModelSource, version: str) -> ItemEmbeddings:
     """Only the item vectors of a verified bundle version (no tower, index or ranker)."""
+    from serve_app import bundle
     from serve_app.events import ItemEmbeddings
 
     path = source.fetch(version)  # verified against the manifest's checksums
-    item_ids = np.load(path / "item_ids.npy", allow_pickle=False)
-    vectors = np.load(path / "item_embeddings.npy", allow_pickle=False)
-    index = {str(item): row for row, item in enumerate(item_ids.tolist())}
+    manifest = bundle.read_manifest(path)
+    # Memory-mapped, ids as a sorted array (serve_app.ids.ItemIndex): no per-replica dict of the catalog.
+    _, index = bundle.load_item_ids(path, manifest)
+    vectors = bundle.load_item_embeddings(path, manifest)
     return ItemEmbeddings(model_version=version, item_index=index, vectors=vectors)
 
 
