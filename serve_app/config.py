@@ -305,7 +305,7 @@ class StageDeadlines(BaseModel):
     lists); Ranker missing -> retrieval order; ReRanker missing -> the ranker's order of the
     candidates (the retriever already left out seen and filtered items). Inside a group of stages
     (`placement`) the same deadlines apply to each stage, and a group's hop waits for the sum of its
-    stages'. A group that was dead or late is not called again (its requests go straight to the
+    stages' (at most half of `api.request_timeout_seconds`, so the fallbacks answer in time). A group that was dead or late is not called again (its requests go straight to the
     fallbacks) until a probe every `cooldown` seconds gets an answer."""
 
     model_config = ConfigDict(extra="forbid")

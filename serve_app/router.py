@@ -346,12 +346,15 @@ class Router:
         return None
 
     def _deadline(self, group: GroupClient, progress: Progress) -> float:
-        """The summed deadlines of the group's stages this batch will pass."""
+        """The summed deadlines of the group's stages this batch will pass, at most half the
+        request's own timeout: a dead group (a killed replica's call hangs until Serve notices)
+        must leave the fallbacks time to answer before the request times out."""
         deadlines = self._settings.deadlines
         if progress.popular:
             return deadlines.reranker
         stages = [s for i, s in enumerate(STAGES) if i >= progress.at and s in group.group.stages]
-        return sum(getattr(deadlines, s) for s in stages)
+        total = sum(getattr(deadlines, s) for s in stages)
+        return min(total, self._settings.api.request_timeout_seconds / 2)
 
     async def _group(self, group: GroupClient, progress: Progress) -> Progress | None:
         """The group's answer, or None when it failed or missed its deadline (the batch's requests
@@ -397,7 +400,10 @@ class Router:
         """Ping a skipped group every `deadlines.cooldown` seconds; its first answer ends the skip."""
         name = group.group.name
         deadlines = self._settings.deadlines
-        timeout = sum(getattr(deadlines, s) for s in group.group.stages)
+        timeout = min(
+            sum(getattr(deadlines, s) for s in group.group.stages),
+            self._settings.api.request_timeout_seconds / 2,
+        )
         try:
             while True:
                 await asyncio.sleep(deadlines.cooldown)
