@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
+import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +28,10 @@ from rich.table import Table
 
 from serve_app.demo import DemoTables, catalog_items, catalog_page
 from serve_app.demo_catalog import CatalogIndex
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench/ helpers, as the other benchmarks
+from bench.results_file import write_results  # noqa: E402
 
 ADJECTIVES = [
     "red",
@@ -166,20 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     console.print(out)
     console.print(f"index build {build_seconds:.1f} s, RSS +{index_mb:.0f} MiB")
-    result = {
-        "bench": "demo_search",
-        "created_at": datetime.now(UTC).isoformat(),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "load_average_1m": os.getloadavg()[0],
-        },
-        "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "index": {"build_seconds": build_seconds, "rss_mib": index_mb},
-        "results": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_results(
+        args.out,
+        "demo_search",
+        args,
+        rows,
+        index={"build_seconds": build_seconds, "rss_mib": index_mb},
+    )
     console.print(f"wrote {args.out}")
     return 0
 

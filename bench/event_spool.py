@@ -12,10 +12,8 @@ batch) under a key prefix of its own, which it deletes afterwards. Prints one ta
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -32,6 +30,10 @@ from serve_app.events import EventLogWriter, ItemEmbeddings, WriteResult, event_
 from serve_app.features import connect_redis
 from serve_app.schemas import Event
 from serve_app.spool import EventSpool, SpooledLog, encode_record
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench/ helpers, as the other benchmarks
+from bench.results_file import write_results  # noqa: E402
 
 KINDS = ("view", "click", "view", "add_to_cart", "view", "purchase")
 
@@ -170,20 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['events_per_s']:,.0f}",
         )
     console.print(table)
-    result = {
-        "bench": "event_spool",
-        "created_at": datetime.now(UTC).isoformat(),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "load_average_1m": os.getloadavg()[0],
-        },
-        "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "event_line_bytes": line_bytes,
-        "results": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_results(args.out, "event_spool", args, rows, event_line_bytes=line_bytes)
     console.print(f"wrote {args.out}")
     return 0
 

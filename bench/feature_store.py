@@ -12,10 +12,8 @@ alternative for real-time state). Prints one table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -38,6 +36,10 @@ from serve_app.config import EventLogConfig, RealtimeConfig
 from serve_app.events import EventLogWriter, ItemEmbeddings
 from serve_app.features import FeatureShapes, OnlineFeatureReader, connect_redis, user_batch_refs
 from serve_app.schemas import Event, EventType
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench/ helpers, as the other benchmarks
+from bench.results_file import write_results  # noqa: E402
 
 STAMP = pd.Timestamp("2026-02-01", tz="UTC")
 
@@ -261,20 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             fmt(row.get("events_per_cpu_s"), 0),
         )
     console.print(table)
-    result = {
-        "bench": "feature_store",
-        "created_at": datetime.now(UTC).isoformat(),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            # Other processes share the cores: read p99 with this in mind.
-            "load_average_1m": os.getloadavg()[0],
-        },
-        "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "results": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_results(args.out, "feature_store", args, rows)
     console.print(f"wrote {args.out}")
     return 0
 

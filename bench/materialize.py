@@ -14,12 +14,10 @@ and writes JSON; the per-million figures size the chart's Redis (helm/recserve/R
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -37,6 +35,10 @@ from rich.table import Table
 from feature_repo.config import FeatureStoreConfig
 from feature_repo.materialize import Progress, materialize_view
 from feature_repo.store import BATCH_VIEW_NAMES, EPOCH, apply
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench/ helpers, as the other benchmarks
+from bench.results_file import write_results  # noqa: E402
 
 STAMP = datetime(2026, 2, 1, tzinfo=UTC)
 END = STAMP + timedelta(hours=1)
@@ -272,19 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             "" if mb is None else f"{mb:,.0f}",
         )
     console.print(table)
-    result = {
-        "bench": "materialize",
-        "created_at": datetime.now(UTC).isoformat(),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "load_average_1m": os.getloadavg()[0],
-        },
-        "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "results": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_results(args.out, "materialize", args, rows)
     console.print(f"wrote {args.out}")
     return 0
 
