@@ -305,10 +305,10 @@ def _serve(
     arm: _Arm, user_ids: list[str], rows: np.ndarray, ranking: RankingConfig, k: int
 ) -> list[list[str]]:
     """Top-k item ids per user, through the serving pipeline in-process."""
+    from serve_app.deployments.user_tower import feature_shapes
     from serve_app.features import assemble_user_features
     from serve_app.recommend import recommend_in_process
     from serve_app.stages.records import Query
-    from serve_app.user_tower import feature_shapes
 
     model = arm.model
     part = arm.profiles.iloc[rows]

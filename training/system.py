@@ -478,10 +478,10 @@ class Served:
         """Catalog rows [len(user_ids), k] (-1 padded) served to each user, whose `user_profile`
         row holds their state at the end of the log (no real-time events)."""
         from serve_app.config import RankingConfig
+        from serve_app.deployments.user_tower import feature_shapes
         from serve_app.features import assemble_user_features
         from serve_app.recommend import recommend_in_process
         from serve_app.stages.records import Query
-        from serve_app.user_tower import feature_shapes
         from training.feature_tables import user_profile_frame
 
         model = self.model

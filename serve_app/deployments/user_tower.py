@@ -18,7 +18,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,7 +31,6 @@ from serve_app.features import (
 )
 from serve_app.metrics import FeatureMetrics, StageMetrics
 from serve_app.models import VersionedStage
-from serve_app.schemas import BundleManifest
 from serve_app.stages.records import Query, UserState, version_of, with_timing
 from serve_app.stages.user_tower import TowerModel, embed_users
 
@@ -101,23 +99,13 @@ class UserFeatureSource:
         return features, seen_items_of(features)
 
 
-def load_tower(directory: Path, version: str, manifest: BundleManifest) -> TowerModel:
-    """The tower of one version: numpy when the bundle has `user_tower.npz`, else TorchScript."""
-    model = TowerModel.from_directory(directory, version, manifest)
-    if model.runs_torch:
-        import torch
-
-        torch.set_num_threads(1)  # small batches only lose to thread hand-offs
-    return model
-
-
 class UserTowerHost(VersionedStage[TowerModel]):
     """The user tower stage, its Feast reads, metrics and the materialization watch."""
 
     name = "user_tower"
 
     def __init__(self, settings: ServeSettings) -> None:
-        self._init_models(settings, load_tower)
+        self._init_models(settings, TowerModel.from_directory)
         self._features = UserFeatureSource.from_settings(settings)
         self.metrics = StageMetrics("user_tower")
         self._read_metrics = StageMetrics("feature_read")

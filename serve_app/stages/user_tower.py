@@ -1,5 +1,5 @@
 """The user tower stage, pure: tower inputs from online features, one forward pass per batch, the
-real-time delta added. Twin of the `serve_app.user_tower` deployment; loads only the tower
+real-time delta added. Twin of its host, `serve_app.deployments.user_tower`; loads only the tower
 (`user_tower.npz`, memory-mapped and run in numpy: serving never imports torch) and the item ids, to
 read histories.
 
@@ -89,12 +89,6 @@ class TowerModel:
     @property
     def version(self) -> str:
         return self.terms.version
-
-    @property
-    def runs_torch(self) -> bool:
-        """Always False since bundle format 2 (the tower ships as numpy arrays only); kept for the
-        deployment, which sets torch's threads when it is True."""
-        return False
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, terms: BundleTerms) -> TowerModel:

@@ -156,7 +156,8 @@ from serve_app.models import ChildProcessModelSource, ModelSource, VersionedStag
 from serve_app.stages.ranker import RankingModel
 from serve_app.stages.reranker import ReRankingModel
 from serve_app.stages.retriever import RetrievalModel
-from serve_app.deployments.user_tower import load_tower
+import serve_app.deployments.user_tower  # the host's imports, as a replica has them
+from serve_app.stages.user_tower import TowerModel
 
 tracking_uri, cache_dir = sys.argv[1], Path(sys.argv[2])
 settings = ServeSettings(
@@ -168,7 +169,7 @@ source = ChildProcessModelSource.from_settings(settings)
 source.fetch("1")
 source.note_serving(["1"])
 loaded = {}
-for loader in (load_tower, RetrievalModel.from_directory, RankingModel.from_directory,
+for loader in (TowerModel.from_directory, RetrievalModel.from_directory, RankingModel.from_directory,
                ReRankingModel.from_directory):
     stage = VersionedStage()
     stage._init_models(settings, loader)  # loads version 1, named by the hint, from the cache

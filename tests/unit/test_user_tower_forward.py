@@ -113,7 +113,7 @@ def test_tower_model_serves_the_npz_memory_mapped_and_refuses_a_bundle_without_i
     write_tower_bundle(tmp_path / "new")
     write_tower_bundle(tmp_path / "old", with_weights=False)
     new = TowerModel.from_directory(tmp_path / "new", "2", read_manifest(tmp_path / "new"))
-    assert isinstance(new.tower, NumpyUserTower) and not new.runs_torch
+    assert isinstance(new.tower, NumpyUserTower)
     # The history table is a read-only map of the file, not a copy in this process.
     table = new.tower.history_embedding
     assert not table.flags.owndata and not table.flags.writeable
@@ -165,9 +165,9 @@ import_feast()
 import feast, feature_repo.store  # what the UserTower reads features with
 import_xgboost()  # as the Ranker loads its booster
 from serve_app.bundle import read_manifest
-from serve_app.deployments.user_tower import load_tower
+from serve_app.stages.user_tower import TowerModel
 directory = Path(sys.argv[1])
-model = load_tower(directory, "1", read_manifest(directory))
+model = TowerModel.from_directory(directory, "1", read_manifest(directory))
 model.warm()
 if len(sys.argv) > 2:  # the probe's own check: a module imported after the load is seen
     import torch
