@@ -126,21 +126,56 @@ class Collaborative:
 
 
 def row_sum(matrix: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
-    """Sum of some rows of a CSR matrix, dense float32 [n_cols], accumulated in float64 in the
-    order of `rows` (so training and serving, passing the same rows, get the same bits)."""
+    """Sum of some rows of a CSR matrix, dense float32 [n_cols] (`sparse_row_sum` spread out)."""
+    at, values = sparse_row_sum(matrix, rows)
+    out = np.zeros(matrix.shape[1], dtype=np.float32)
+    out[at] = values
+    return out
+
+
+def sparse_row_sum(matrix: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of some rows of a CSR matrix as (columns ascending, float32 sums): every column any of the
+    rows holds, a sum that cancels to 0 included. Accumulated in float64 in the order of `rows`
+    (so training and serving, passing the same rows, get the same bits). Its cost grows with the
+    rows' entries, not with the catalog: at a million items a user's scores are a few thousand."""
+    rows = np.asarray(rows, dtype=np.int64)
     starts = matrix.indptr[rows]
     lengths = matrix.indptr[rows + 1] - starts
     total = int(lengths.sum())
     if total == 0:
-        return np.zeros(matrix.shape[1], dtype=np.float32)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
     first = np.cumsum(lengths) - lengths  # where each row's entries start in the gathered list
     at = np.repeat(starts - first, lengths) + np.arange(total)
-    summed = np.bincount(matrix.indices[at], weights=matrix.data[at], minlength=matrix.shape[1])
-    return summed.astype(np.float32)
+    columns, slot = np.unique(matrix.indices[at], return_inverse=True)
+    summed = np.bincount(slot, weights=matrix.data[at], minlength=len(columns))
+    return columns.astype(np.int64), summed.astype(np.float32)
 
 
-def cf_scores(model: Collaborative, seen: np.ndarray, recent: np.ndarray) -> np.ndarray:
-    """Every signal's score of every item for one user: float32 [len(CF_SIGNALS), n_items].
+@dataclass(frozen=True)
+class SignalScores:
+    """One user's collaborative scores, sparse: per signal of `CF_SIGNALS`, the items it scores
+    (rows ascending) and their float32 scores; every other item scores 0."""
+
+    rows: tuple[np.ndarray, ...]
+    values: tuple[np.ndarray, ...]
+
+    def at(self, signal: int, items: np.ndarray) -> np.ndarray:
+        """Scores of `items` (int rows, any order) under one signal: float32, 0 where unscored."""
+        rows, values = self.rows[signal], self.values[signal]
+        pos = np.minimum(np.searchsorted(rows, items), max(len(rows) - 1, 0))
+        hit = (rows[pos] == items) if len(rows) else np.zeros(len(items), dtype=bool)
+        return np.where(hit, values[pos] if len(rows) else 0.0, 0.0).astype(np.float32)
+
+    def dense(self, n_items: int) -> np.ndarray:
+        """float32 [len(CF_SIGNALS), n_items] (tests and small catalogs)."""
+        out = np.zeros((len(self.rows), n_items), dtype=np.float32)
+        for signal, (rows, values) in enumerate(zip(self.rows, self.values, strict=True)):
+            out[signal, rows] = values
+        return out
+
+
+def cf_scores(model: Collaborative, seen: np.ndarray, recent: np.ndarray) -> SignalScores:
+    """Every signal's scores for one user, sparse (`SignalScores`).
 
     seen: item rows the user interacted with (any order, repeats allowed); recent: int [L] item
     row + 1, newest first, 0 = padding (the newest `last_items` feed ease_last and next).
@@ -149,53 +184,66 @@ def cf_scores(model: Collaborative, seen: np.ndarray, recent: np.ndarray) -> np.
     newest = np.asarray(recent[: model.last_items], dtype=np.int64)
     newest = newest[newest > 0] - 1
     reads = {"ease": everything, "ease_last": newest, "next": newest, "knn": everything}
-    return np.stack([row_sum(model.matrix(s), reads[s]) for s in CF_SIGNALS])
+    sums = [sparse_row_sum(model.matrix(s), reads[s]) for s in CF_SIGNALS]
+    return SignalScores(tuple(r for r, _ in sums), tuple(v for _, v in sums))
 
 
 def cf_candidates(
-    scores: np.ndarray, excluded: np.ndarray, taken: np.ndarray, per_source: int
+    scores: SignalScores, excluded: np.ndarray, taken: np.ndarray, per_source: int
 ) -> np.ndarray:
     """One user's collaborative candidates: each signal's top `per_source` items with a positive
     score, none `excluded` or already `taken`, in signal order then score order (ties: lower row;
     at the cut itself, whichever `argpartition` keeps: deterministic, the same on both sides).
 
-    scores: [len(CF_SIGNALS), n_items]; excluded, taken: item rows. Returns unique int64 rows.
+    excluded, taken: item rows (`excluded` may hold most of the catalog under a narrow filter:
+    it is searched, never merged). Returns unique int64 rows.
     """
-    blocked = np.zeros(scores.shape[1], dtype=bool)
-    blocked[excluded] = True
-    blocked[taken] = True
+    excluded = _sorted(np.asarray(excluded, dtype=np.int64))
+    blocked = np.unique(np.asarray(taken, dtype=np.int64))
     out: list[np.ndarray] = []
-    for signal in scores:
-        open_ = np.flatnonzero((signal > 0) & ~blocked)
-        values = signal[open_]
+    for rows, signal in zip(scores.rows, scores.values, strict=True):
+        keep = (signal > 0) & ~_holds(excluded, rows) & ~_holds(blocked, rows)
+        open_, values = rows[keep], signal[keep]
         if len(open_) > per_source:
-            keep = np.argpartition(-values, per_source - 1)[:per_source]
-            open_, values = open_[keep], values[keep]
+            cut = np.argpartition(-values, per_source - 1)[:per_source]
+            open_, values = open_[cut], values[cut]
         top = open_[np.lexsort((open_, -values))]
-        blocked[top] = True
+        blocked = np.union1d(blocked, top)
         out.append(top)
     return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
 
 
-def cf_features(scores: np.ndarray, candidates: np.ndarray, seen: np.ndarray) -> np.ndarray:
-    """The collaborative ranker columns [B, N, len(CF_FEATURE_NAMES)] (float32, 0 on padding).
+def _sorted(rows: np.ndarray) -> np.ndarray:
+    return rows if len(rows) < 2 or bool((rows[1:] >= rows[:-1]).all()) else np.sort(rows)
 
-    scores: [len(CF_SIGNALS), B, n_items] (`cf_scores` of each user, stacked on axis 1);
-    candidates: int [B, N] rows, -1 = padding;
-    seen: bool [B, n_items] (the share's denominator is the best score among unseen items).
+
+def _holds(sorted_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """bool [len(rows)]: which of `rows` are in `sorted_rows` (ascending, repeats allowed)."""
+    if len(sorted_rows) == 0:
+        return np.zeros(len(rows), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_rows, rows), len(sorted_rows) - 1)
+    return sorted_rows[pos] == rows
+
+
+def cf_features(scores: SignalScores, candidates: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """One user's collaborative ranker columns [N, len(CF_FEATURE_NAMES)] (float32, 0 on padding).
+
+    candidates: int [N] rows, -1 = padding; seen: the user's item rows (the share's denominator is
+    the best score among unseen items, 0 when none is positive).
     """
-    b, n = candidates.shape
+    n = len(candidates)
     valid = candidates >= 0
     safe = np.where(valid, candidates, 0)
+    seen = _sorted(np.asarray(seen, dtype=np.int64))
     columns = []
-    for signal in scores:
-        at = np.take_along_axis(signal, safe, axis=1)
-        best = np.where(seen, -np.inf, signal).max(axis=1, initial=0.0)
-        order = np.argsort(np.where(valid, -at, np.inf), axis=1, kind="stable")
-        rank = np.empty((b, n), dtype=np.float32)
-        np.put_along_axis(rank, order, np.arange(n, dtype=np.float32)[None, :], axis=1)
-        share = np.clip(at / np.maximum(best, 1e-9)[:, None], -1.0, 1.0)
+    for signal, (rows, values) in enumerate(zip(scores.rows, scores.values, strict=True)):
+        at = scores.at(signal, safe)
+        best = values[~_holds(seen, rows)].max(initial=0.0)
+        order = np.argsort(np.where(valid, -at, np.inf), kind="stable")
+        rank = np.empty(n, dtype=np.float32)
+        rank[order] = np.arange(n, dtype=np.float32)
+        share = np.clip(at / np.maximum(best, np.float32(1e-9)), -1.0, 1.0)
         columns += [at, share, rank]
-    x = np.stack(columns, axis=2).astype(np.float32) if columns else np.zeros((b, n, 0), np.float32)
+    x = np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((n, 0), np.float32)
     x[~valid] = 0.0
     return x

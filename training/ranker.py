@@ -133,9 +133,7 @@ def ranking_inputs(
         candidates[row, : len(rows)] = rows
         cand_scores[row, : len(base)] = scores[row, : len(base)]
         cand_scores[row, len(base) : len(rows)] = item_vecs[extra] @ user_vecs[row]
-        mask = np.zeros((1, item_vecs.shape[0]), dtype=bool)
-        mask[0, seen_rows] = True
-        cf_x[row] = cf_features(signal[:, None, :], candidates[row][None, :], mask)[0]
+        cf_x[row] = cf_features(signal, candidates[row], seen_rows)
     base_x = candidate_matrix(candidates, cand_scores, states, item_features, item_categories)
     x = np.concatenate([base_x.reshape(b, width, -1), cf_x], axis=2)
     return RankingInputs(

@@ -278,9 +278,7 @@ def _user_candidates(
         rows, scores = _append(model, user.vector, rows, scores, extra)
     cf_columns = None
     if signal_scores is not None:
-        seen = np.zeros((1, model.catalog.n_items), dtype=bool)
-        seen[0, user.seen] = True
-        cf_columns = cf_features(signal_scores[:, None, :], rows[None, :], seen)[0]
+        cf_columns = cf_features(signal_scores, rows, user.seen)
     return Candidates(user, rows, scores, n_retrieved, user.timings, n_collaborative, cf_columns)
 
 

@@ -12,12 +12,14 @@ from serve_app.contract import (
     RANKER_FEATURE_NAMES,
     RANKER_FEATURE_NAMES_CF,
     Collaborative,
+    SignalScores,
     cf_candidates,
     cf_features,
     cf_scores,
     hash_bucket,
     ranker_features,
     row_sum,
+    sparse_row_sum,
     title_tokens,
 )
 
@@ -99,8 +101,10 @@ def _collaborative(per_source: int = 2) -> Collaborative:
 
 def test_cf_scores_read_all_seen_items_or_only_the_newest() -> None:
     recent = np.array([2, 1, 0])  # newest first: item 1, then item 0 (row + 1)
-    scores = cf_scores(_collaborative(), np.array([1, 0, 1]), recent)  # repeats count once
+    sparse = cf_scores(_collaborative(), np.array([1, 0, 1]), recent)  # repeats count once
+    scores = sparse.dense(4)
     assert scores.shape == (len(CF_SIGNALS), 4) and scores.dtype == np.float32
+    assert sparse.rows[CF_SIGNALS.index("knn")].tolist() == [3]  # only what the rows hold
     by = dict(zip(CF_SIGNALS, scores, strict=True))
     np.testing.assert_allclose(by["ease"], [0.0, 0.5, 0.2, 0.4])  # items 0 and 1
     np.testing.assert_allclose(by["ease_last"], [0.0, 0.0, 0.0, 0.4])  # item 1 only
@@ -118,6 +122,7 @@ def test_cf_candidates_take_each_signals_top_unseen_positive_items_once() -> Non
         ],
         dtype=np.float32,
     )
+    scores = _sparse(scores)
     extra = cf_candidates(scores, excluded=np.array([1]), taken=np.array([0]), per_source=2)
     assert extra.tolist() == [3, 2]
     # One per signal: ease gives 3 only, and 2 comes from next instead.
@@ -126,18 +131,104 @@ def test_cf_candidates_take_each_signals_top_unseen_positive_items_once() -> Non
 
 
 def test_cf_features_score_share_and_rank_by_hand() -> None:
-    scores = np.zeros((len(CF_SIGNALS), 1, 4), dtype=np.float32)
-    scores[0, 0] = [9.0, 0.5, 0.2, 0.4]  # ease; item 0 is seen, so the best unseen is 0.5
-    candidates = np.array([[3, 2, -1]])
-    seen = np.array([[True, False, False, False]])
-    x = cf_features(scores, candidates, seen)
-    assert x.shape == (1, 3, len(CF_FEATURE_NAMES))
-    col = {name: x[0, :, j] for j, name in enumerate(CF_FEATURE_NAMES)}
+    scores = np.zeros((len(CF_SIGNALS), 4), dtype=np.float32)
+    scores[0] = [9.0, 0.5, 0.2, 0.4]  # ease; item 0 is seen, so the best unseen is 0.5
+    candidates = np.array([3, 2, -1])
+    x = cf_features(_sparse(scores), candidates, seen=np.array([0]))
+    assert x.shape == (3, len(CF_FEATURE_NAMES))
+    col = {name: x[:, j] for j, name in enumerate(CF_FEATURE_NAMES)}
     np.testing.assert_allclose(col["ease_score"], [0.4, 0.2, 0.0])
     np.testing.assert_allclose(col["ease_share"], [0.8, 0.4, 0.0])
     np.testing.assert_allclose(col["ease_rank"], [0.0, 1.0, 0.0])  # padding is zeroed
     np.testing.assert_allclose(col["knn_share"], [0.0, 0.0, 0.0])  # no evidence: no blow-up
     assert RANKER_FEATURE_NAMES_CF[: len(RANKER_FEATURE_NAMES)] == RANKER_FEATURE_NAMES
+
+
+def _sparse(dense: np.ndarray) -> SignalScores:
+    """[signals, n_items] dense scores as SignalScores (every nonzero item scored)."""
+    rows = tuple(np.flatnonzero(signal).astype(np.int64) for signal in dense)
+    return SignalScores(rows, tuple(s[r] for s, r in zip(dense, rows, strict=True)))
+
+
+def _dense_reference(
+    model: Collaborative, seen: np.ndarray, recent: np.ndarray, taken: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates and features computed over whole [n_items] score vectors, the way they were
+    before the scores went sparse: the sparse path must give the same rows and the same bits."""
+    everything = np.unique(seen)
+    newest = recent[: model.last_items]
+    newest = newest[newest > 0] - 1
+    reads = {"ease": everything, "ease_last": newest, "next": newest, "knn": everything}
+    dense = np.stack(
+        [
+            np.bincount(
+                model.matrix(s)[reads[s]].tocoo().col,
+                weights=model.matrix(s)[reads[s]].tocoo().data,
+                minlength=n,
+            ).astype(np.float32)
+            for s in CF_SIGNALS
+        ]
+    )
+    blocked = np.zeros(n, dtype=bool)
+    blocked[everything] = True
+    blocked[taken] = True
+    out = []
+    for signal in dense:
+        open_ = np.flatnonzero((signal > 0) & ~blocked)
+        values = signal[open_]
+        if len(open_) > model.per_source:
+            keep = np.argpartition(-values, model.per_source - 1)[: model.per_source]
+            open_, values = open_[keep], values[keep]
+        top = open_[np.lexsort((open_, -values))]
+        blocked[top] = True
+        out.append(top)
+    extra = np.concatenate(out)
+    candidates = np.concatenate([taken, extra])
+    columns = []
+    for signal in dense:
+        at = signal[candidates]
+        best = np.where(np.isin(np.arange(n), everything), -np.inf, signal).max(initial=0.0)
+        rank = np.empty(len(candidates), dtype=np.float32)
+        rank[np.argsort(-at, kind="stable")] = np.arange(len(candidates), dtype=np.float32)
+        columns += [at, np.clip(at / np.maximum(best, np.float32(1e-9)), -1.0, 1.0), rank]
+    return extra, np.stack(columns, axis=1).astype(np.float32)
+
+
+def test_sparse_signals_match_the_dense_computation_bit_for_bit() -> None:
+    rng = np.random.default_rng(7)
+    n = 3000
+
+    def random_matrix(density: float, signed: bool) -> sp.csr_matrix:
+        m = sp.random(n, n, density=density, format="csr", dtype=np.float32, random_state=rng)
+        if signed:
+            m.data = (m.data - 0.4).astype(np.float32)  # EASE weights can be negative
+        return m
+
+    model = Collaborative(
+        ease=random_matrix(0.004, signed=True),
+        knn=random_matrix(0.003, signed=False),
+        transitions=random_matrix(0.002, signed=False),
+        last_items=4,
+        per_source=25,
+    )
+    for _ in range(20):
+        seen = rng.integers(0, n, rng.integers(1, 80))
+        recent = np.r_[rng.choice(seen, min(6, len(seen)), replace=False) + 1, 0, 0]
+        taken = rng.choice(np.setdiff1d(np.arange(n), seen), 30, replace=False)
+        scores = cf_scores(model, seen, recent)
+        extra = cf_candidates(scores, np.unique(seen), taken, model.per_source)
+        x = cf_features(scores, np.concatenate([taken, extra]), np.unique(seen))
+        want_extra, want_x = _dense_reference(model, seen, recent, taken, n)
+        assert extra.tolist() == want_extra.tolist()
+        assert np.array_equal(x, want_x)  # the same bits, not merely close
+
+
+def test_sparse_row_sum_holds_every_touched_column_and_nothing_else() -> None:
+    m = sp.csr_matrix(np.array([[0.0, 1.0, -1.0], [0.0, -1.0, 0.0]], dtype=np.float32))
+    columns, sums = sparse_row_sum(m, np.array([0, 1]))
+    assert columns.tolist() == [1, 2] and sums.tolist() == [0.0, -1.0]  # a cancelled 0 is kept
+    empty_columns, empty_sums = sparse_row_sum(m, np.zeros(0, dtype=np.int64))
+    assert len(empty_columns) == 0 and len(empty_sums) == 0
 
 
 def test_row_sum_adds_the_chosen_rows_of_a_sparse_matrix() -> None:
@@ -147,3 +238,13 @@ def test_row_sum_adds_the_chosen_rows_of_a_sparse_matrix() -> None:
     got = row_sum(sp.csr_matrix(dense), rows)
     np.testing.assert_allclose(got, dense[rows].sum(axis=0), rtol=1e-6)
     assert row_sum(sp.csr_matrix(dense), np.zeros(0, dtype=np.int64)).tolist() == [0.0] * 40
+
+
+def test_cf_candidates_take_excluded_rows_in_any_order_and_with_repeats() -> None:
+    rng = np.random.default_rng(3)
+    scores = _sparse(np.where(rng.random((len(CF_SIGNALS), 500)) < 0.3, rng.random(500), 0.0))
+    excluded = rng.integers(0, 500, 400)  # most of the catalog, unsorted, repeated
+    taken = np.array([7, 3])
+    want = cf_candidates(scores, np.unique(excluded), taken, per_source=5)
+    assert cf_candidates(scores, excluded, taken, per_source=5).tolist() == want.tolist()
+    assert not np.isin(want, excluded).any() and not np.isin(want, taken).any()
