@@ -192,6 +192,8 @@ class IndexSpec(BaseModel):
     build_seconds: float | None = None
     search_p50_ms: float | None = None  # one query, one thread, on the build machine
     search_p99_ms: float | None = None
+    # Why the approximate index was replaced by exact search (its recall stayed below the floor).
+    fallback: str | None = None
 
 
 class BundleManifest(BaseModel):

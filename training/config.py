@@ -93,6 +93,13 @@ class TwoTowerConfig(BaseModel):
         description="validation users whose recall@50 stops the towers early (a seeded sample "
         "above this many; the demo data has 5,000 users in all): each epoch scores a bound",
     )
+    validation_max_scores: int = Field(
+        1_000_000_000,
+        ge=1,
+        description="bound on users x items scored per epoch for that recall: fewer validation "
+        "users on a big catalog (1,000 at 1M items, where 5,000 took ~80 s an epoch on 2 cores); "
+        "never fewer than 500",
+    )
     threads: int = Field(2, ge=1)
     seed: int = 0
 
@@ -116,6 +123,12 @@ class IndexSettings(BaseModel):
     )
     build_threads: int = Field(
         2, ge=1, description="FAISS threads while building and checking (serving searches on 1)"
+    )
+    below_floor: Literal["exact", "refuse"] = Field(
+        "exact",
+        description="an approximate index still below the floor after widening its search: "
+        "`exact` ships exact search instead (the manifest's index.fallback says why), `refuse` "
+        "fails the bundle",
     )
 
 

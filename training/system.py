@@ -397,6 +397,7 @@ def write_bundle(
             build_seconds=index_report.build_seconds,
             search_p50_ms=index_report.p50_ms,
             search_p99_ms=index_report.p99_ms,
+            fallback=index_report.fallback,
         ),
         metrics={"index_recall@100": index_report.recall_at_k, **(metrics or {})},
         params={**settings_params(settings, fitted), **(params or {})},
@@ -411,7 +412,8 @@ def bundle_index(
     """The bundle's index, built once (on `index.build_threads`) and checked: recall@100 against
     exact search, queried with the served user vectors of users sampled from the log (their state at
     its end, through the served user tower: what serving computes from their `user_profile` rows).
-    Raises `IndexRecallError` below `index.recall_floor`."""
+    Below `index.recall_floor` it ships exact search (`index.below_floor: exact`, the default)
+    or raises `IndexRecallError` (`refuse`)."""
     s = settings.index
     config = faiss_index.IndexConfig(
         exact_threshold=s.exact_threshold,
@@ -419,6 +421,7 @@ def bundle_index(
         recall_floor=s.recall_floor,
         check_queries=s.check_users,
         build_threads=s.build_threads,
+        below_floor=s.below_floor,
     )
     users = data.encoded.user_ids
     rng = np.random.default_rng(settings.two_tower.seed)

@@ -304,7 +304,8 @@ def train_two_tower(
     opts = optimizers([user_tower, item_tower], config, sparse)
     if valid_states is not None:
         # Early stopping reads recall on a seeded sample of the validation users (a bound).
-        keep = sample_rows(len(valid_states.user_ids), config.validation_max_users, config.seed)
+        bound = min(config.validation_max_users, max(500, config.validation_max_scores // n_items))
+        keep = sample_rows(len(valid_states.user_ids), bound, config.seed)
         if keep is not None:
             valid_states = take_states(valid_states, keep)
             valid_relevant = [valid_relevant[i] for i in keep]

@@ -49,10 +49,30 @@ def test_recall_check_refuses_an_index_below_the_floor() -> None:
     queries = mixture_queries(items, 100, seed=5)
     # One list of 64 scanned per query finds a fraction of the exact top-100.
     weak = IndexConfig(
-        exact_threshold=0, kind="ivf", ivf_nlist=64, ivf_nprobe=1, strengthen_steps=0
+        exact_threshold=0,
+        kind="ivf",
+        ivf_nlist=64,
+        ivf_nprobe=1,
+        strengthen_steps=0,
+        below_floor="refuse",
     )
     with pytest.raises(IndexRecallError, match=r"ivf index recall@100 0\.\d+ .* below the floor"):
         build_checked_index(items, queries, weak)
+
+
+def test_an_index_below_the_floor_falls_back_to_exact_search_and_says_why() -> None:
+    items = clustered_embeddings(6_000, 16, n_centres=40, noise=1.5, seed=4)
+    queries = mixture_queries(items, 100, seed=5)
+    weak = IndexConfig(
+        exact_threshold=0, kind="ivf", ivf_nlist=64, ivf_nprobe=1, strengthen_steps=0
+    )
+    index, report = build_checked_index(items, queries, weak)
+    assert index_kind(index) == "flat" and index.ntotal == len(items)
+    assert report.recall_at_k == 1.0
+    assert report.fallback is not None and "below the floor" in report.fallback
+    _, got = index.search(np.ascontiguousarray(queries[:5], dtype=np.float32), 10)
+    want = np.argsort(-(queries[:5] @ items.T), axis=1)[:, :10]
+    assert got.tolist() == want.tolist()
 
 
 def test_recall_check_widens_the_search_before_refusing() -> None:
