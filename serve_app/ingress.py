@@ -643,9 +643,13 @@ def create_api(
 @serve.ingress()
 class Ingress:
     """The HTTP edge. `groups`: the handles of the placement's stage deployments, in chain order;
-    a group placed in the Ingress itself (`fused`) is built here, its stages function calls."""
+    a group placed in the Ingress itself (`fused`) is built here, its stages function calls.
 
-    def __init__(
+    The constructor is async: it returns once the Router's first alias checks have finished
+    (`Router.first_checks`, at most `models.warm_timeout_seconds`), so Serve routes no request to
+    a replica that would answer 503 while its first version loads (at start, scale-up, restart)."""
+
+    async def __init__(  # type: ignore[misc]  # Ray Serve awaits an async constructor
         self, settings: ServeSettings, events: DeploymentHandle, *groups: DeploymentHandle
     ) -> None:
         handles = iter(groups)
@@ -660,6 +664,7 @@ class Ingress:
         self._config = settings.api
         self._experiment = settings.experiment
         self._settings = settings
+        await router.first_checks(settings.models.warm_timeout_seconds)
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         """Ray Serve `user_config` (a `StageConfig`): how requests are grouped before the first hop

@@ -138,10 +138,18 @@ class AliasWatcher:
     refused: dict[str, str] = field(default_factory=dict)
     last_error: str | None = None
     last_check: float | None = None
+    # Set once the first check has finished, whatever its outcome (`Router.first_checks`).
+    checked: asyncio.Event = field(default_factory=asyncio.Event)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def check(self, force: bool = False) -> SwapOutcome:
         """Resolve the alias once and swap if it moved; never raises."""
+        try:
+            return await self._check(force)
+        finally:
+            self.checked.set()
+
+    async def _check(self, force: bool) -> SwapOutcome:
         async with self._lock:
             previous = self.current
             self.last_check = time.time()

@@ -200,6 +200,20 @@ class Router:
         )
         self._tasks.append(loop.create_task(self._flush_forever(0.05)))
 
+    async def first_checks(self, timeout: float) -> bool:
+        """Wait until every arm's first alias check has finished (its version loaded and warmed in
+        every group, or refused, or the registry found unreachable), at most `timeout` seconds.
+        The Ingress constructor awaits it: Serve sends a replica no request before its constructor
+        returns, so a new or restarted replica does not answer 503 `model_unavailable` while its
+        first version loads. False when the wait timed out (the replica then starts anyway)."""
+        waits = [arm.watcher.checked.wait() for arm in self._arms.values()]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), timeout)
+        except TimeoutError:
+            logger.warning("first version not loaded within %.0f s: starting without it", timeout)
+            return False
+        return True
+
     def _arm(self, ref: str) -> _Arm:
         arm = self._arms.get(ref)
         if arm is None:

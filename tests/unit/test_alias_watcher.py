@@ -53,3 +53,22 @@ def test_a_bundle_a_stage_cannot_load_is_refused_and_not_retried_until_forced() 
     forced = asyncio.run(w.check(force=True))
     assert (forced.current, forced.changed) == ("2", True)
     assert w.refused == {}
+
+
+def test_the_first_check_is_signalled_whatever_its_outcome() -> None:
+    """`checked` is what an Ingress replica's constructor waits on before Serve routes to it."""
+
+    def unreachable() -> str:
+        raise ConnectionError("registry down")
+
+    async def scenario(w: AliasWatcher) -> tuple[bool, bool]:
+        before = w.checked.is_set()
+        await w.check()
+        return before, w.checked.is_set()
+
+    for w in (
+        watcher(Activations(None)),  # loaded
+        watcher(Activations(BundleIntegrityError("manifest mismatch"))),  # refused
+        AliasWatcher(resolve=unreachable, activate=Activations(), interval_seconds=1.0),
+    ):
+        assert asyncio.run(scenario(w)) == (False, True)
