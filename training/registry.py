@@ -26,6 +26,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from serve_app.schemas import (
     BUNDLE_FILES,
     BUNDLE_FORMAT_VERSION,
+    MANIFEST_SHA256_TAG,
     RETIRED_BUNDLE_FILES,
     BundleManifest,
 )
@@ -239,7 +240,9 @@ def register_bundle(
 
     The version is created first, pointing at the run's (still empty) `bundle/` artifact folder, so
     its number can be stamped into the manifest that is then logged: the registered artifact knows
-    its own version. The alias is set last, so no alias ever points at a half-logged version; on
+    its own version. The sha256 of that manifest is set as the version's `MANIFEST_SHA256_TAG`
+    (serving refuses a bundle whose manifest no longer has it). The alias is set last, so no alias
+    ever points at a half-logged or untagged version; on
     failure the run is marked FAILED and the version deleted. `metrics`/`params` default to (and
     override) the manifest's; metric names are logged with `mlflow_key`.
     """
@@ -294,7 +297,14 @@ def register_bundle(
             client.log_artifact(run_id, str(directory / name), BUNDLE_ARTIFACT_PATH)
         stamped = manifest.model_copy(update={"model_version": version, "model_name": model_name})
         with tempfile.TemporaryDirectory() as tmp:
-            client.log_artifact(run_id, str(write_manifest(tmp, stamped)), BUNDLE_ARTIFACT_PATH)
+            manifest_path = write_manifest(tmp, stamped)
+            client.log_artifact(run_id, str(manifest_path), BUNDLE_ARTIFACT_PATH)
+            # The digest of the bytes just uploaded, kept in the registry's database rather than
+            # the artifact store: rewriting the files and their manifest there together no longer
+            # passes serving's check (serve_app.bundle.check_manifest_digest).
+            client.set_model_version_tag(
+                model_name, version, MANIFEST_SHA256_TAG, sha256_file(manifest_path)
+            )
 
         client.set_registered_model_alias(model_name, CHALLENGER, version)
     except BaseException:
