@@ -158,14 +158,17 @@ def tamper_registered(source_uri: str, name: str = "item_embeddings.npy") -> Non
     stored.write_bytes(bytes(data))
 
 
-def rewrite_consistently(bundle_dir: str | Path, name: str = "ranker.ubj") -> str:
-    """What someone with write access to the artifact store can do: change one file and put its new
-    sha256 in the manifest, so that the bundle still verifies against its own manifest. Works on a
-    local directory or a registered version's stored artifacts (`Path(source_uri)` of a file://
-    URI). Returns the manifest's new sha256."""
+def rewrite_consistently(
+    bundle_dir: str | Path, name: str = "ranker.ubj", content: bytes | None = None
+) -> str:
+    """What someone with write access to the artifact store can do: replace one file (`content`;
+    None: append bytes to it) and put its new sha256 in the manifest, so that the bundle still
+    verifies against its own manifest. Works on a local directory or a registered version's stored
+    artifacts (its file:// `source_uri`). Returns the manifest's new sha256."""
     directory = Path(str(bundle_dir).removeprefix("file://"))
-    with open(directory / name, "ab") as handle:
-        handle.write(b"tampered")
+    if content is None:
+        content = (directory / name).read_bytes() + b"tampered"
+    (directory / name).write_bytes(content)
     manifest_path = directory / "manifest.json"
     raw = json.loads(manifest_path.read_text())
     raw["files"][name] = hashlib.sha256((directory / name).read_bytes()).hexdigest()
