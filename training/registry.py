@@ -316,6 +316,36 @@ def register_bundle(
     return RegisteredBundle(version=version, run_id=run_id, source_uri=source_uri)
 
 
+def pin_manifest(tracking_uri: str, model_name: str, version: str) -> str:
+    """Tag a version registered without `MANIFEST_SHA256_TAG` (before recserve recorded it) with the
+    sha256 of its stored manifest, after checking every stored file against that manifest; returns
+    the digest. Trust on first use: run it only for versions whose artifacts you trust now. A
+    version that has the tag keeps it (RegistryError: a pin is never moved)."""
+    client = _client(tracking_uri)
+    try:
+        model_version = client.get_model_version(model_name, version)
+    except MlflowException as exc:
+        if _is_missing(exc):
+            raise RegistryError(f"model '{model_name}' has no version {version}") from exc
+        raise
+    pinned = model_version.tags.get(MANIFEST_SHA256_TAG)
+    if pinned:
+        raise RegistryError(
+            f"{model_name} v{version} is pinned already ({MANIFEST_SHA256_TAG}={pinned[:12]}...)"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        source = client.get_model_version_download_uri(model_name, version)
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri
+            )
+        )
+        check_bundle(local)  # every file as the manifest lists it: what is pinned is whole
+        digest = sha256_file(local / MANIFEST_NAME)
+    client.set_model_version_tag(model_name, version, MANIFEST_SHA256_TAG, digest)
+    return digest
+
+
 # --- promotion --------------------------------------------------------------------------------
 
 

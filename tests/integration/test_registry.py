@@ -19,6 +19,7 @@ from training.registry import (
     PREVIOUS_CHAMPION,
     RegistryError,
     default_tracking_uri,
+    pin_manifest,
     promote,
     register_bundle,
     rollback,
@@ -190,6 +191,30 @@ def test_a_version_without_the_tag_is_refused_unless_untagged_versions_are_allow
         tracking_uri, "untagged", registered.version, tmp_path / "cache", allow_untagged=True
     )
     assert verify_bundle(path).model_version == registered.version
+
+
+def test_pinning_an_untagged_version_lets_it_be_served_and_never_moves_a_pin(
+    bundle_dir: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    old = register_bundle(bundle_dir, tracking_uri=tracking_uri, model_name="legacy")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client.delete_model_version_tag("legacy", old.version, MANIFEST_SHA256_TAG)  # as before #29
+    stored = Path(old.source_uri.removeprefix("file://")) / "manifest.json"
+
+    digest = pin_manifest(tracking_uri, "legacy", old.version)
+
+    assert digest == hashlib.sha256(stored.read_bytes()).hexdigest()
+    assert client.get_model_version("legacy", old.version).tags[MANIFEST_SHA256_TAG] == digest
+    assert verify_bundle(fetch_bundle(tracking_uri, "legacy", old.version, tmp_path / "c")).files
+    with pytest.raises(RegistryError, match="pinned already"):
+        pin_manifest(tracking_uri, "legacy", old.version)
+    # A version whose files no longer match its manifest is not pinned.
+    broken = register_bundle(bundle_dir, tracking_uri=tracking_uri, model_name="legacy")
+    client.delete_model_version_tag("legacy", broken.version, MANIFEST_SHA256_TAG)
+    tamper_registered(broken.source_uri)
+    with pytest.raises(RegistryError, match=r"checksum mismatch for 'item_embeddings\.npy'"):
+        pin_manifest(tracking_uri, "legacy", broken.version)
+    assert MANIFEST_SHA256_TAG not in client.get_model_version("legacy", broken.version).tags
 
 
 def test_promotion_is_gated_by_relative_margin_and_force_overrides(
