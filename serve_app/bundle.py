@@ -19,8 +19,9 @@ The manifest itself is anchored in the registry (`check_manifest_digest`): regis
 version with the sha256 of the manifest it uploaded (`MANIFEST_SHA256_TAG`), and a download whose
 manifest has another digest is refused, so rewriting files and manifest together in the artifact store
 is caught too. A version without the tag (registered before recserve recorded it, or by hand) is
-refused unless `models.allow_untagged`. The check runs once, at download: the cache only ever holds
-copies that passed it, and a cache hit never contacts MLflow.
+refused unless `models.allow_untagged`. The check runs once, at download, and a cache hit never
+contacts MLflow: the cache holds copies that passed it (or were taken in while `allow_untagged` was on,
+or by a release before the check: clear the cache directory when that matters).
 """
 
 from __future__ import annotations
