@@ -8,7 +8,7 @@ numbers, missing or extra fields, odd strings in ids, query and headers), each s
 without parameters has one positive case). The events' items, which the route validates one by one and
 so does not describe, are fuzzed as `Event`s (`with_event_items`). Per operation: cases, 2xx, 4xx, 5xx, errors not in the API's
 error shape (`{"error": {"code", "message", "field"}}`, never a stack trace) and transport errors (a
-dropped connection). Exit status 1 on any 5xx, misshaped error or transport error.
+dropped connection). Exit status 1 on any 5xx or transport error.
 
 The same `fuzz()` runs in CI against the in-process app (tests/integration/test_api_fuzz.py, a few
 hundred cases); this script runs it against a served graph, e.g.
@@ -95,8 +95,9 @@ class FuzzReport:
         return sum(n for r in self.operations.values() for s, n in r.statuses.items() if s >= 500)
 
     @property
-    def ok(self) -> bool:
-        return not self.failures
+    def server_failures(self) -> list[Outcome]:
+        """5xx and dropped connections: what fails a run (a misshaped 4xx is reported, see main)."""
+        return [f for f in self.failures if f.status >= 500 or f.status == 0]
 
 
 def with_event_items(raw: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +139,7 @@ def well_shaped(status: int, body: str) -> bool:
 
 def describe_request(case: Any) -> str:
     body = "" if case.body is None or type(case.body).__name__ == "NotSet" else repr(case.body)
-    return f"{case.method} {case.formatted_path} query={case.query!r} body={body[:300]}"
+    return f"{case.method} {case.formatted_path} query={case.query!r:.300} body={body:.300}"
 
 
 def call_case(
@@ -239,7 +240,8 @@ def print_report(report: FuzzReport) -> None:
         )
     print(
         f"{report.cases} cases in {report.seconds:.0f} s: {report.server_errors} server errors (5xx), "
-        f"{len(report.failures)} failures"
+        f"{len(report.server_failures)} 5xx or dropped connections, "
+        f"{len(report.failures) - len(report.server_failures)} errors outside the API's shape"
     )
     for failure in report.failures[:20]:
         print(f"  {failure.status} {failure.request}\n      -> {failure.response}")
@@ -297,10 +299,15 @@ def main(argv: list[str] | None = None) -> int:
         [op.row() for _, op in sorted(report.operations.items())],
         cases=report.cases,
         server_errors=report.server_errors,
+        transport_errors=sum(f.status == 0 for f in report.failures),
+        misshaped_errors=len(report.failures) - len(report.server_failures),
         seconds=round(report.seconds, 1),
         failures=[asdict(f) for f in report.failures[:50]],
     )
-    return 0 if report.ok else 1
+    # A misshaped 4xx is printed but does not fail the run: in front of a served graph it can come
+    # from the HTTP proxy rather than the app (Serve's HAProxy answers an over-long request line
+    # with its own HTML 400 page). The in-process test holds the app itself to the shape.
+    return 1 if report.server_failures else 0
 
 
 if __name__ == "__main__":
