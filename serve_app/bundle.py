@@ -14,6 +14,14 @@ Verification rules (`verify_bundle`): the manifest must parse, carry a known `fo
 list every required file; every listed file must exist with the listed sha256. Files present but not
 listed are ignored: the loader never opens them, so they cannot change what is served (and a stray
 file left by a copy tool cannot take a bundle down).
+
+The manifest itself is anchored in the registry (`check_manifest_digest`): registration tags the model
+version with the sha256 of the manifest it uploaded (`MANIFEST_SHA256_TAG`), and a download whose
+manifest has another digest is refused, so rewriting files and manifest together in the artifact store
+is caught too. A version without the tag (registered before recserve recorded it, or by hand) is
+refused unless `models.allow_untagged`. The check runs once, at download, and a cache hit never
+contacts MLflow: the cache holds copies that passed it (or were taken in while `allow_untagged` was on,
+or by a release before the check: clear the cache directory when that matters).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from serve_app.ids import ItemIndex
 from serve_app.imports import import_xgboost
 from serve_app.schemas import (
     BUNDLE_FILES,
+    MANIFEST_SHA256_TAG,
     READABLE_FORMAT_VERSIONS,
     USER_TOWER_WEIGHT_NAMES,
     USER_TOWER_WEIGHTS_FILE,
@@ -162,6 +171,49 @@ def verify_bundle(path: str | Path) -> BundleManifest:
     return manifest
 
 
+def manifest_sha256(path: str | Path) -> str:
+    """Hex sha256 of a bundle directory's `manifest.json`, byte for byte as downloaded."""
+    try:
+        return _sha256(Path(path) / MANIFEST_NAME)
+    except FileNotFoundError:
+        raise BundleIntegrityError(f"missing in {path}", file=MANIFEST_NAME) from None
+    except OSError as exc:
+        raise BundleIntegrityError(f"unreadable: {exc}", file=MANIFEST_NAME) from None
+
+
+def check_manifest_digest(
+    path: str | Path, pinned: str | None, version: str, *, allow_untagged: bool = False
+) -> None:
+    """Refuse a downloaded bundle whose manifest is not the one registered as `version`.
+
+    `pinned`: the version's `MANIFEST_SHA256_TAG` in the registry (None: the version has none, and
+    is refused unless `allow_untagged`). The manifest's per-file checksums (`verify_bundle`) then
+    carry the check to every file.
+    """
+    if pinned is None:
+        if allow_untagged:
+            logger.warning(
+                "version %s has no %s tag: its manifest is not pinned (models.allow_untagged)",
+                version,
+                MANIFEST_SHA256_TAG,
+            )
+            return
+        raise BundleIntegrityError(
+            f"version {version} has no {MANIFEST_SHA256_TAG} tag in the registry (registered "
+            "before manifest digests were recorded, or not by recserve), so its manifest cannot "
+            "be checked: register it again, or set models.allow_untagged=true to serve it unpinned",
+            file=MANIFEST_NAME,
+        )
+    actual = manifest_sha256(path)
+    if actual != pinned.strip().lower():
+        raise BundleIntegrityError(
+            f"sha256 {actual[:12]}... does not match the {MANIFEST_SHA256_TAG} tag "
+            f"{pinned.strip()[:12]}... recorded when version {version} was registered: the "
+            "bundle was changed in the artifact store after registration",
+            file=MANIFEST_NAME,
+        )
+
+
 # --- registry ---------------------------------------------------------------------------------
 
 
@@ -256,10 +308,18 @@ def read_serving_hint(model_name: str, cache_dir: str | Path) -> list[str]:
     ]
 
 
-def fetch_bundle(tracking_uri: str, model_name: str, version: str, cache_dir: str | Path) -> Path:
+def fetch_bundle(
+    tracking_uri: str,
+    model_name: str,
+    version: str,
+    cache_dir: str | Path,
+    *,
+    allow_untagged: bool = False,
+) -> Path:
     """Local, verified copy of a registered version at `cache_dir/<model_name>/<version>/`.
 
-    Downloaded once: into a temporary sibling, verified there, then renamed into place, so the
+    Downloaded once: into a temporary sibling, verified there (its manifest against the version's
+    `MANIFEST_SHA256_TAG`, then every file against the manifest), then renamed into place, so the
     cache never holds a partial or unverified bundle and a cache hit never contacts MLflow. Two
     processes racing on the same version both download; the first rename wins, the other discards.
     A cached copy that no longer verifies (disk corruption, hand edits) is replaced by a fresh one.
@@ -272,7 +332,8 @@ def fetch_bundle(tracking_uri: str, model_name: str, version: str, cache_dir: st
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=parent))
     try:
-        downloaded = Path(_download(tracking_uri, model_name, str(version), staging))
+        downloaded, pinned = _download(tracking_uri, model_name, str(version), staging)
+        check_manifest_digest(downloaded, pinned, str(version), allow_untagged=allow_untagged)
         manifest = verify_bundle(downloaded)
         if manifest.model_version is not None and manifest.model_version != str(version):
             raise BundleIntegrityError(
@@ -290,21 +351,25 @@ def fetch_bundle(tracking_uri: str, model_name: str, version: str, cache_dir: st
     return target
 
 
-def _download(tracking_uri: str, model_name: str, version: str, destination: Path) -> str:
+def _download(
+    tracking_uri: str, model_name: str, version: str, destination: Path
+) -> tuple[Path, str | None]:
+    """The downloaded bundle directory and the version's `MANIFEST_SHA256_TAG` (None: untagged)."""
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
     try:
+        client = _client(tracking_uri)
+        pinned = client.get_model_version(model_name, version).tags.get(MANIFEST_SHA256_TAG)
         # Resolved through our own client: a `models:/` URI would be looked up in MLflow's global
         # registry URI, not the one this server was configured with.
-        source = _client(tracking_uri).get_model_version_download_uri(model_name, version)
-        return str(
-            download_artifacts(
-                artifact_uri=source, dst_path=str(destination), tracking_uri=tracking_uri
-            )
+        source = client.get_model_version_download_uri(model_name, version)
+        path = download_artifacts(
+            artifact_uri=source, dst_path=str(destination), tracking_uri=tracking_uri
         )
     except (MlflowException, OSError) as exc:
         raise ModelUnavailable(f"download of {model_name} v{version} failed: {exc}") from exc
+    return Path(path), (str(pinned) if pinned else None)
 
 
 # --- loading ----------------------------------------------------------------------------------

@@ -168,6 +168,12 @@ class ModelRegistryConfig(BaseModel):
         description="how long a stage replica's registry child process (downloading a bundle "
         "not yet cached) may take before it is killed",
     )
+    allow_untagged: bool = Field(
+        False,
+        description="serve model versions that have no recserve.manifest_sha256 tag (registered "
+        "before recserve recorded manifest digests, or by hand) without pinning their manifest; "
+        "false: such a version is refused (the previous one keeps serving)",
+    )
 
     @field_validator("uri")
     @classmethod

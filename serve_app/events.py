@@ -33,7 +33,7 @@ from serve_app.features import (
 )
 from serve_app.schemas import POSITIVE_EVENT_TYPES, Event, EventType
 
-if TYPE_CHECKING:  # the bundle module imports torch, FAISS and XGBoost: not needed to write events
+if TYPE_CHECKING:  # the bundle module imports FAISS and XGBoost: not needed to write events
     from serve_app.bundle import Bundle
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

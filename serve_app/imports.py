@@ -4,7 +4,7 @@ but serving never calls (torch for Feast, scikit-learn for XGBoost: ~250 and ~60
 Both libraries import the dependency inside `try: ... except ImportError` and only lose the feature
 that needs it (Feast `OnlineResponse.to_tensor`, the XGBoost scikit-learn estimators). So while the
 library is first imported the dependency is made unimportable (a None entry in `sys.modules`), then
-importable again: a later `import torch` (the TorchScript tower of an older bundle) works as usual.
+importable again: a later `import torch` (training, in the same process) works as usual.
 A process that has imported the library or the dependency already (training, tests) is left as is.
 """
 

@@ -26,7 +26,7 @@ from serve_app.registry_process import RegistryProcess
 from serve_app.schemas import BundleManifest
 from serve_app.stages.records import by_version
 
-if TYPE_CHECKING:  # loading needs torch/FAISS/XGBoost; the router only resolves aliases
+if TYPE_CHECKING:  # loading needs FAISS/XGBoost; the router only resolves aliases
     from serve_app.recommend import ServingModel
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class ModelSource:
     model_name: str
     alias: str
     cache_dir: Path
+    # Serve versions without a pinned manifest digest (models.allow_untagged; bundle.py).
+    allow_untagged: bool = False
 
     @classmethod
     def from_settings(cls, settings: ServeSettings) -> ModelSource:
@@ -51,6 +53,7 @@ class ModelSource:
             model_name=settings.models.model_name,
             alias=settings.models.alias,
             cache_dir=settings.bundle_cache_dir,
+            allow_untagged=settings.models.allow_untagged,
         )
 
     def resolve(self, ref: str | None = None) -> str:
@@ -61,10 +64,17 @@ class ModelSource:
         return resolve_ref(self.tracking_uri, self.model_name, ref or self.alias)
 
     def fetch(self, version: str) -> Path:
-        """A verified local copy of `version` (downloaded at most once per cache directory)."""
+        """A verified local copy of `version` (downloaded at most once per cache directory, its
+        manifest checked against the registry's digest then)."""
         from serve_app.bundle import fetch_bundle
 
-        return fetch_bundle(self.tracking_uri, self.model_name, version, self.cache_dir)
+        return fetch_bundle(
+            self.tracking_uri,
+            self.model_name,
+            version,
+            self.cache_dir,
+            allow_untagged=self.allow_untagged,
+        )
 
     def serving_hint(self) -> list[str]:
         """The versions the router last said it serves that are in this node's cache (no MLflow)."""
@@ -107,7 +117,13 @@ class ChildProcessModelSource(ModelSource):
         cached = cached_bundle(self.model_name, version, self.cache_dir)
         if cached is not None:
             return cached
-        path = self.registry.fetch(self.tracking_uri, self.model_name, version, self.cache_dir)
+        path = self.registry.fetch(
+            self.tracking_uri,
+            self.model_name,
+            version,
+            self.cache_dir,
+            allow_untagged=self.allow_untagged,
+        )
         verify_bundle(path)  # what this process serves, it checked itself
         return path
 

@@ -95,11 +95,10 @@ class ServingModel:
 
 def limit_threads() -> None:
     """One thread per library per process: small batches only lose to thread hand-offs, and the
-    stages share two cores (XGBoost gets nthread=1 when its booster is loaded)."""
+    stages share two cores (XGBoost gets nthread=1 when its booster is loaded). No torch: serving
+    runs the user tower in numpy (bundle format 2)."""
     import faiss
-    import torch
 
-    torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
 
 

@@ -34,9 +34,18 @@ class RegistryProcess:
     timeout_seconds: float = 300.0
     python: str = field(default_factory=lambda: sys.executable)
 
-    def fetch(self, tracking_uri: str, model_name: str, version: str, cache_dir: Path) -> Path:
+    def fetch(
+        self,
+        tracking_uri: str,
+        model_name: str,
+        version: str,
+        cache_dir: Path,
+        *,
+        allow_untagged: bool = False,
+    ) -> Path:
         """`serve_app.bundle.fetch_bundle`, in the child: the verified cache directory."""
-        answer = self.call("fetch", tracking_uri, model_name, version, str(cache_dir))
+        flags = ["--allow-untagged"] if allow_untagged else []
+        answer = self.call("fetch", tracking_uri, model_name, version, str(cache_dir), *flags)
         return Path(answer["path"])
 
     def call(self, command: str, tracking_uri: str, model_name: str, *args: str) -> dict[str, Any]:
@@ -111,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("model_name")
     fetch.add_argument("version")
     fetch.add_argument("cache_dir", type=Path)
+    fetch.add_argument(
+        "--allow-untagged",
+        action="store_true",
+        help="accept a version with no pinned manifest digest (models.allow_untagged)",
+    )
     args = parser.parse_args(argv)
     from serve_app.bundle import fetch_bundle
 
@@ -118,7 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Only the answer goes to stdout: anything a library prints goes to stderr.
         with contextlib.redirect_stdout(sys.stderr):
-            path = fetch_bundle(args.tracking_uri, args.model_name, args.version, args.cache_dir)
+            path = fetch_bundle(
+                args.tracking_uri,
+                args.model_name,
+                args.version,
+                args.cache_dir,
+                allow_untagged=args.allow_untagged,
+            )
             answer = {"path": str(path)}
         code = 0
     except RecserveError as exc:

@@ -154,6 +154,9 @@ BUNDLE_FILES = (
     "ranker.ubj",
     "popularity.json",
 )
+# The model-version tag registration sets to the hex sha256 of the manifest it uploaded; serving refuses a
+# downloaded manifest with another digest (the manifest's per-file checksums then anchor every file).
+MANIFEST_SHA256_TAG = "recserve.manifest_sha256"
 # A file format 2 leaves out: `finalize_bundle` refuses a bundle directory that holds it.
 RETIRED_BUNDLE_FILES = ("user_tower.pt",)
 USER_TOWER_WEIGHT_NAMES = (

@@ -7,6 +7,7 @@ rebuild the same objects in memory and compare them with what a loader read back
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -155,6 +156,24 @@ def tamper_registered(source_uri: str, name: str = "item_embeddings.npy") -> Non
     data = bytearray(stored.read_bytes())
     data[-1] ^= 0xFF
     stored.write_bytes(bytes(data))
+
+
+def rewrite_consistently(
+    bundle_dir: str | Path, name: str = "ranker.ubj", content: bytes | None = None
+) -> str:
+    """What someone with write access to the artifact store can do: replace one file (`content`;
+    None: append bytes to it) and put its new sha256 in the manifest, so that the bundle still
+    verifies against its own manifest. Works on a local directory or a registered version's stored
+    artifacts (its file:// `source_uri`). Returns the manifest's new sha256."""
+    directory = Path(str(bundle_dir).removeprefix("file://"))
+    if content is None:
+        content = (directory / name).read_bytes() + b"tampered"
+    (directory / name).write_bytes(content)
+    manifest_path = directory / "manifest.json"
+    raw = json.loads(manifest_path.read_text())
+    raw["files"][name] = hashlib.sha256((directory / name).read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    return hashlib.sha256(manifest_path.read_bytes()).hexdigest()
 
 
 def make_serving_bundle(

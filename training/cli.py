@@ -287,6 +287,19 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pin_manifest(args: argparse.Namespace) -> int:
+    from training.registry import RegistryError, pin_manifest
+
+    settings = _settings(args)
+    try:
+        digest = pin_manifest(settings.tracking_uri, settings.model_name, args.version)
+    except RegistryError as exc:
+        console.print(f"[red]not pinned:[/] {exc}")
+        return 1
+    console.print(f"{settings.model_name} v{args.version}: recserve.manifest_sha256 = {digest}")
+    return 0
+
+
 def add_online_arguments(p: argparse.ArgumentParser) -> None:
     """Where the online A/B evidence is read (defaults: TrainingSettings.online_gate)."""
     defaults = OnlineGateConfig()
@@ -539,6 +552,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(r)
     add_online_arguments(r)
     r.set_defaults(func=cmd_rollback)
+
+    m = sub.add_parser(
+        "pin-manifest",
+        help="tag a version registered before manifest digests were recorded with its manifest's "
+        "sha256 (after checking its files), so serving accepts it without models.allow_untagged",
+    )
+    common(m)
+    m.add_argument("--version", required=True, help="the model version to pin")
+    m.set_defaults(func=cmd_pin_manifest)
     return parser
 
 

@@ -26,6 +26,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from serve_app.schemas import (
     BUNDLE_FILES,
     BUNDLE_FORMAT_VERSION,
+    MANIFEST_SHA256_TAG,
     RETIRED_BUNDLE_FILES,
     BundleManifest,
 )
@@ -239,7 +240,9 @@ def register_bundle(
 
     The version is created first, pointing at the run's (still empty) `bundle/` artifact folder, so
     its number can be stamped into the manifest that is then logged: the registered artifact knows
-    its own version. The alias is set last, so no alias ever points at a half-logged version; on
+    its own version. The sha256 of that manifest is set as the version's `MANIFEST_SHA256_TAG`
+    (serving refuses a bundle whose manifest no longer has it). The alias is set last, so no alias
+    ever points at a half-logged or untagged version; on
     failure the run is marked FAILED and the version deleted. `metrics`/`params` default to (and
     override) the manifest's; metric names are logged with `mlflow_key`.
     """
@@ -294,7 +297,14 @@ def register_bundle(
             client.log_artifact(run_id, str(directory / name), BUNDLE_ARTIFACT_PATH)
         stamped = manifest.model_copy(update={"model_version": version, "model_name": model_name})
         with tempfile.TemporaryDirectory() as tmp:
-            client.log_artifact(run_id, str(write_manifest(tmp, stamped)), BUNDLE_ARTIFACT_PATH)
+            manifest_path = write_manifest(tmp, stamped)
+            client.log_artifact(run_id, str(manifest_path), BUNDLE_ARTIFACT_PATH)
+            # The digest of the bytes just uploaded, kept in the registry's database rather than
+            # the artifact store: rewriting the files and their manifest there together no longer
+            # passes serving's check (serve_app.bundle.check_manifest_digest).
+            client.set_model_version_tag(
+                model_name, version, MANIFEST_SHA256_TAG, sha256_file(manifest_path)
+            )
 
         client.set_registered_model_alias(model_name, CHALLENGER, version)
     except BaseException:
@@ -304,6 +314,36 @@ def register_bundle(
         raise
     client.set_terminated(run_id, "FINISHED")
     return RegisteredBundle(version=version, run_id=run_id, source_uri=source_uri)
+
+
+def pin_manifest(tracking_uri: str, model_name: str, version: str) -> str:
+    """Tag a version registered without `MANIFEST_SHA256_TAG` (before recserve recorded it) with the
+    sha256 of its stored manifest, after checking every stored file against that manifest; returns
+    the digest. Trust on first use: run it only for versions whose artifacts you trust now. A
+    version that has the tag keeps it (RegistryError: a pin is never moved)."""
+    client = _client(tracking_uri)
+    try:
+        model_version = client.get_model_version(model_name, version)
+    except MlflowException as exc:
+        if _is_missing(exc):
+            raise RegistryError(f"model '{model_name}' has no version {version}") from exc
+        raise
+    pinned = model_version.tags.get(MANIFEST_SHA256_TAG)
+    if pinned:
+        raise RegistryError(
+            f"{model_name} v{version} is pinned already ({MANIFEST_SHA256_TAG}={pinned[:12]}...)"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        source = client.get_model_version_download_uri(model_name, version)
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri
+            )
+        )
+        check_bundle(local)  # every file as the manifest lists it: what is pinned is whole
+        digest = sha256_file(local / MANIFEST_NAME)
+    client.set_model_version_tag(model_name, version, MANIFEST_SHA256_TAG, digest)
+    return digest
 
 
 # --- promotion --------------------------------------------------------------------------------

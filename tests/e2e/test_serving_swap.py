@@ -3,12 +3,14 @@
 Against the session's graph (conftest `serving_app`, alias polled every second): a background client sends
 a steady stream of requests while the test moves `champion` in the real MLflow registry. Every request
 must succeed, the served version must switch within the polling interval (plus the stages' load), and
-bundles that fail verification or the serving contract must be refused while the previous one serves.
+bundles that fail verification or the serving contract must be refused while the previous one serves,
+and so must one whose files and manifest were rewritten together in the artifact store (issue #29).
 The alias is moved back at the end: the other serving tests expect the trained bundle.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from tests.bundle_factory import make_tiny_bundle
+from tests.bundle_factory import make_tiny_bundle, rewrite_consistently
 from training.registry import register_bundle
 
 if TYPE_CHECKING:
@@ -159,3 +161,35 @@ def test_bundles_failing_verification_or_the_contract_are_refused_and_the_previo
             assert reason in state["refused"][version]
     assert [s for s in load.samples if s.status != 200] == []
     assert {s.version for s in load.samples} == {bundle.version}
+
+
+def test_a_bundle_whose_files_and_manifest_were_both_rewritten_is_refused_and_the_old_answers(
+    serving_app: ServingApp, registry: MlflowClient
+) -> None:
+    """The attack the per-file checksums alone miss: a new popularity list (a loadable bundle that
+    pushes chosen items) with its sha256 written into the manifest. The manifest's digest recorded at
+    registration (tag recserve.manifest_sha256) no longer matches."""
+    bundle = serving_app.bundle
+    rewritten = register_bundle(bundle.bundle_dir, tracking_uri=bundle.tracking_uri)
+    stored = _artifact_dir(rewritten.source_uri)
+    popularity = json.loads((stored / "popularity.json").read_text())
+    popularity["global"] = list(reversed(popularity["global"]))
+    rewrite_consistently(stored, "popularity.json", json.dumps(popularity).encode())
+
+    with Load(serving_app.url, rate=20) as load:
+        registry.set_registered_model_alias("recserve", "champion", rewritten.version)
+        assert wait_for(
+            lambda: rewritten.version in httpx.get(f"{serving_app.url}/readyz").json()["refused"],
+            30,
+        ), f"v{rewritten.version} was not refused"
+        state = httpx.get(f"{serving_app.url}/readyz").json()
+        refused_at = time.monotonic()
+        # Requests go on after the refusal, answered by the old version (checked below).
+        assert wait_for(lambda: sum(s.sent > refused_at for s in load.samples) >= 10, 10)
+    assert state["ready"] is True and state["model_version"] == bundle.version
+    reason = state["refused"][rewritten.version]
+    assert "manifest.json: sha256" in reason and "recserve.manifest_sha256 tag" in reason, reason
+    assert "changed in the artifact store after registration" in reason
+    assert load.samples and [s for s in load.samples if s.status != 200] == []
+    assert {s.version for s in load.samples} == {bundle.version}
+    print(f"v{rewritten.version} refused: {reason}")

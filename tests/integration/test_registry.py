@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -10,13 +11,15 @@ from mlflow import MlflowClient
 
 from serve_app.bundle import fetch_bundle, load_bundle, resolve_alias, verify_bundle
 from serve_app.errors import BundleIntegrityError, ModelUnavailable
-from tests.bundle_factory import make_tiny_bundle, tamper_registered
+from serve_app.schemas import MANIFEST_SHA256_TAG
+from tests.bundle_factory import make_tiny_bundle, rewrite_consistently, tamper_registered
 from training.registry import (
     CHALLENGER,
     CHAMPION,
     PREVIOUS_CHAMPION,
     RegistryError,
     default_tracking_uri,
+    pin_manifest,
     promote,
     register_bundle,
     rollback,
@@ -136,6 +139,82 @@ def test_tampered_registered_artifact_is_refused_and_not_cached(
     with pytest.raises(BundleIntegrityError, match=r"item_embeddings\.npy: checksum mismatch"):
         fetch_bundle(tracking_uri, "tampered", registered.version, tmp_path / "cache")
     assert list((tmp_path / "cache" / "tampered").iterdir()) == []
+
+
+def test_registration_pins_the_sha256_of_the_stored_manifest_as_a_version_tag(
+    bundle_dir: Path, tracking_uri: str
+) -> None:
+    registered = register_bundle(bundle_dir, tracking_uri=tracking_uri, model_name="pinned")
+    stored = Path(registered.source_uri.removeprefix("file://")) / "manifest.json"
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    tags = client.get_model_version("pinned", registered.version).tags
+    assert tags[MANIFEST_SHA256_TAG] == hashlib.sha256(stored.read_bytes()).hexdigest()
+    # The stored manifest is the stamped one (it names its version), not the local directory's.
+    assert (
+        tags[MANIFEST_SHA256_TAG]
+        != hashlib.sha256((bundle_dir / "manifest.json").read_bytes()).hexdigest()
+    )
+
+
+def test_files_and_manifest_rewritten_together_in_the_store_are_refused_and_not_cached(
+    bundle_dir: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    registered = register_bundle(bundle_dir, tracking_uri=tracking_uri, model_name="rewritten")
+    rewrite_consistently(registered.source_uri, "ranker.ubj")
+
+    with pytest.raises(BundleIntegrityError) as refused:
+        fetch_bundle(tracking_uri, "rewritten", registered.version, tmp_path / "cache")
+    assert refused.value.file == "manifest.json"
+    assert "changed in the artifact store after registration" in refused.value.message
+    assert list((tmp_path / "cache" / "rewritten").iterdir()) == []
+    # Nothing else was wrong with it: the files agree with the rewritten manifest.
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client.delete_model_version_tag("rewritten", registered.version, MANIFEST_SHA256_TAG)
+    path = fetch_bundle(
+        tracking_uri, "rewritten", registered.version, tmp_path / "cache", allow_untagged=True
+    )
+    served = (path / "ranker.ubj").read_bytes()
+    assert served == (bundle_dir / "ranker.ubj").read_bytes() + b"tampered"
+
+
+def test_a_version_without_the_tag_is_refused_unless_untagged_versions_are_allowed(
+    bundle_dir: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    registered = register_bundle(bundle_dir, tracking_uri=tracking_uri, model_name="untagged")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client.delete_model_version_tag("untagged", registered.version, MANIFEST_SHA256_TAG)
+
+    with pytest.raises(BundleIntegrityError, match=f"has no {MANIFEST_SHA256_TAG} tag"):
+        fetch_bundle(tracking_uri, "untagged", registered.version, tmp_path / "cache")
+    assert list((tmp_path / "cache" / "untagged").iterdir()) == []
+    path = fetch_bundle(
+        tracking_uri, "untagged", registered.version, tmp_path / "cache", allow_untagged=True
+    )
+    assert verify_bundle(path).model_version == registered.version
+
+
+def test_pinning_an_untagged_version_lets_it_be_served_and_never_moves_a_pin(
+    bundle_dir: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    old = register_bundle(bundle_dir, tracking_uri=tracking_uri, model_name="legacy")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client.delete_model_version_tag("legacy", old.version, MANIFEST_SHA256_TAG)  # as before #29
+    stored = Path(old.source_uri.removeprefix("file://")) / "manifest.json"
+
+    digest = pin_manifest(tracking_uri, "legacy", old.version)
+
+    assert digest == hashlib.sha256(stored.read_bytes()).hexdigest()
+    assert client.get_model_version("legacy", old.version).tags[MANIFEST_SHA256_TAG] == digest
+    assert verify_bundle(fetch_bundle(tracking_uri, "legacy", old.version, tmp_path / "c")).files
+    with pytest.raises(RegistryError, match="pinned already"):
+        pin_manifest(tracking_uri, "legacy", old.version)
+    # A version whose files no longer match its manifest is not pinned.
+    broken = register_bundle(bundle_dir, tracking_uri=tracking_uri, model_name="legacy")
+    client.delete_model_version_tag("legacy", broken.version, MANIFEST_SHA256_TAG)
+    tamper_registered(broken.source_uri)
+    with pytest.raises(RegistryError, match=r"checksum mismatch for 'item_embeddings\.npy'"):
+        pin_manifest(tracking_uri, "legacy", broken.version)
+    assert MANIFEST_SHA256_TAG not in client.get_model_version("legacy", broken.version).tags
 
 
 def test_promotion_is_gated_by_relative_margin_and_force_overrides(

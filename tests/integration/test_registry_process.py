@@ -22,7 +22,8 @@ from serve_app.bundle import fetch_bundle
 from serve_app.errors import BundleIntegrityError, ModelUnavailable, RecserveError
 from serve_app.models import ChildProcessModelSource
 from serve_app.registry_process import RegistryProcess
-from tests.bundle_factory import make_tiny_bundle, tamper_registered
+from serve_app.schemas import MANIFEST_SHA256_TAG
+from tests.bundle_factory import make_tiny_bundle, rewrite_consistently, tamper_registered
 from tests.conftest import TrainedBundle
 from tests.fresh_interpreter import run_probe
 from training.registry import CHAMPION, default_tracking_uri, register_bundle
@@ -137,6 +138,32 @@ def test_a_tampered_artifact_is_the_same_integrity_error_through_the_child_and_n
     assert child.message == in_process.message
     assert "checksum mismatch" in child.message
     assert list((tmp_path / "child" / "tampered").iterdir()) == []
+
+
+def test_a_rewritten_manifest_is_refused_through_the_child_and_untagged_passes_only_if_allowed(
+    bundle_dir: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    rewritten = register_bundle(bundle_dir, tracking_uri=tracking_uri, model_name="rewritten")
+    rewrite_consistently(rewritten.source_uri)
+    source = child_source(tracking_uri, "rewritten", tmp_path / "child")
+
+    child = raised(lambda: source.fetch(rewritten.version))
+    in_process = raised(
+        lambda: fetch_bundle(tracking_uri, "rewritten", rewritten.version, tmp_path / "in")
+    )
+    assert isinstance(child, BundleIntegrityError) and child.file == "manifest.json"
+    assert child.message == in_process.message
+    assert "changed in the artifact store after registration" in child.message
+
+    untagged = register_bundle(bundle_dir, tracking_uri=tracking_uri, model_name="untagged")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client.delete_model_version_tag("untagged", untagged.version, MANIFEST_SHA256_TAG)
+    refused = raised(lambda: child_source(tracking_uri, "untagged", tmp_path / "a").fetch("1"))
+    assert f"has no {MANIFEST_SHA256_TAG} tag" in refused.message
+    allowed = ChildProcessModelSource(
+        tracking_uri, "untagged", CHAMPION, tmp_path / "b", allow_untagged=True
+    )
+    assert allowed.fetch("1") == tmp_path / "b" / "untagged" / "1"
 
 
 def test_a_child_past_its_timeout_is_killed_and_model_unavailable(

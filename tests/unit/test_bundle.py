@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from serve_app.bundle import load_bundle, verify_bundle
+from serve_app.bundle import check_manifest_digest, load_bundle, verify_bundle
 from serve_app.contract import Collaborative
 from serve_app.errors import BundleIntegrityError
 from serve_app.schemas import BUNDLE_FILES
@@ -22,6 +22,7 @@ from tests.bundle_factory import (
     PROFILE_DIM,
     build_tiny_tower,
     make_tiny_bundle,
+    rewrite_consistently,
     tiny_arrays,
     train_tiny_ranker,
 )
@@ -224,6 +225,29 @@ def test_object_array_is_refused_without_unpickling(bundle_dir: Path, tmp_path: 
     assert marker.read_text() == "unpickled"
 
 
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_an_object_array_in_the_tower_npz_is_refused_without_unpickling(
+    bundle_dir: Path, tmp_path: Path, save: object
+) -> None:
+    # Stored members are mapped in place, compressed ones read through numpy: both refuse pickle.
+    marker = tmp_path / "sprung"
+    with np.load(bundle_dir / "user_tower.npz", allow_pickle=False) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    arrays["mlp.2.bias"] = np.array([_Trap(marker)], dtype=object)
+    assert callable(save)
+    save(bundle_dir / "user_tower.npz", **arrays)
+    finalize_bundle(bundle_dir, read_manifest(bundle_dir))
+
+    verify_bundle(bundle_dir)
+    with pytest.raises(BundleIntegrityError, match=r"user_tower\.npz") as excinfo:
+        load_bundle(bundle_dir)
+    assert excinfo.value.file == "user_tower.npz"
+    assert not marker.exists()
+    with np.load(bundle_dir / "user_tower.npz", allow_pickle=True) as archive:
+        archive["mlp.2.bias"]  # the trap is live: loading with pickle allowed springs it
+    assert marker.read_text() == "unpickled"
+
+
 def test_array_shape_disagreeing_with_manifest_is_refused(bundle_dir: Path) -> None:
     np.save(bundle_dir / "item_categories.npy", np.zeros(N_ITEMS - 1, dtype=np.int32))
     finalize_bundle(bundle_dir, read_manifest(bundle_dir))
@@ -251,6 +275,36 @@ def test_index_search_params_from_manifest_are_applied(bundle_dir: Path) -> None
     index = faiss.downcast_index(bundle.index)
     assert isinstance(index, faiss.IndexHNSWFlat)
     assert index.hnsw.efSearch == 77
+
+
+def test_a_manifest_matching_its_pinned_digest_passes(bundle_dir: Path) -> None:
+    pinned = hashlib.sha256((bundle_dir / "manifest.json").read_bytes()).hexdigest()
+    check_manifest_digest(bundle_dir, pinned, "3")
+    check_manifest_digest(bundle_dir, pinned.upper(), "3")  # hex digits in either case
+
+
+def test_files_and_manifest_rewritten_together_verify_but_miss_the_pinned_digest(
+    bundle_dir: Path,
+) -> None:
+    pinned = hashlib.sha256((bundle_dir / "manifest.json").read_bytes()).hexdigest()
+    rewrite_consistently(bundle_dir)
+    verify_bundle(bundle_dir)  # the per-file checksums alone cannot tell
+    with pytest.raises(BundleIntegrityError) as refused:
+        check_manifest_digest(bundle_dir, pinned, "3")
+    assert refused.value.file == "manifest.json"
+    assert f"recserve.manifest_sha256 tag {pinned[:12]}" in refused.value.message
+    assert "changed in the artifact store after registration" in refused.value.message
+
+
+def test_an_untagged_version_is_refused_unless_allowed(bundle_dir: Path) -> None:
+    with pytest.raises(BundleIntegrityError, match=r"version 3 has no recserve\.manifest_sha256"):
+        check_manifest_digest(bundle_dir, None, "3")
+    check_manifest_digest(bundle_dir, None, "3", allow_untagged=True)
+
+
+def test_a_missing_manifest_is_refused_before_any_digest_is_compared(tmp_path: Path) -> None:
+    with pytest.raises(BundleIntegrityError, match=r"manifest\.json: missing"):
+        check_manifest_digest(tmp_path, "0" * 64, "3")
 
 
 def test_registry_refuses_to_register_a_tampered_bundle(bundle_dir: Path) -> None:

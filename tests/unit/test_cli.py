@@ -15,6 +15,7 @@ COMMANDS = [
     ["features"],
     ["promote"],
     ["rollback"],
+    ["pin-manifest"],
     ["simulate"],
 ]
 
