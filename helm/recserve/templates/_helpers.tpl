@@ -130,7 +130,14 @@ Not granted, among others: FLUSHALL/FLUSHDB, KEYS, CONFIG, DEBUG, MODULE, ACL, S
 REPLICAOF, FUNCTION, SCRIPT FLUSH, pub/sub (no channels either).
 */}}
 {{- define "recserve.redisCommands" -}}
-{{- list "ping" "select" "evalsha" "eval" "script|load" "script|exists" "get" "set" "exists" "del" "expire" "time" "scan" "hget" "hset" "hsetnx" "hmget" "hgetall" "hincrby" "hkeys" "hdel" "xadd" "xrange" "xrevrange" "xlen" "xinfo" "xpending" "xgroup|create" "xreadgroup" "xautoclaim" "xack" "xtrim" | toJson }}
+{{- $commands := list "ping" "select" "evalsha" "eval" "script|load" "script|exists" "get" "set" "exists" "del" "expire" "time" "scan" "hget" "hset" "hsetnx" "hmget" "hgetall" "hincrby" "hkeys" "hdel" "xadd" "xrange" "xrevrange" "xlen" "xinfo" "xpending" "xgroup|create" "xreadgroup" "xautoclaim" "xack" "xtrim" }}
+{{- /* redis-py's connect handshake names the library (CLIENT SETINFO, Redis >= 7.2; older servers know no
+such command, and an ACL naming an unknown command stops Redis from starting). */}}
+{{- $version := regexFind "^[0-9]+\\.[0-9]+(\\.[0-9]+)?" .Values.redis.image.tag }}
+{{- if and $version (semverCompare ">=7.2.0-0" $version) }}
+{{- $commands = append $commands "client|setinfo" }}
+{{- end }}
+{{- toJson $commands }}
 {{- end }}
 
 {{/* redis-server arguments of the ACL users: default off, the recserve user, the admin user. */}}
