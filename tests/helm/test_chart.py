@@ -21,16 +21,26 @@ EXPECTED_OBJECTS = {
     "default": {
         ("ServiceAccount", "recserve"),
         ("RayService", "recserve"),
+        ("Service", "recserve-internal"),
+        # Credentials generated at install and kept: API keys, Redis ACL passwords, MLflow admin.
+        ("Secret", "recserve-api-keys"),
+        ("Secret", "recserve-redis-auth"),
+        ("Secret", "recserve-mlflow-auth"),
         ("StatefulSet", "recserve-redis"),
         ("Service", "recserve-redis"),
         ("Service", "recserve-redis-headless"),
         ("Deployment", "recserve-mlflow"),
         ("Service", "recserve-mlflow"),
+        ("ConfigMap", "recserve-mlflow-auth"),
+        ("PersistentVolumeClaim", "recserve-mlflow-auth"),
         ("PersistentVolumeClaim", "recserve-mlflow-artifacts"),
         ("PersistentVolumeClaim", "recserve-data"),
         ("CronJob", "recserve-training"),
         ("CronJob", "recserve-materialization"),
+        ("NetworkPolicy", "recserve-default-deny"),
+        ("NetworkPolicy", "recserve-dns"),
         ("NetworkPolicy", "recserve-serve"),
+        ("NetworkPolicy", "recserve-ray-head"),
         ("NetworkPolicy", "recserve-redis"),
         ("NetworkPolicy", "recserve-mlflow"),
         ("NetworkPolicy", "recserve-jobs"),
@@ -39,6 +49,10 @@ EXPECTED_OBJECTS = {
     "minimal": {
         ("ServiceAccount", "recserve"),
         ("RayService", "recserve"),
+        ("Service", "recserve-internal"),
+        ("Secret", "recserve-api-keys"),
+        # The minimal profile keeps Redis locked.
+        ("Secret", "recserve-redis-auth"),
         ("StatefulSet", "recserve-redis"),
         ("Service", "recserve-redis"),
         ("Service", "recserve-redis-headless"),
@@ -46,6 +60,7 @@ EXPECTED_OBJECTS = {
     "production": {
         ("ServiceAccount", "recserve"),
         ("RayService", "recserve"),
+        ("Service", "recserve-internal"),
         ("Deployment", "recserve-mlflow"),
         ("Service", "recserve-mlflow"),
         ("PersistentVolumeClaim", "recserve-data"),
@@ -53,7 +68,10 @@ EXPECTED_OBJECTS = {
         ("CronJob", "recserve-training"),
         ("CronJob", "recserve-materialization"),
         ("Ingress", "recserve"),
+        ("NetworkPolicy", "recserve-default-deny"),
+        ("NetworkPolicy", "recserve-dns"),
         ("NetworkPolicy", "recserve-serve"),
+        ("NetworkPolicy", "recserve-ray-head"),
         ("NetworkPolicy", "recserve-mlflow"),
         ("NetworkPolicy", "recserve-jobs"),
         ("PodDisruptionBudget", "recserve-ray-worker"),
@@ -174,12 +192,21 @@ def test_notes_say_how_to_reach_the_service_and_the_dashboards(helm: Path) -> No
 
     text = notes()
     assert "kubectl get crd rayservices.ray.io" in text
-    assert "port-forward svc/recserve-serve 8000:8000" in text
+    assert "port-forward svc/recserve-internal 8000:8000" in text
     assert "port-forward svc/recserve-head-svc 8265:8265" in text
     assert "create secret generic recserve-mlflow" in text
+    # The generated API keys: where they are and how to send them.
+    assert (
+        "kubectl -n recserve get secret recserve-api-keys -o jsonpath='{.data.client-key}' | base64 -d"
+        in text
+    )
+    assert "Authorization: Bearer $RECSERVE_KEY" in text
+    assert "get secret recserve-mlflow-auth -o jsonpath='{.data.password}'" in text
     assert "Grafana dashboards:" in text
     text = notes("-f", str(chart.CHART / "ci" / "production-values.yaml"))
     assert "https://recs.example.com/v1/recommendations" in text
+    assert "Public (exactly /v1/recommendations and /v1/events)" in text
+    assert "hashed in Secret recserve-api-keys (keys.json); edit it" in text  # nothing to read back
     assert "create secret generic recserve-redis " in text
     assert "PodMonitor: true, ServiceMonitor: true" in text
 
