@@ -395,3 +395,24 @@ def test_the_readiness_probe_passes_as_the_acl_user(
     # The probe can fail: with a wrong password it does.
     env["REDIS_PASSWORD"] = "wrong"
     assert subprocess.run(["sh", "-c", script], env=env, check=False).returncode != 0
+
+
+def test_the_exporters_dead_letter_transaction_is_allowed(
+    locked: tuple[RenderedRedis, list[chart.Doc]],
+) -> None:
+    # The events branch of #29 moves an undecodable entry to a dead-letter stream and acknowledges it
+    # in one MULTI/EXEC (a redis-py pipeline with transaction=True).
+    server, docs = locked
+    client = redis.Redis.from_url(pod_redis_url(docs, server)["REDIS_URL"])
+    client.xgroup_create("recserve:events", "exporter", "0", mkstream=True)
+    entry = client.xadd("recserve:events", {"bad": "\xff"})
+    client.xreadgroup("exporter", "exporter-1", {"recserve:events": ">"})
+    pipe = client.pipeline(transaction=True)
+    pipe.xadd("recserve:events:dead", {"id": entry}, maxlen=1000, approximate=True)
+    pipe.xack("recserve:events", "exporter", entry)
+    assert pipe.execute()[1] == 1
+    assert client.xlen("recserve:events:dead") == 1
+    client.close()
+    admin = admin_of(server)
+    assert admin.acl_log() == []
+    admin.close()

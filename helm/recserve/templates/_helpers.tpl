@@ -116,6 +116,8 @@ existing Secrets instead).
 The Redis commands recserve runs, the only ones its ACL user may run (besides redis.auth.extraCommands).
 Found in the code, each with its caller:
   connection      PING (health checks, readiness probe), SELECT (a /db in the URL); AUTH needs no grant
+  transactions    MULTI, EXEC, DISCARD (redis-py pipelines with transaction=True: the exporter's
+                  dead-letter XADD + XACK)
   scripts         EVALSHA, EVAL, SCRIPT LOAD|EXISTS (redis-py's Script, also inside pipelines); the calls
                   inside a script are checked one by one: serve_app/events.py (SET NX EX, XADD, HGET, HSET,
                   HINCRBY, EXPIRE), serve_app/experiments.py (GET, HMGET, HINCRBY, HSETNX)
@@ -130,7 +132,7 @@ Not granted, among others: FLUSHALL/FLUSHDB, KEYS, CONFIG, DEBUG, MODULE, ACL, S
 REPLICAOF, FUNCTION, SCRIPT FLUSH, pub/sub (no channels either).
 */}}
 {{- define "recserve.redisCommands" -}}
-{{- $commands := list "ping" "select" "evalsha" "eval" "script|load" "script|exists" "get" "set" "exists" "del" "expire" "time" "scan" "hget" "hset" "hsetnx" "hmget" "hgetall" "hincrby" "hkeys" "hdel" "xadd" "xrange" "xrevrange" "xlen" "xinfo" "xpending" "xgroup|create" "xreadgroup" "xautoclaim" "xack" "xtrim" }}
+{{- $commands := list "ping" "select" "multi" "exec" "discard" "evalsha" "eval" "script|load" "script|exists" "get" "set" "exists" "del" "expire" "time" "scan" "hget" "hset" "hsetnx" "hmget" "hgetall" "hincrby" "hkeys" "hdel" "xadd" "xrange" "xrevrange" "xlen" "xinfo" "xpending" "xgroup|create" "xreadgroup" "xautoclaim" "xack" "xtrim" }}
 {{- /* redis-py's connect handshake names the library (CLIENT SETINFO, Redis >= 7.2; older servers know no
 such command, and an ACL naming an unknown command stops Redis from starting). */}}
 {{- $version := regexFind "^[0-9]+\\.[0-9]+(\\.[0-9]+)?" .Values.redis.image.tag }}
