@@ -25,6 +25,7 @@ ARG TORCH_VERSION=2.13.0
 # The CPU build of torch: the default wheel pulls several GB of CUDA libraries that no pod here uses.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG BOTO3_VERSION=1.44.5
+ARG FLASK_WTF_VERSION=1.3.0
 
 LABEL org.opencontainers.image.title="recserve" \
       org.opencontainers.image.description="Real-time recommendation serving on Ray Serve (KubeRay RayService)" \
@@ -34,14 +35,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     RAY_USAGE_STATS_ENABLED=0
 
-# The wheel comes in through a bind mount, so no layer keeps a copy of it. boto3 is for the MLflow
-# server's S3 artifact store only (nothing in the project imports it). ray[serve] is already satisfied by
+# The wheel comes in through a bind mount, so no layer keeps a copy of it. boto3 and Flask-WTF are for the
+# MLflow server only (nothing in the project imports them): its S3 artifact store, and the CSRF protection
+# of its basic-auth app (`mlflow server --app-name basic-auth`, the `mlflow[auth]` extra). ray[serve] is already satisfied by
 # the base image at the pinned version; the check after the install fails the build if pip moved it.
 RUN --mount=type=bind,from=build,source=/home/ray/wheels,target=/tmp/wheels \
     pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
  && pip install --no-cache-dir /tmp/wheels/recserve-*.whl "boto3==${BOTO3_VERSION}" \
+    "flask-wtf==${FLASK_WTF_VERSION}" \
  && python -c "import ray, sys; sys.exit(ray.__version__ != '${RAY_VERSION}')" \
- && python -c "import serve_app, training, feature_repo, boto3"
+ && python -c "import serve_app, training, feature_repo, boto3, mlflow.server.auth"
 
 # Kubernetes probes (KubeRay injects them into Ray pods; the chart sets them elsewhere) decide health;
 # a Docker HEALTHCHECK would only be ignored there.

@@ -8,6 +8,7 @@ profiles for the `feast` CLI and are checked against `repo_config` by the tests.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -54,8 +55,27 @@ def definitions() -> list[Any]:
     ]
 
 
+def _feast_credential(name: str, value: str) -> str:
+    """`value` as Feast's connection string carries it, or ValueError naming the URL part.
+
+    Feast splits the string on "," and JSON-decodes every value, so a comma would cut the
+    credential and `true`, `null` or `"x"` would reach Redis as something else (digits survive:
+    the client sends the number's text)."""
+    try:
+        decoded = json.loads(value)
+    except ValueError:
+        decoded = value
+    if "," in value or str(decoded) != value:
+        raise ValueError(
+            f"the Redis URL's {name} cannot go into Feast's connection string (no comma, "
+            "and not a JSON literal such as true, null or a quoted string): choose another"
+        )
+    return value
+
+
 def feast_connection_string(redis_url: str, timeout_seconds: float) -> str:
-    """Feast's Redis connection string ("host:port,db=0,...") for a redis:// or rediss:// URL."""
+    """Feast's Redis connection string ("host:port,db=0,...") for a redis:// or rediss:// URL;
+    the URL's user and password (an ACL user, as the chart's bundled Redis has) are passed on."""
     parsed = urlparse(redis_url)
     if parsed.scheme not in ("redis", "rediss"):
         raise ValueError(f"not a redis:// or rediss:// URL: {redis_url!r}")
@@ -63,9 +83,9 @@ def feast_connection_string(redis_url: str, timeout_seconds: float) -> str:
     db = parsed.path.lstrip("/")
     parts.append(f"db={int(db) if db else 0}")
     if parsed.username:
-        parts.append(f"username={unquote(parsed.username)}")
+        parts.append(f"username={_feast_credential('user', unquote(parsed.username))}")
     if parsed.password:
-        parts.append(f"password={unquote(parsed.password)}")
+        parts.append(f"password={_feast_credential('password', unquote(parsed.password))}")
     if parsed.scheme == "rediss":
         parts.append("ssl=true")
     parts.append(f"socket_timeout={timeout_seconds}")

@@ -3,7 +3,10 @@ namespaces, NOTES.txt and the README's values table."""
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
+import json
 import re
 import subprocess
 import tomllib
@@ -21,16 +24,26 @@ EXPECTED_OBJECTS = {
     "default": {
         ("ServiceAccount", "recserve"),
         ("RayService", "recserve"),
+        ("Service", "recserve-internal"),
+        # Credentials generated at install and kept: API keys, Redis ACL passwords, MLflow admin.
+        ("Secret", "recserve-api-keys"),
+        ("Secret", "recserve-redis-auth"),
+        ("Secret", "recserve-mlflow-auth"),
         ("StatefulSet", "recserve-redis"),
         ("Service", "recserve-redis"),
         ("Service", "recserve-redis-headless"),
         ("Deployment", "recserve-mlflow"),
         ("Service", "recserve-mlflow"),
+        ("ConfigMap", "recserve-mlflow-auth"),
+        ("PersistentVolumeClaim", "recserve-mlflow-auth"),
         ("PersistentVolumeClaim", "recserve-mlflow-artifacts"),
         ("PersistentVolumeClaim", "recserve-data"),
         ("CronJob", "recserve-training"),
         ("CronJob", "recserve-materialization"),
+        ("NetworkPolicy", "recserve-default-deny"),
+        ("NetworkPolicy", "recserve-dns"),
         ("NetworkPolicy", "recserve-serve"),
+        ("NetworkPolicy", "recserve-ray-head"),
         ("NetworkPolicy", "recserve-redis"),
         ("NetworkPolicy", "recserve-mlflow"),
         ("NetworkPolicy", "recserve-jobs"),
@@ -39,6 +52,10 @@ EXPECTED_OBJECTS = {
     "minimal": {
         ("ServiceAccount", "recserve"),
         ("RayService", "recserve"),
+        ("Service", "recserve-internal"),
+        ("Secret", "recserve-api-keys"),
+        # The minimal profile keeps Redis locked.
+        ("Secret", "recserve-redis-auth"),
         ("StatefulSet", "recserve-redis"),
         ("Service", "recserve-redis"),
         ("Service", "recserve-redis-headless"),
@@ -46,6 +63,7 @@ EXPECTED_OBJECTS = {
     "production": {
         ("ServiceAccount", "recserve"),
         ("RayService", "recserve"),
+        ("Service", "recserve-internal"),
         ("Deployment", "recserve-mlflow"),
         ("Service", "recserve-mlflow"),
         ("PersistentVolumeClaim", "recserve-data"),
@@ -53,7 +71,10 @@ EXPECTED_OBJECTS = {
         ("CronJob", "recserve-training"),
         ("CronJob", "recserve-materialization"),
         ("Ingress", "recserve"),
+        ("NetworkPolicy", "recserve-default-deny"),
+        ("NetworkPolicy", "recserve-dns"),
         ("NetworkPolicy", "recserve-serve"),
+        ("NetworkPolicy", "recserve-ray-head"),
         ("NetworkPolicy", "recserve-mlflow"),
         ("NetworkPolicy", "recserve-jobs"),
         ("PodDisruptionBudget", "recserve-ray-worker"),
@@ -174,12 +195,21 @@ def test_notes_say_how_to_reach_the_service_and_the_dashboards(helm: Path) -> No
 
     text = notes()
     assert "kubectl get crd rayservices.ray.io" in text
-    assert "port-forward svc/recserve-serve 8000:8000" in text
+    assert "port-forward svc/recserve-internal 8000:8000" in text
     assert "port-forward svc/recserve-head-svc 8265:8265" in text
     assert "create secret generic recserve-mlflow" in text
+    # The generated API keys: where they are and how to send them.
+    assert (
+        "kubectl -n recserve get secret recserve-api-keys -o jsonpath='{.data.client-key}' | base64 -d"
+        in text
+    )
+    assert "Authorization: Bearer $RECSERVE_KEY" in text
+    assert "get secret recserve-mlflow-auth -o jsonpath='{.data.password}'" in text
     assert "Grafana dashboards:" in text
     text = notes("-f", str(chart.CHART / "ci" / "production-values.yaml"))
     assert "https://recs.example.com/v1/recommendations" in text
+    assert "Public (exactly /v1/recommendations and /v1/events)" in text
+    assert "hashed in Secret recserve-api-keys (keys.json); edit it" in text  # nothing to read back
     assert "create secret generic recserve-redis " in text
     assert "PodMonitor: true, ServiceMonitor: true" in text
 
@@ -263,3 +293,79 @@ def test_hand_written_yaml_passes_yamllint() -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_generated_api_keys_hash_to_the_keys_file_the_pods_mount(helm: Path) -> None:
+    docs = chart.render_profile("default")
+    secret = chart.one(docs, "Secret", "recserve-api-keys")
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    client, operator = data["client-key"], data["operator-key"]
+    assert re.fullmatch(r"[A-Za-z0-9]{43}", client) and re.fullmatch(r"[A-Za-z0-9]{43}", operator)
+    assert client != operator
+    assert json.loads(data["keys.json"]) == {
+        "keys": [
+            {
+                "name": "client",
+                "sha256": hashlib.sha256(client.encode()).hexdigest(),
+                "scopes": ["recommend", "events"],
+            },
+            {
+                "name": "operator",
+                "sha256": hashlib.sha256(operator.encode()).hexdigest(),
+                "scopes": ["recommend", "events", "admin", "debug"],
+            },
+        ]
+    }
+
+
+@pytest.mark.parametrize("existing", ["", "ops-keys"])
+def test_ray_containers_mount_the_keys_file_and_turn_auth_on(helm: Path, existing: str) -> None:
+    docs = chart.render(set_json={"auth.existingSecret": existing, "auth.secretKey": "k.json"})
+    name = existing or "recserve-api-keys"
+    generated = [
+        s for s in chart.of_kind(docs, "Secret") if s["metadata"]["name"] == "recserve-api-keys"
+    ]
+    assert len(generated) == (0 if existing else 1)
+    ray = [(w, s) for w, s, _ in chart.pod_templates(docs) if w.startswith("ray-")]
+    assert {w for w, _ in ray} == {"ray-head", "ray-worker/cpu"}
+    for where, spec in ray:
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "api-keys"]
+        # No subPath anywhere: the kubelet updates the file when the Secret changes (rotation).
+        assert volume["secret"] == {
+            "secretName": name,
+            "defaultMode": 0o440,
+            "items": [{"key": "k.json", "path": "keys.json"}],
+        }, where
+        container = spec["containers"][0]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "api-keys"]
+        assert mount == {
+            "name": "api-keys",
+            "mountPath": "/etc/recserve/api-keys",
+            "readOnly": True,
+        }
+        env = chart.container_env(container)
+        values = {k: e.get("value") for k, e in env.items()}
+        assert values["RECSERVE_API__AUTH__ENABLED"] == "true"
+        assert values["RECSERVE_API__AUTH__KEYS_FILE"] == "/etc/recserve/api-keys/keys.json"
+        assert values["RECSERVE_API__RATE_LIMIT__REQUESTS_PER_SECOND"] == "100"
+        assert values["RECSERVE_API__RATE_LIMIT__BURST"] == "200"
+        # Demo and explain are off in a cluster.
+        assert values["RECSERVE_API__EXPLAIN_ENABLED"] == "false"
+        assert values["RECSERVE_DEMO__ENABLED"] == "false"
+    for where, spec, _ in chart.pod_templates(docs):
+        for container in spec["containers"]:
+            assert not [m for m in container.get("volumeMounts", []) if "subPath" in m], where
+
+
+def test_auth_off_mounts_no_keys(helm: Path) -> None:
+    docs = chart.render(
+        set_json={"auth.enabled": False, "demo.enabled": True, "serve.explain": True}
+    )
+    assert not [s for s in chart.of_kind(docs, "Secret") if "api-keys" in s["metadata"]["name"]]
+    head = next(s for w, s, _ in chart.pod_templates(docs) if w == "ray-head")
+    assert "api-keys" not in {v["name"] for v in head["volumes"]}
+    env = {k: e.get("value") for k, e in chart.container_env(head["containers"][0]).items()}
+    assert env["RECSERVE_API__AUTH__ENABLED"] == "false"
+    assert "RECSERVE_API__AUTH__KEYS_FILE" not in env
+    assert (env["RECSERVE_DEMO__ENABLED"], env["RECSERVE_API__EXPLAIN_ENABLED"]) == ("true", "true")

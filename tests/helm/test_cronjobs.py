@@ -63,8 +63,10 @@ def test_job_settings_built_from_the_pod_environment(
     assert settings.model_name == "recserve"
     assert settings.register_bundle is True
     assert settings.feature_store.resolved_profile == "cluster"
-    assert settings.feature_store.redis_url == "redis://recserve-redis:6379/0"
+    # The bundled Redis's ACL user, its password expanded by the kubelet from the Secret.
+    assert settings.feature_store.redis_url == "redis://recserve:s3cret@recserve-redis:6379/0"
     assert settings.feature_store.data_dir == Path("/data")
+    assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == ("admin", "ml-pw")
 
 
 @pytest.mark.parametrize(

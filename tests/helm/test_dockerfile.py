@@ -90,7 +90,8 @@ def test_project_is_installed_as_a_wheel_without_dev_extras() -> None:
         "pip wheel --no-cache-dir --no-deps --wheel-dir /home/ray/wheels ." in r for r in runs
     )
     assert any(
-        'pip install --no-cache-dir /tmp/wheels/recserve-*.whl "boto3==${BOTO3_VERSION}"' in r
+        'pip install --no-cache-dir /tmp/wheels/recserve-*.whl "boto3==${BOTO3_VERSION}"'
+        ' "flask-wtf==${FLASK_WTF_VERSION}"' in re.sub(r"\s+", " ", r)
         for r in runs
     )
     assert "[dev]" not in DOCKERFILE.read_text()
@@ -101,6 +102,17 @@ def test_mlflow_s3_artifact_store_has_its_client_in_the_image() -> None:
     # mlflow.artifacts.s3Uri makes the MLflow server talk to S3 through boto3; the image pins it.
     assert re.fullmatch(r"1\.\d+\.\d+", arg_default("BOTO3_VERSION"))
     assert "import serve_app, training, feature_repo, boto3" in DOCKERFILE.read_text()
+
+
+def test_mlflow_basic_auth_app_has_what_it_imports_in_the_image() -> None:
+    # `--app-name basic-auth` (mlflow.auth.enabled) imports flask_wtf, MLflow's `auth` extra; the
+    # image pins it within that extra's bound and imports the app at build time.
+    from importlib.metadata import requires
+
+    extra = [r for r in requires("mlflow") or [] if 'extra == "auth"' in r]
+    assert [r.split(";")[0].replace(" ", "").lower() for r in extra] == ["flask-wtf<2"]
+    assert re.fullmatch(r"1\.\d+\.\d+", arg_default("FLASK_WTF_VERSION"))
+    assert "mlflow.server.auth" in DOCKERFILE.read_text()
 
 
 def test_image_runs_as_the_non_root_user_the_chart_expects() -> None:

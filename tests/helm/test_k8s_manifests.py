@@ -3,6 +3,10 @@ the dev and prod overlays are built with kubectl's kustomize and validated like 
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -71,3 +75,57 @@ def test_prod_overlay_keeps_two_workers_and_a_shared_data_volume(kubectl: Path) 
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     # Two workers and maxUnavailable 1: a node drain always leaves one serving.
     assert chart.one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+
+
+def test_create_secrets_makes_every_secret_the_base_reads(kubectl: Path) -> None:
+    # k8s/create-secrets.sh --dry-run prints what it would create (kubectl's client-side dry run).
+    proc = subprocess.run(
+        ["bash", str(K8S / "create-secrets.sh"), "--dry-run", "recserve"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": os.environ["PATH"], "KUBECTL": str(kubectl)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    created = {d["metadata"]["name"]: d for d in chart.parse_docs(proc.stdout)}
+    base = chart.parse_docs((K8S / "base" / "recserve.yaml").read_text())
+    referenced: dict[str, set[str]] = {}
+    for _, spec, _ in chart.pod_templates(base):
+        for c in spec["containers"]:
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref and not ref.get("optional"):
+                    referenced.setdefault(ref["name"], set()).add(ref["key"])
+        for v in spec.get("volumes", []):
+            if "secret" in v:
+                keys = {i["key"] for i in v["secret"].get("items", [])}
+                referenced.setdefault(v["secret"]["secretName"], set()).update(keys)
+    # The credentials the chart would generate; the rest (PostgreSQL URLs) are the user's.
+    ours = {k: v for k, v in referenced.items() if k in created}
+    assert set(ours) == {"recserve-api-keys", "recserve-redis-auth", "recserve-mlflow-auth"}
+    for name, keys in ours.items():
+        data = {k: base64.b64decode(v).decode() for k, v in created[name]["data"].items()}
+        assert keys <= set(data), name
+        assert created[name]["metadata"]["namespace"] == "recserve"
+    keys_json = json.loads(
+        base64.b64decode(created["recserve-api-keys"]["data"]["keys.json"]).decode()
+    )
+    plain = {
+        k: base64.b64decode(created["recserve-api-keys"]["data"][f"{k}-key"]).decode()
+        for k in ("client", "operator")
+    }
+    # Each hash is the sha256 of its key, computed here independently.
+    assert keys_json == {
+        "keys": [
+            {
+                "name": "client",
+                "sha256": hashlib.sha256(plain["client"].encode()).hexdigest(),
+                "scopes": ["recommend", "events"],
+            },
+            {
+                "name": "operator",
+                "sha256": hashlib.sha256(plain["operator"].encode()).hexdigest(),
+                "scopes": ["recommend", "events", "admin", "debug"],
+            },
+        ]
+    }

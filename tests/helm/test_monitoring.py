@@ -129,7 +129,7 @@ def test_sync_script_copies_sources_and_the_chart_renders_them_unchanged(
         set_json={"monitoring.prometheusRule.enabled": True},
         chart=scratch_repo / "helm" / "recserve",
     )
-    configmap = chart.one(docs, "ConfigMap")
+    configmap = chart.one(docs, "ConfigMap", "recserve-grafana-dashboards")
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert configmap["data"] == {"serving.json": DASHBOARD + "\n"}
     rule = chart.one(docs, "PrometheusRule")

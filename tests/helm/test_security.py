@@ -92,15 +92,30 @@ def test_writable_paths_are_volumes(helm: Path) -> None:
         "ray-head": {"/tmp", "/dev/shm", spool},
         "ray-worker/cpu": {"/tmp", "/dev/shm", spool},
         "StatefulSet/recserve-redis": {"/data"},
-        "Deployment/recserve-mlflow": {"/tmp", "/mlflow/artifacts"},
+        "Deployment/recserve-mlflow": {"/tmp", "/mlflow/artifacts", "/mlflow/auth"},
         "CronJob/recserve-training": {"/tmp", "/data"},
         "CronJob/recserve-materialization": {"/tmp", "/data"},
     }
-    mounts = {
-        where: {m["mountPath"] for m in spec["containers"][0].get("volumeMounts", [])}
+    writable = {
+        where: {
+            m["mountPath"]
+            for m in spec["containers"][0].get("volumeMounts", [])
+            if not m.get("readOnly")
+        }
         for where, spec, _ in chart.pod_templates(docs)
     }
-    assert mounts == expected
+    assert writable == expected
+    # Credentials and configuration are mounted read-only.
+    read_only = {
+        where: {
+            m["mountPath"]
+            for m in spec["containers"][0].get("volumeMounts", [])
+            if m.get("readOnly")
+        }
+        for where, spec, _ in chart.pod_templates(docs)
+    }
+    assert read_only["ray-head"] == read_only["ray-worker/cpu"] == {"/etc/recserve/api-keys"}
+    assert read_only["Deployment/recserve-mlflow"] == {"/etc/mlflow-auth"}
 
 
 def test_only_the_ray_head_mounts_a_service_account_token(helm: Path) -> None:
@@ -117,14 +132,36 @@ def test_only_the_ray_head_mounts_a_service_account_token(helm: Path) -> None:
         assert spec["serviceAccountName"] == "recserve"
 
 
-def test_the_chart_grants_no_rbac_and_ships_no_secrets(helm: Path) -> None:
+# The only Secrets the chart writes: credentials it generates (random at the first install, read back on
+# upgrades) when no existing Secret is named.
+GENERATED_SECRETS = {"recserve-api-keys", "recserve-redis-auth", "recserve-mlflow-auth"}
+
+
+def test_the_chart_grants_no_rbac_and_ships_only_generated_kept_secrets(helm: Path) -> None:
     for name, docs in renderings():
         kinds = {d["kind"] for d in docs}
         assert not kinds & {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}, name
-        assert "Secret" not in kinds, name
+        for secret in chart.of_kind(docs, "Secret"):
+            assert secret["metadata"]["name"] in GENERATED_SECRETS, name
+            # Kept on uninstall and never re-rolled on upgrade (templates use `lookup`).
+            assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    # Naming existing Secrets: the chart writes none.
+    docs = chart.render(
+        set_json={
+            "auth.existingSecret": "keys",
+            "redis.auth.existingSecret": "redis",
+            "mlflow.auth.existingSecret": "mlflow",
+        }
+    )
+    assert chart.of_kind(docs, "Secret") == []
+    # ...nor do the plain manifests (k8s/create-secrets.sh creates them once).
+    base = chart.parse_docs((chart.REPO / "k8s" / "base" / "recserve.yaml").read_text())
+    assert chart.of_kind(base, "Secret") == []
 
 
-_SENSITIVE = re.compile(r"PASSWORD|SECRET|API_KEY|BACKEND_STORE_URI|REGISTRY_URL|ACCESS_KEY")
+_SENSITIVE = re.compile(
+    r"PASSWORD|SECRET|API_KEY|BACKEND_STORE_URI|REGISTRY_URL|ACCESS_KEY|TRACKING_USERNAME"
+)
 
 
 def test_credentials_reach_pods_only_by_secret_reference(helm: Path) -> None:
@@ -141,8 +178,12 @@ def test_credentials_reach_pods_only_by_secret_reference(helm: Path) -> None:
                         assert "@" not in entry["value"] or "$(REDIS_PASSWORD)@" in entry["value"]
     assert {
         "REDIS_PASSWORD",
+        "REDIS_ADMIN_PASSWORD",
         "RECSERVE_API__ADMIN_API_KEY",
         "MLFLOW_BACKEND_STORE_URI",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_AUTH_ADMIN_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
         "RECSERVE_FEATURE_STORE__REGISTRY_URL",
     } <= seen
 

@@ -51,6 +51,11 @@ BAD_VALUES = [
     ),
     ("image:\n  digest: latest\n", "at '/image/digest': 'latest' does not match pattern"),
     ("serve:\n  importPath: serve_app.app\n", "at '/serve/importPath'"),
+    # The recserve ACL user cannot be the disabled `default` nor the operators' `admin`.
+    ("redis:\n  auth:\n    username: default\n", "at '/redis/auth/username'"),
+    ("redis:\n  auth:\n    extraCommands: ['@all']\n", "at '/redis/auth/extraCommands/0'"),
+    ("auth:\n  rateLimit:\n    burst: -1\n", "at '/auth/rateLimit/burst'"),
+    ("mlflow:\n  auth:\n    defaultPermission: ALL\n", "at '/mlflow/auth/defaultPermission'"),
     (
         "rayService:\n  workerGroups:\n    - {name: cpu, replicas: 9, minReplicas: 1, maxReplicas: 4,"
         " resources: {}}\n",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from feast.repo_config import load_repo_config
@@ -78,6 +79,32 @@ def test_connection_string_carries_credentials_db_tls_and_timeouts() -> None:
     )
     with pytest.raises(ValueError, match="redis://"):
         feast_connection_string("http://x", 0.1)
+
+
+@pytest.mark.parametrize(
+    ("user", "password"),
+    [
+        ("recserve", "Zk3q9LrT0aBcDeFgHiJkLmNoPqRsTuVwXyZ01234"),
+        ("app", "123456"),
+        ("a-b_c", "p@ss:w/rd"),
+    ],
+)
+def test_feast_reads_back_the_acl_user_and_password_of_the_url(user: str, password: str) -> None:
+    # Feast's own parser (the one its Redis client is built from) must see exactly the URL's
+    # credentials; digits arrive as a number, which the client sends as the same text.
+    from feast.infra.online_stores.redis import RedisOnlineStore
+
+    url = f"redis://{quote(user)}:{quote(password, safe='')}@redis:6379/0"
+    nodes, params = RedisOnlineStore._parse_connection_string(feast_connection_string(url, 0.1))
+    assert nodes == [{"host": "redis", "port": "6379"}]
+    assert (str(params["username"]), str(params["password"])) == (user, password)
+
+
+@pytest.mark.parametrize("password", ["a,b", "true", "null", '"quoted"', "1e3"])
+def test_passwords_feast_would_mangle_are_refused_with_the_reason(password: str) -> None:
+    url = f"redis://recserve:{quote(password, safe='')}@redis:6379/0"
+    with pytest.raises(ValueError, match="password cannot go into Feast's connection string"):
+        feast_connection_string(url, 0.1)
 
 
 @pytest.mark.parametrize(

@@ -67,6 +67,10 @@ app.kubernetes.io/part-of: recserve
 {{- printf "%s-serve" (include "recserve.fullname" .) }}
 {{- end }}
 
+{{- define "recserve.internalServiceName" -}}
+{{- printf "%s-internal" (include "recserve.fullname" .) }}
+{{- end }}
+
 {{- define "recserve.redisServiceName" -}}
 {{- printf "%s-redis" (include "recserve.fullname" .) }}
 {{- end }}
@@ -78,6 +82,92 @@ app.kubernetes.io/part-of: recserve
 {{/* Secret names: an explicit existingSecret, else <fullname>-<suffix> (documented in NOTES.txt). */}}
 {{- define "recserve.secretName" -}}
 {{- default (printf "%s-%s" (include "recserve.fullname" .ctx) .suffix) .existing }}
+{{- end }}
+
+{{/*
+A credential the chart generates once and keeps: the value already in the release's Secret (`lookup`, so
+an upgrade keeps it), else a new random one. Pass (dict "ctx" $ "name" secretName "key" dataKey "length" n).
+`helm template` cannot look up, so it prints a fresh value every time (the plain manifests in k8s/ name
+existing Secrets instead).
+*/}}
+{{- define "recserve.keptSecretValue" -}}
+{{- $secret := lookup "v1" "Secret" .ctx.Release.Namespace .name | default dict }}
+{{- $data := get $secret "data" | default dict }}
+{{- if get $data .key }}
+{{- get $data .key | b64dec }}
+{{- else }}
+{{- randAlphaNum (int .length) }}
+{{- end }}
+{{- end }}
+
+{{- define "recserve.apiKeysSecretName" -}}
+{{- include "recserve.secretName" (dict "ctx" . "existing" .Values.auth.existingSecret "suffix" "api-keys") }}
+{{- end }}
+
+{{- define "recserve.redisAuthSecretName" -}}
+{{- include "recserve.secretName" (dict "ctx" . "existing" .Values.redis.auth.existingSecret "suffix" "redis-auth") }}
+{{- end }}
+
+{{- define "recserve.mlflowAuthSecretName" -}}
+{{- include "recserve.secretName" (dict "ctx" . "existing" .Values.mlflow.auth.existingSecret "suffix" "mlflow-auth") }}
+{{- end }}
+
+{{/*
+The Redis commands recserve runs, the only ones its ACL user may run (besides redis.auth.extraCommands).
+Found in the code, each with its caller:
+  connection      PING (health checks, readiness probe), SELECT (a /db in the URL); AUTH needs no grant
+  transactions    MULTI, EXEC, DISCARD (redis-py pipelines with transaction=True: the exporter's
+                  dead-letter XADD + XACK)
+  scripts         EVALSHA, EVAL, SCRIPT LOAD|EXISTS (redis-py's Script, also inside pipelines); the calls
+                  inside a script are checked one by one: serve_app/events.py (SET NX EX, XADD, HGET, HSET,
+                  HINCRBY, EXPIRE), serve_app/experiments.py (GET, HMGET, HINCRBY, HSETNX)
+  event stream    XADD (shadow log, capped), XRANGE, XREVRANGE, XLEN, XINFO, XPENDING, EXISTS, TIME
+                  (serve_app/events.py stream_stats, serve_app/experiments.py), XGROUP CREATE,
+                  XREADGROUP, XAUTOCLAIM, XACK, XTRIM (training/exporter.py)
+  state hashes    HGETALL (serve_app/features.py, experiments counts), HSET, HINCRBY, SET EX, EXPIRE
+                  (serve_app/experiments.py)
+  Feast online    HSET, HMGET, EXPIRE (online_write_batch, online_read), SCAN, DEL, HKEYS, HDEL (feast
+                  apply removing a view or entity: feast/infra/online_stores/redis.py)
+Not granted, among others: FLUSHALL/FLUSHDB, KEYS, CONFIG, DEBUG, MODULE, ACL, SHUTDOWN, CLIENT, MONITOR,
+REPLICAOF, FUNCTION, SCRIPT FLUSH, pub/sub (no channels either).
+*/}}
+{{- define "recserve.redisCommands" -}}
+{{- $commands := list "ping" "select" "multi" "exec" "discard" "evalsha" "eval" "script|load" "script|exists" "get" "set" "exists" "del" "expire" "time" "scan" "hget" "hset" "hsetnx" "hmget" "hgetall" "hincrby" "hkeys" "hdel" "xadd" "xrange" "xrevrange" "xlen" "xinfo" "xpending" "xgroup|create" "xreadgroup" "xautoclaim" "xack" "xtrim" }}
+{{- /* redis-py's connect handshake names the library (CLIENT SETINFO, Redis >= 7.2; older servers know no
+such command, and an ACL naming an unknown command stops Redis from starting). */}}
+{{- $version := regexFind "^[0-9]+\\.[0-9]+(\\.[0-9]+)?" .Values.redis.image.tag }}
+{{- if and $version (semverCompare ">=7.2.0-0" $version) }}
+{{- $commands = append $commands "client|setinfo" }}
+{{- end }}
+{{- toJson $commands }}
+{{- end }}
+
+{{/* redis-server arguments of the ACL users: default off, the recserve user, the admin user. */}}
+{{- define "recserve.redisAclArgs" -}}
+{{- $auth := .Values.redis.auth }}
+- --user
+- default
+- reset
+- --user
+- {{ $auth.username }}
+- reset
+- "on"
+- ">$(REDIS_PASSWORD)"
+- "~*"
+{{- range (include "recserve.redisCommands" . | fromJsonArray) }}
+- "+{{ . }}"
+{{- end }}
+{{- range $auth.extraCommands }}
+- {{ . | quote }}
+{{- end }}
+- --user
+- admin
+- reset
+- "on"
+- ">$(REDIS_ADMIN_PASSWORD)"
+- "~*"
+- "&*"
+- "+@all"
 {{- end }}
 
 {{- define "recserve.mlflowTrackingUri" -}}
@@ -95,19 +185,15 @@ Variables read by pydantic-settings (RECSERVE_*, REDIS_URL) and by the MLflow cl
 */}}
 {{- define "recserve.appEnv" -}}
 {{- if .Values.redis.enabled }}
-{{- if .Values.redis.auth.existingSecret }}
+# The bundled Redis always requires its ACL user; $(REDIS_PASSWORD) is expanded by the kubelet (the
+# password must be URL-safe: the generated ones are letters and digits).
 - name: REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.redis.auth.existingSecret }}
+      name: {{ include "recserve.redisAuthSecretName" . }}
       key: {{ .Values.redis.auth.secretKey }}
-# $(REDIS_PASSWORD) is expanded by the kubelet; the password must be URL-safe.
 - name: REDIS_URL
-  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:6379/0" (include "recserve.redisServiceName" .) | quote }}
-{{- else }}
-- name: REDIS_URL
-  value: {{ printf "redis://%s:6379/0" (include "recserve.redisServiceName" .) | quote }}
-{{- end }}
+  value: {{ printf "redis://%s:$(REDIS_PASSWORD)@%s:6379/0" .Values.redis.auth.username (include "recserve.redisServiceName" .) | quote }}
 {{- else }}
 - name: REDIS_URL
   valueFrom:
@@ -123,6 +209,7 @@ Variables read by pydantic-settings (RECSERVE_*, REDIS_URL) and by the MLflow cl
   value: {{ include "recserve.mlflowTrackingUri" . | quote }}
 - name: RECSERVE_MLFLOW_TRACKING_URI
   value: {{ include "recserve.mlflowTrackingUri" . | quote }}
+{{- include "recserve.mlflowClientEnv" . }}
 - name: RECSERVE_MODEL_NAME
   value: {{ .Values.model.name | quote }}
 - name: RECSERVE_FEATURE_STORE__PROFILE
@@ -138,7 +225,48 @@ Variables read by pydantic-settings (RECSERVE_*, REDIS_URL) and by the MLflow cl
 {{- end }}
 {{- end }}
 
-{{/* The API key, for the serving pods only; optional so that a missing Secret means "no admin key". */}}
+{{/* MLflow client credentials of the recserve pods: the bundled server's admin account, or the external
+server's credentials when a Secret is named. */}}
+{{- define "recserve.mlflowClientEnv" -}}
+{{- $secret := "" }}
+{{- if and .Values.mlflow.enabled .Values.mlflow.auth.enabled }}
+{{- $secret = include "recserve.mlflowAuthSecretName" . }}
+{{- else if not .Values.mlflow.enabled }}
+{{- $secret = .Values.mlflow.external.credentialsSecret }}
+{{- end }}
+{{- with $secret }}
+- name: MLFLOW_TRACKING_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: username
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: password
+{{- end }}
+{{- end }}
+
+{{/* API keys, scopes, rate limit, demo and explain: the serving settings of the Ray containers. */}}
+{{- define "recserve.authEnv" -}}
+- name: RECSERVE_API__AUTH__ENABLED
+  value: {{ .Values.auth.enabled | quote }}
+{{- if .Values.auth.enabled }}
+- name: RECSERVE_API__AUTH__KEYS_FILE
+  value: {{ printf "%s/keys.json" (trimSuffix "/" .Values.auth.mountPath) | quote }}
+{{- end }}
+- name: RECSERVE_API__RATE_LIMIT__REQUESTS_PER_SECOND
+  value: {{ .Values.auth.rateLimit.requestsPerSecond | toString | quote }}
+- name: RECSERVE_API__RATE_LIMIT__BURST
+  value: {{ .Values.auth.rateLimit.burst | int | quote }}
+- name: RECSERVE_API__EXPLAIN_ENABLED
+  value: {{ .Values.serve.explain | quote }}
+- name: RECSERVE_DEMO__ENABLED
+  value: {{ .Values.demo.enabled | quote }}
+{{- end }}
+
+{{/* The legacy admin key, for the serving pods only; optional so that a missing Secret means "no admin key". */}}
 {{- define "recserve.apiKeyEnv" -}}
 - name: {{ .Values.apiKey.envName }}
   valueFrom:
@@ -148,19 +276,90 @@ Variables read by pydantic-settings (RECSERVE_*, REDIS_URL) and by the MLflow cl
       optional: true
 {{- end }}
 
+{{/* Labels every pod of the release carries (the default-deny policy selects them all). */}}
+{{- define "recserve.releasePodLabels" -}}
+app.kubernetes.io/name: {{ include "recserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* A pod selector of release pods of some components: pass (dict "ctx" $ "components" list). */}}
+{{- define "recserve.clientPodSelector" -}}
+matchLabels:
+  {{- include "recserve.releasePodLabels" .ctx | nindent 2 }}
+matchExpressions:
+  - key: app.kubernetes.io/component
+    operator: In
+    values:
+      {{- toYaml .components | nindent 6 }}
+{{- end }}
+
 {{- define "recserve.clientPeers" -}}
 # Serving pods and the jobs of this release: the only clients of Redis and MLflow.
 - podSelector:
-    matchLabels:
-      app.kubernetes.io/name: {{ include "recserve.name" . }}
-      app.kubernetes.io/instance: {{ .Release.Name }}
-    matchExpressions:
-      - key: app.kubernetes.io/component
-        operator: In
-        values:
-          - serve
-          - training
-          - materialization
+    {{- include "recserve.clientPodSelector" (dict "ctx" . "components" (list "serve" "training" "materialization")) | nindent 4 }}
+{{- end }}
+
+{{/* Ports Ray pods open to each other: all TCP ports but the dashboard's 8265 (operator only). */}}
+{{- define "recserve.rayPeerPorts" -}}
+- protocol: TCP
+  port: 1
+  endPort: 8264
+- protocol: TCP
+  port: 8266
+  endPort: 65535
+{{- end }}
+
+{{/* The port of a URL: explicit, else 443 for https and 80 otherwise. */}}
+{{- define "recserve.urlPort" -}}
+{{- $url := urlParse . }}
+{{- $hostPort := splitList ":" $url.host }}
+{{- if gt (len $hostPort) 1 }}{{ last $hostPort }}{{ else if eq $url.scheme "https" }}443{{ else }}80{{ end }}
+{{- end }}
+
+{{/* networkPolicy.externalEgress as egress rules. */}}
+{{- define "recserve.externalEgress" -}}
+{{- range .Values.networkPolicy.externalEgress }}
+- ports:
+    {{- range .ports }}
+    - protocol: {{ .protocol | default "TCP" }}
+      port: {{ .port }}
+      {{- with .endPort }}
+      endPort: {{ . }}
+      {{- end }}
+    {{- end }}
+  {{- with .to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Egress of the recserve pods (Ray, CronJobs): Redis, MLflow, externalEgress. */}}
+{{- define "recserve.appEgress" -}}
+{{- if .Values.redis.enabled }}
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "recserve.selectorLabels" (dict "ctx" . "component" "redis") | nindent 10 }}
+  ports:
+    - protocol: TCP
+      port: 6379
+{{- end }}
+{{- if .Values.mlflow.enabled }}
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "recserve.selectorLabels" (dict "ctx" . "component" "mlflow") | nindent 10 }}
+  ports:
+    - protocol: TCP
+      port: 5000
+{{- else if .Values.mlflow.external.trackingUri }}
+# The external MLflow server's port (any address: its IP is not known here).
+- ports:
+    - protocol: TCP
+      port: {{ include "recserve.urlPort" .Values.mlflow.external.trackingUri }}
+{{- end }}
+{{- include "recserve.externalEgress" . }}
 {{- end }}
 
 {{/* Pod-level fields every recserve pod shares. Pass the root context. */}}
@@ -186,6 +385,12 @@ imagePullSecrets:
 - name: event-spool
   mountPath: {{ .Values.eventSpool.mountPath }}
 {{- end }}
+{{- if .Values.auth.enabled }}
+# The hashed API keys; no subPath, so an edited Secret reaches the running pods (the Ingress re-reads it).
+- name: api-keys
+  mountPath: {{ .Values.auth.mountPath }}
+  readOnly: true
+{{- end }}
 {{- end }}
 {{- define "recserve.rayVolumes" -}}
 - name: tmp
@@ -207,6 +412,15 @@ imagePullSecrets:
   {{- end }}
 {{- end }}
 {{- end }}
+{{- if .Values.auth.enabled }}
+- name: api-keys
+  secret:
+    secretName: {{ include "recserve.apiKeysSecretName" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.auth.secretKey }}
+        path: keys.json
+{{- end }}
 {{- end }}
 {{- define "recserve.eventSpoolClaim" -}}
 {{ include "recserve.fullname" . }}-event-spool
@@ -214,6 +428,7 @@ imagePullSecrets:
 {{- define "recserve.rayEnv" -}}
 {{ include "recserve.appEnv" . | trim }}
 {{ include "recserve.apiKeyEnv" . | trim }}
+{{ include "recserve.authEnv" . | trim }}
 - name: RECSERVE_MODELS__URI
   value: {{ printf "models:/%s@%s" .Values.model.name .Values.model.alias | quote }}
 {{- with .Values.experiment }}
