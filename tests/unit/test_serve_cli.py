@@ -12,7 +12,7 @@ from serve_app.cli import build_parser, settings_overrides
 from serve_app.config import ServeSettings
 
 
-@pytest.mark.parametrize("command", ["serve", "demo", "config", "shadow-report"])
+@pytest.mark.parametrize("command", ["serve", "demo", "config", "shadow-report", "keys"])
 def test_help(command: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "serve_app.cli", command, "--help"], capture_output=True, text=True
