@@ -111,7 +111,7 @@ GOOD = {"name": "a", "sha256": "a" * 64, "scopes": ["recommend"]}
         ("[]", 'one field, "keys"'),
         ('{"keys": [], "version": 2}', 'one field, "keys"'),
         ('{"keys": {}}', '"keys" must be a list'),
-        (keys_json({**GOOD, "comment": "x"}), 'keys[0]: expected exactly the fields'),
+        (keys_json({**GOOD, "comment": "x"}), "keys[0]: expected exactly the fields"),
         (keys_json({"name": "a", "sha256": "a" * 64}), "keys[0]: expected exactly the fields"),
         (keys_json({**GOOD, "name": "no spaces"}), "keys[0].name"),
         (keys_json({**GOOD, "name": 7}), "keys[0].name"),
