@@ -248,7 +248,7 @@ PUBLIC_MESSAGES = {
 def _public_message(cause: RecserveError) -> str:
     if isinstance(cause, StageUnavailable):
         return cause.message  # names the stage only
-    logger.warning("%s: %s", cause.code, cause.message)
+    logger.info("%s: %s", cause.code, cause.message)  # per request: not a warning
     return PUBLIC_MESSAGES.get(cause.code, "the service cannot answer this request now, retry")
 
 
