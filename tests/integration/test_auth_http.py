@@ -245,7 +245,7 @@ def test_a_key_rotated_in_the_secret_is_taken_without_a_restart(secured: Secured
 
 def test_a_key_over_its_rate_gets_429_with_retry_after(secured: Secured) -> None:
     key = KEYS["limited"][0]
-    statuses = []
+    statuses: list[int] = []
     started = time.monotonic()
     while len(statuses) < 3 * BURST and (not statuses or statuses[-1] != 429):
         statuses.append(call(secured, "POST", "/v1/recommendations", key).status_code)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
-from starlette.routing import Mount
+from starlette.routing import Mount, Route
 
 from serve_app.access import Access
 from serve_app.auth import key_entry
@@ -169,14 +169,12 @@ def api(model: ServingModel, tables: Path, tmp_path: Path) -> Api:  # noqa: F811
 
 
 def app_routes(api: Api) -> set[tuple[str, str]]:
-    found = set()
+    found: set[tuple[str, str]] = set()
     for route in api.app.routes:
-        if isinstance(route, APIRoute):
-            found.update((m, route.path) for m in route.methods if m != "HEAD")
-        elif isinstance(route, Mount):
+        if isinstance(route, Mount):
             found.add(("GET", route.path))
-        else:  # the docs pages FastAPI adds
-            found.update((m, route.path) for m in getattr(route, "methods", ()) if m != "HEAD")
+        elif isinstance(route, APIRoute | Route):  # Route: the docs pages FastAPI adds
+            found.update((m, route.path) for m in route.methods or () if m != "HEAD")
     return found
 
 
@@ -271,7 +269,7 @@ def test_explain_turned_off_is_refused_to_every_key(
     assert api.call("POST", "/v1/recommendations", KEYS["client"]).status_code == 200
     # Off without auth too.
     settings = ServeSettings(api={"explain_enabled": False})
-    http = TestClient(create_api(InProcess(model), settings.api), raise_server_exceptions=False)
+    http = TestClient(create_api(Backend(model), settings.api), raise_server_exceptions=False)
     assert_error(http.post("/v1/recommendations", json=explain), 403, "explain_disabled", "explain")
 
 
@@ -313,7 +311,7 @@ def test_a_key_over_its_rate_gets_429_with_retry_after(
 
 def test_no_limit_and_no_key_with_auth_off(model: ServingModel) -> None:
     settings = ServeSettings(api={"rate_limit": {"requests_per_second": 0.1, "burst": 1}})
-    http = TestClient(create_api(InProcess(model), settings.api), raise_server_exceptions=False)
+    http = TestClient(create_api(Backend(model), settings.api), raise_server_exceptions=False)
     body = {"user_id": "u1", "k": 2, "explain": True}
     assert [http.post("/v1/recommendations", json=body).status_code for _ in range(4)] == [200] * 4
     assert http.get("/openapi.json").status_code == 200
@@ -371,6 +369,9 @@ def test_no_exception_text_reaches_an_answer(
         async def readiness(self) -> Any:
             raise RuntimeError(secret)
 
+        async def experiments(self) -> dict[str, Any]:
+            raise RuntimeError(secret)
+
     for error in (ModelUnavailable(secret), FeatureStoreUnavailable(secret)):
         http = TestClient(create_api(Broken(error), ServeSettings().api))
         rec = http.post("/v1/recommendations", json={"user_id": "u1"})
@@ -380,13 +381,14 @@ def test_no_exception_text_reaches_an_answer(
             assert response.status_code == 503
             assert "hunter2" not in response.text and "ConnectionError" not in response.text
         assert ready.json() == {"ready": False, "error": "router unavailable"}
+        assert "hunter2" not in http.get("/v1/experiments").text
     # The demo's tables missing: the file's path stays in the log.
     settings = ServeSettings(
         feature_store={"data_dir": tmp_path},
         demo={"catalog_path": tmp_path / "hunter2.parquet", "users_path": tmp_path / "u.parquet"},
     )
-    app = create_api(InProcess(model), settings.api)
-    mount_demo(app, InProcess(model), settings, None)
+    app = create_api(Backend(model), settings.api)
+    mount_demo(app, Backend(model), settings, None)
     missing = TestClient(app).get("/v1/demo/users")
     assert_error(missing, 503, "demo_unavailable")
     assert "hunter2" not in missing.text and str(tmp_path) not in missing.text
