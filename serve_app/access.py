@@ -162,6 +162,7 @@ class Access:
     ) -> JSONResponse | None:
         """Why `"explain": true` (a user's seen items and vectors) is refused to `key`, or None."""
         if not self.explain_enabled:
+            self.refused(route, 403, key)
             return error_response(
                 403,
                 "explain_disabled",
