@@ -14,6 +14,8 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from serve_app.auth import (
@@ -194,3 +196,28 @@ class Guard:
                 await refusal(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def document_keys(app: FastAPI) -> None:
+    """Declare the two ways to send a key in the app's OpenAPI document (Swagger UI's Authorize
+    button; schema-driven clients and fuzzers read it), the health checks exempt. The document is
+    built at its first request, so routes added later (the demo's) are in it."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "an API key"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            }
+            schema["security"] = [{"bearer": []}, {"apiKey": []}]
+            for path, operations in schema.get("paths", {}).items():
+                if route_rule(path).requirement == OPEN:
+                    for operation in operations.values():
+                        operation["security"] = []
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

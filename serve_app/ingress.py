@@ -32,7 +32,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from serve_app.access import Access, Guard, caller_key, route_path
+from serve_app.access import Access, Guard, caller_key, document_keys, route_path
 from serve_app.auth import ApiKey
 from serve_app.config import ApiConfig, ExperimentConfig, ServeSettings, StageConfig
 from serve_app.demo import mount_demo
@@ -671,7 +671,8 @@ def create_api(
     app.add_middleware(HotRoute, path="/v1/recommendations", answer=answer)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(Guard, access=access)
-    app.state.access = access
+    if access.enabled:
+        document_keys(app)
     return app
 
 

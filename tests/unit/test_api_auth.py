@@ -424,3 +424,16 @@ def test_auth_is_off_by_default() -> None:
     api = ServeSettings().api
     assert not api.auth.enabled and api.rate_limit.requests_per_second == 0
     assert api.explain_enabled and ServeSettings().demo.enabled
+
+
+def test_the_openapi_document_declares_the_keys_and_exempts_the_health_checks(api: Api) -> None:
+    spec = api.call("GET", "/openapi.json", KEYS["nothing"]).json()
+    assert spec["components"]["securitySchemes"] == {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "an API key"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    }
+    assert spec["security"] == [{"bearer": []}, {"apiKey": []}]
+    assert spec["paths"]["/healthz"]["get"]["security"] == []
+    assert spec["paths"]["/readyz"]["get"]["security"] == []
+    assert "security" not in spec["paths"]["/v1/recommendations"]["post"]
+    assert "/v1/demo/users" in spec["paths"]  # mounted after create_api, still documented
