@@ -1,5 +1,5 @@
-"""Access control of the Ingress's HTTP API: `Access` applies `serve_app.auth`'s keys, scopes and
-rate limit; `Guard`, an ASGI middleware in front of everything (the hot route included), refuses a
+"""Access control of the Ingress's HTTP API: `Access` applies `serve_app.auth`'s keys and scopes and
+`serve_app.rate_limit`'s buckets; `Guard`, an ASGI middleware in front of everything (the hot route included), refuses a
 request before any of it is read.
 
 Built by `serve_app.ingress.create_api` from `ApiConfig`; the route's own code asks `Access` about
@@ -24,17 +24,16 @@ from serve_app.auth import (
     OPEN,
     ApiKey,
     KeyRing,
-    RateLimiter,
     Scope,
     asks_debug,
     key_digest,
     presented_key,
-    retry_after_header,
     route_rule,
 )
 from serve_app.config import ApiConfig
 from serve_app.http_errors import error_response
 from serve_app.metrics import RequestMetrics
+from serve_app.rate_limit import RateLimiter, retry_after_header
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ class Access:
         timings = rule.route == "recommendations" and asks_debug(scope.get("query_string", b""))
         if timings and not key.allows(Scope.DEBUG):
             return self.forbidden(rule.route, key, Scope.DEBUG, "?debug=1", "debug")
-        wait = self.limiter.wait(key)
+        wait = self.limiter.wait(key.digest)
         if wait > 0:
             self.refused(rule.route, 429, key)
             retry = retry_after_header(wait)

@@ -1,8 +1,8 @@
-"""API keys, scopes and the per-key rate limit: the rules the Ingress applies (`serve_app.access`).
+"""API keys and scopes: the rules the Ingress applies (`serve_app.access`).
 
 Pure: no Ray, no web framework. Keys are stored as the sha256 of the key (a JSON file the chart keeps in
-a Kubernetes Secret, re-read when it changes), each with a name and scopes; `required_scope` says what a
-route needs; `TokenBucket` limits one key's request rate. `python -m serve_app.auth hash` (or
+a Kubernetes Secret, re-read when it changes), each with a name and scopes; `route_rule` says what a
+route needs (the per-key rate limit is `serve_app.rate_limit`). `python -m serve_app.auth hash` (or
 `recserve-serve keys hash`) turns a key read from stdin into a file entry. docs/security.md explains.
 """
 
@@ -113,7 +113,7 @@ class KeyFileError(ValueError):
 
 @dataclass(frozen=True)
 class ApiKey:
-    """One accepted key: its name (logs, metrics, the rate limit's bucket), digest and scopes."""
+    """One accepted key: its name (logs, metrics), digest and scopes."""
 
     name: str
     digest: bytes  # sha256 of the key, 32 bytes
@@ -299,71 +299,6 @@ class KeyRing:
                 ", ".join(sorted(k.name for k in loaded.values())) or "none",
             )
         return changed
-
-
-# --- rate limit ----------------------------------------------------------------------------------
-
-
-class TokenBucket:
-    """`rate` requests a second sustained, `burst` at once: a request takes a token; tokens refill
-    continuously up to `burst`. Time comes from `clock` (monotonic seconds)."""
-
-    def __init__(
-        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("a token bucket needs rate > 0 and burst >= 1")
-        self.rate = rate
-        self.burst = burst
-        self._clock = clock
-        self._tokens = float(burst)
-        self._at = clock()
-
-    def take(self) -> float:
-        """0.0 when the request may go, else the seconds until a token is there."""
-        now = self._clock()
-        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return 0.0
-        return (1.0 - self._tokens) / self.rate
-
-
-def retry_after_header(wait_seconds: float) -> str:
-    """Retry-After in whole seconds, at least 1 (the header takes integers)."""
-    return str(max(1, math.ceil(wait_seconds)))
-
-
-class RateLimiter:
-    """One `TokenBucket` per key (by digest: a rotated key starts afresh); buckets of keys no
-    longer accepted are dropped by `forget_except`, so their number is bounded by the keys."""
-
-    def __init__(
-        self, rate: float, burst: int | None, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.rate = rate
-        self.burst = burst if burst is not None else max(1, math.ceil(rate))
-        self._clock = clock
-        self._buckets: dict[bytes, TokenBucket] = {}
-
-    @property
-    def enabled(self) -> bool:
-        return self.rate > 0
-
-    def wait(self, key: ApiKey) -> float:
-        """0.0 when `key` may send this request now, else the seconds to wait."""
-        if not self.enabled:
-            return 0.0
-        bucket = self._buckets.get(key.digest)
-        if bucket is None:
-            bucket = self._buckets[key.digest] = TokenBucket(self.rate, self.burst, self._clock)
-        return bucket.take()
-
-    def forget_except(self, digests: Iterable[bytes]) -> None:
-        keep = set(digests)
-        for digest in [d for d in self._buckets if d not in keep]:
-            del self._buckets[digest]
 
 
 # --- command line --------------------------------------------------------------------------------

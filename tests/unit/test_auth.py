@@ -1,4 +1,4 @@
-"""API keys, scopes and the token bucket (`serve_app.auth`), pure: the keys file's format and its errors,
+"""API keys, scopes (`serve_app.auth`) and the token bucket (`serve_app.rate_limit`), pure: the keys file's format and its errors,
 hashing (a published SHA-256 test vector), the route table, re-reading a Kubernetes Secret volume after
 its symlink swap, a broken file keeping the keys read before, and the bucket under a hand-driven clock.
 """
@@ -20,17 +20,15 @@ from serve_app.auth import (
     ApiKey,
     KeyFileError,
     KeyRing,
-    RateLimiter,
     Scope,
-    TokenBucket,
     asks_debug,
     key_digest,
     key_entry,
     parse_keys,
     presented_key,
-    retry_after_header,
     route_rule,
 )
+from serve_app.rate_limit import RateLimiter, TokenBucket, retry_after_header
 
 # FIPS 180-2, appendix B.2: SHA-256 of this 56-character message.
 NIST_MESSAGE = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"
@@ -366,12 +364,11 @@ def test_retry_after_is_whole_seconds_rounded_up_at_least_one(wait: float, heade
 def test_each_key_has_its_own_bucket_and_removed_keys_lose_theirs() -> None:
     clock = Clock()
     limiter = RateLimiter(rate=0.5, burst=None, clock=clock)  # burst: ceil(0.5) = 1
-    a = ApiKey("a", key_digest(CLIENT_KEY), frozenset())
-    b = ApiKey("b", key_digest(OPS_KEY), frozenset())
+    a, b = key_digest(CLIENT_KEY), key_digest(OPS_KEY)
     assert limiter.wait(a) == 0.0
     assert limiter.wait(a) == pytest.approx(2.0)  # one token every 2 s
     assert limiter.wait(b) == 0.0
-    limiter.forget_except([b.digest])
+    limiter.forget_except([b])
     assert limiter.wait(a) == 0.0  # a fresh bucket
     assert limiter.wait(b) == pytest.approx(2.0)
     off = RateLimiter(rate=0.0, burst=None, clock=clock)
