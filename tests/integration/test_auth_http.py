@@ -163,10 +163,11 @@ def call(
     concrete = path.replace("{user_id}", secured.user)
     if concrete == "/v1/demo/items":
         concrete += f"?ids={secured.item}"
+    route = path.split("?")[0]
     if "json" not in kwargs:
-        if path == "/v1/recommendations":
+        if route == "/v1/recommendations":
             kwargs["json"] = {"user_id": secured.user, "k": 3}
-        elif path == "/v1/events":
+        elif route == "/v1/events":
             click = {"user_id": secured.user, "item_id": secured.item, "event_type": "click"}
             kwargs["json"] = {"events": [click]}
     return httpx.request(method, secured.url + concrete, headers=headers, timeout=30.0, **kwargs)
