@@ -4,7 +4,8 @@ Thin: flags become `AppArgs`; Ray and Serve are started here, and stopped cleanl
 `demo` expects what `recserve train --promote` leaves in the data dir (a registered champion and the
 feature tables): it applies and materializes the features, makes sure a Redis answers (starting a
 private one in the data dir if none does), serves, sends one request and one event, and prints curls
-and the `/demo` page's URL.
+and the `/demo` page's URL. Both say whether API keys are required (`api.auth`, off unless set:
+docs/security.md); `keys hash` turns a key into a keys-file entry (`serve_app.auth`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from serve_app.auth import Scope, add_key_commands
 from serve_app.config import (
     DEFAULT_REDIS_URL,
+    ApiConfig,
     ServeSettings,
     deployment_options,
     serve_config,
@@ -357,16 +360,46 @@ def wait_for_signal() -> None:
         logger.info("stopping")
 
 
-def curl_examples(base_url: str, user_id: str, item_id: str) -> str:
+def curl_examples(base_url: str, user_id: str, item_id: str, auth: bool = False) -> str:
+    """curl commands for the main routes; with auth on they send $RECSERVE_API_KEY."""
     rec = json.dumps({"user_id": user_id, "k": 10})
     event = json.dumps(
         {"events": [{"user_id": user_id, "item_id": item_id, "event_type": "click"}]}
     )
+    key = ' -H "Authorization: Bearer $RECSERVE_API_KEY"' if auth else ""
     return (
-        f"curl -s -X POST {base_url}/v1/recommendations -H 'Content-Type: application/json' "
+        f"curl -s -X POST {base_url}/v1/recommendations -H 'Content-Type: application/json'{key} "
         f"-d '{rec}'\n"
-        f"curl -s -X POST {base_url}/v1/events -H 'Content-Type: application/json' -d '{event}'\n"
-        f"curl -s {base_url}/v1/experiments   # variants, versions, live counts and CTR"
+        f"curl -s -X POST {base_url}/v1/events -H 'Content-Type: application/json'{key} "
+        f"-d '{event}'\n"
+        f"curl -s{key} {base_url}/v1/experiments   # variants, versions, live counts and CTR"
+    )
+
+
+def auth_banner(api: ApiConfig, local_demo: bool) -> str:
+    """One line saying whether the API asks for keys, and where they come from."""
+    if not api.auth.enabled:
+        where = "local demo" if local_demo else "api.auth.enabled is false"
+        return (
+            f"auth: off ({where}): every route answers without an API key; anyone who reaches "
+            "this port can call them (RECSERVE_API__AUTH__ENABLED=true and "
+            "RECSERVE_API__AUTH__KEYS_FILE turn keys on: docs/security.md)"
+        )
+    sources = []
+    if api.auth.keys_file is not None:
+        sources.append(f"hashed keys from {api.auth.keys_file} (re-read when it changes)")
+    if api.admin_api_key is not None:
+        sources.append("api.admin_api_key (scope admin)")
+    limit = api.rate_limit
+    rate = (
+        f"; rate limit {limit.requests_per_second:g}/s per key and Ingress replica"
+        if limit.requests_per_second > 0
+        else ""
+    )
+    return (
+        f"auth: on: API keys from {' and '.join(sources)}; scopes "
+        f"{', '.join(s.value for s in Scope)}{rate}. Send 'Authorization: Bearer <key>' "
+        "(the curls below read $RECSERVE_API_KEY)"
     )
 
 
@@ -383,8 +416,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"serving {state.get('model_uri')} version {state.get('model_version')} at {base_url}"
         )
         print(f"docs: {base_url}/docs")
+        api = ServeSettings(**settings).api
+        print(auth_banner(api, local_demo=False))
         print(demo_urls(base_url))
-        print(curl_examples(base_url, "u0", "i0"))
+        print(curl_examples(base_url, "u0", "i0", api.auth.enabled))
         sys.stdout.flush()
         wait_for_signal()
     return 0
@@ -466,21 +501,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # The features were just materialized into the embedded store: without this, a Redis URL
         # would point Feast's online store at that Redis instead.
         settings["feature_store"]["profile"] = "embedded"
+        api = ServeSettings(**settings).api
+        print(auth_banner(api, local_demo=True))
+        sys.stdout.flush()
         with running_graph(args, settings) as base_url:
             state = wait_ready(base_url, args.ready_timeout)
-            status, body = _post(f"{base_url}/v1/recommendations", {"user_id": user_id, "k": 5})
-            print(f"POST /v1/recommendations -> {status}")
-            print(json.dumps(body, indent=2))
-            status, body = _post(
-                f"{base_url}/v1/events",
-                {"events": [{"user_id": user_id, "item_id": item_id, "event_type": "click"}]},
-            )
-            print(f"POST /v1/events -> {status} {json.dumps(body)}")
+            if api.auth.enabled:
+                # Only hashes are configured: the demo has no key to show a request with.
+                print("auth is on: the sample request and event are left to you (curls below)")
+            else:
+                status, body = _post(f"{base_url}/v1/recommendations", {"user_id": user_id, "k": 5})
+                print(f"POST /v1/recommendations -> {status}")
+                print(json.dumps(body, indent=2))
+                status, body = _post(
+                    f"{base_url}/v1/events",
+                    {"events": [{"user_id": user_id, "item_id": item_id, "event_type": "click"}]},
+                )
+                print(f"POST /v1/events -> {status} {json.dumps(body)}")
             print(
                 f"\nrecserve is serving {state.get('model_uri')} version "
                 f"{state.get('model_version')} at {base_url} (docs: {base_url}/docs). Try:\n"
             )
-            print(curl_examples(base_url, user_id, item_id))
+            print(auth_banner(api, local_demo=True))
+            print(curl_examples(base_url, user_id, item_id, api.auth.enabled))
             print(f"\n{demo_urls(base_url)}")
             print("\nCtrl-C stops it.")
             sys.stdout.flush()
@@ -632,6 +675,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--last", type=int, default=100_000, help="read the latest N comparisons")
     r.add_argument("--json", type=Path, help="also write the report as JSON")
     r.set_defaults(func=cmd_shadow_report)
+    k = sub.add_parser(
+        "keys", help="API keys (docs/security.md): hash a key into a keys-file entry, check a file"
+    )
+    add_key_commands(k.add_subparsers(dest="keys_command", required=True))
     return parser
 
 

@@ -288,13 +288,62 @@ class StageConfig(BaseModel):
     )
 
 
+class AuthConfig(BaseModel):
+    """API keys with scopes (`serve_app.auth`; docs/security.md): off by default, so that a local
+    run and the README's curl commands need no key; the chart turns it on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        False,
+        description="every route but /healthz and /readyz needs an API key with the route's scope "
+        "(401 without a known key, 403 without the scope)",
+    )
+    keys_file: Path | None = Field(
+        None,
+        description='JSON {"keys": [{"name", "sha256", "scopes"}]} (hashed keys: `recserve-serve '
+        "keys hash`), re-read when it changes (a Kubernetes Secret volume: /etc/recserve/api-keys/"
+        "keys.json); a file that does not parse keeps the keys read before",
+    )
+    check_interval_seconds: float = Field(
+        1.0, gt=0.0, le=60.0, description="how often the keys file is checked for a change (stat)"
+    )
+
+
+class RateLimitConfig(BaseModel):
+    """A token bucket per API key, per Ingress replica (with N replicas a key gets up to N times
+    the rate); only with auth on (without keys there is nothing to limit by)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests_per_second: float = Field(
+        0.0, ge=0.0, description="sustained requests per second per key and replica; 0: no limit"
+    )
+    burst: int | None = Field(
+        None,
+        ge=1,
+        description="requests a key may send at once after a pause (the bucket's size); None: "
+        "requests_per_second rounded up, at least 1",
+    )
+
+
 class ApiConfig(BaseModel):
-    """HTTP API limits and the admin key."""
+    """HTTP API limits, authentication, rate limit and the admin key."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     admin_api_key: SecretStr | None = Field(
-        None, description="X-API-Key for /v1/admin/*; None: admin routes answer 403"
+        None,
+        description="a key with scope admin: X-API-Key (or Bearer) for /v1/admin/*; with auth off "
+        "the only key checked, None: admin routes answer 403; with auth on, one more key of the "
+        "keys file (named admin_api_key)",
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    explain_enabled: bool = Field(
+        True,
+        description='`"explain": true` traces (seen items, user vectors) and the demo\'s user '
+        "vectors; False: 403 explain_disabled",
     )
     max_body_bytes: int = Field(1 << 20, ge=1_024, description="larger bodies get 413")
     max_events_per_batch: int = Field(1_000, ge=1, description="events per POST /v1/events")
@@ -302,6 +351,15 @@ class ApiConfig(BaseModel):
     request_timeout_seconds: float = Field(
         2.0, gt=0.0, description="a recommendation not done by then answers 503"
     )
+
+    @model_validator(mode="after")
+    def _keys_when_auth_is_on(self) -> ApiConfig:
+        if self.auth.enabled and self.auth.keys_file is None and self.admin_api_key is None:
+            raise ValueError(
+                "api.auth.enabled needs api.auth.keys_file (RECSERVE_API__AUTH__KEYS_FILE) or "
+                "api.admin_api_key: with neither, no key could ever be accepted"
+            )
+        return self
 
 
 class StageDeadlines(BaseModel):

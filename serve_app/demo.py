@@ -4,7 +4,8 @@
 The page itself talks to the real API (`POST /v1/events`, `POST /v1/recommendations` with
 `"explain": true`, `GET /v1/experiments`); what is here only lists the catalog and the known users
 (local Parquet files, `DemoConfig`), reads one user's vectors through the graph, and reports this
-replica's last minute (`serve_app.live`) with the shadow log's overlap. The catalog's search, paging
+replica's last minute (`serve_app.live`) with the shadow log's overlap. Not mounted with
+`demo.enabled` false; with auth on every route here needs scope `debug` (`serve_app.access`). The catalog's search, paging
 and id lookup (`serve_app.demo_catalog`, sized for a million items) run in a worker thread, never on
 the event loop that answers recommendations.
 """
@@ -32,6 +33,7 @@ from pydantic import BaseModel, Field
 from serve_app.config import ServeSettings
 from serve_app.demo_catalog import MAX_MATCHES, CatalogIndex
 from serve_app.experiments import ExperimentLog, ShadowSummary
+from serve_app.http_errors import error_response
 from serve_app.metrics import RequestMetrics
 from serve_app.schemas import ID_PATTERN, MAX_ID_LENGTH
 from serve_app.stages.explain import UserVectors
@@ -220,7 +222,7 @@ def mount_demo(
     app: FastAPI, backend: Any, settings: ServeSettings, metrics: RequestMetrics | None
 ) -> None:
     """Add the demo routes to the API (`backend`: the ingress's `Backend`)."""
-    from serve_app.ingress import ERRORS, _backend_error, error_response
+    from serve_app.ingress import ERRORS, _backend_error
 
     demo = settings.demo
     if not demo.enabled:
@@ -244,10 +246,9 @@ def mount_demo(
         return loaded[0]
 
     def unavailable(exc: Exception) -> JSONResponse:
+        # Which file and why go to the log; the answer carries no exception text.
         logger.warning("demo tables unavailable: %s", exc)
-        return error_response(
-            503, "demo_unavailable", f"the demo's catalog or users cannot be read: {exc}"
-        )
+        return error_response(503, "demo_unavailable", "the demo's catalog or users cannot be read")
 
     shadow_log: list[ExperimentLog] = []
 
@@ -329,7 +330,15 @@ def mount_demo(
     )
     async def vectors(user_id: UserId) -> Any:
         """The user's base, real-time delta and combined vectors, read through the graph (one
-        explained request for one item: it counts as a served request)."""
+        explained request for one item: it counts as a served request). 403 explain_disabled
+        when explain traces are off (api.explain_enabled): the same data."""
+        if not settings.api.explain_enabled:
+            return error_response(
+                403,
+                "explain_disabled",
+                "explain traces are turned off (api.explain_enabled)",
+                "user_id",
+            )
         query = Query(request_id=uuid.uuid4().hex, user_id=user_id, k=1, explain=True)
         try:
             result = await asyncio.wait_for(
@@ -362,7 +371,8 @@ def mount_demo(
                     errors=dict(summary.errors),
                 )
             except Exception as exc:  # Redis down: the rest of the view still answers
-                shadow = ShadowStats(error=f"shadow log unavailable: {type(exc).__name__}")
+                logger.warning("shadow log unavailable: %r", exc)
+                shadow = ShadowStats(error="shadow log unavailable")
         if snapshot is None:
             return error_response(503, "no_metrics", "this API runs without request metrics")
         return LiveStats(**asdict(snapshot), shadow=shadow)

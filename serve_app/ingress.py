@@ -3,8 +3,10 @@
 `create_api(backend, config)` builds the HTTP API over a `Backend` (in the graph: the replica's Router,
 which calls the stage deployments, and the EventWriter handle); every error is
 `{"error": {"code", "message", "field"}}` with a 4xx, or a 503 when a dependency is down or
-overloaded, never a stack trace. Routes: POST /v1/recommendations,
-POST /v1/events, GET /healthz, GET /readyz, GET /docs, POST /v1/admin/reload (X-API-Key).
+overloaded, never a stack trace nor an exception's text. Routes: POST /v1/recommendations,
+POST /v1/events, GET /v1/experiments, GET /healthz, GET /readyz, GET /docs, POST /v1/admin/reload.
+With `api.auth.enabled`, `serve_app.access.Guard` checks every request's API key and scope first
+(docs/security.md: the scope of each route).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
+from serve_app.access import Access, Guard, caller_key, document_keys, route_path
+from serve_app.auth import ApiKey
 from serve_app.config import ApiConfig, ExperimentConfig, ServeSettings, StageConfig
 from serve_app.demo import mount_demo
 from serve_app.deployments.group import GroupClient, GroupHost, LocalGroup, RemoteGroup
@@ -44,6 +48,7 @@ from serve_app.errors import (
 )
 from serve_app.event_writer import EventWriteSummary
 from serve_app.experiments import assign_variant
+from serve_app.http_errors import ErrorResponse, error_response
 from serve_app.metrics import RequestMetrics
 from serve_app.models import SwapOutcome
 from serve_app.placement import resolve_placement
@@ -142,16 +147,6 @@ class EventsResponse(BaseModel):
     )
 
 
-class ErrorBody(BaseModel):
-    code: str
-    message: str
-    field: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
 # --- backend -------------------------------------------------------------------------------------
 
 
@@ -198,17 +193,6 @@ class ServeBackend:
 # --- errors --------------------------------------------------------------------------------------
 
 
-def error_response(
-    status: int,
-    code: str,
-    message: str,
-    field: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = ErrorResponse(error=ErrorBody(code=code, message=message, field=field))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
 def field_path(loc: tuple[int | str, ...] | list[int | str]) -> str | None:
     """Dotted path of a validation error inside the body or query ("filters.categories.2")."""
     parts = [str(p) for p in loc]
@@ -251,6 +235,23 @@ def http_error(exc: HTTPException) -> JSONResponse:
     return error_response(exc.status_code, code, message, headers=dict(exc.headers or {}) or None)
 
 
+# What a client reads for an unavailable dependency: the error's own message may carry the text of
+# an exception (a registry URI, a Redis address, a file path), so it goes to the log instead.
+PUBLIC_MESSAGES = {
+    ModelUnavailable.code: "no model version is loaded to answer this request, retry",
+    FeatureStoreUnavailable.code: "a data store this request needs is unavailable, retry",
+    SpoolFull.code: "the event log is unavailable and the local spool cannot take this batch: "
+    "nothing was accepted, retry it after Retry-After seconds",
+}
+
+
+def _public_message(cause: RecserveError) -> str:
+    if isinstance(cause, StageUnavailable):
+        return cause.message  # names the stage only
+    logger.info("%s: %s", cause.code, cause.message)  # per request: not a warning
+    return PUBLIC_MESSAGES.get(cause.code, "the service cannot answer this request now, retry")
+
+
 def _backend_error(exc: BaseException) -> JSONResponse:
     """Errors of the graph as responses; anything unexpected is logged and answered without trace."""
     cause = root_cause(exc)
@@ -262,11 +263,13 @@ def _backend_error(exc: BaseException) -> JSONResponse:
         return error_response(400, cause.code, cause.message, cause.field)
     if isinstance(cause, SpoolFull):
         retry = str(cause.retry_after_seconds)
-        return error_response(503, cause.code, cause.message, headers={"Retry-After": retry})
+        message = _public_message(cause)
+        return error_response(503, cause.code, message, headers={"Retry-After": retry})
     if isinstance(cause, FeatureStoreUnavailable | ModelUnavailable | StageUnavailable):
-        return error_response(503, cause.code, cause.message, headers={"Retry-After": "1"})
+        message = _public_message(cause)
+        return error_response(503, cause.code, message, headers={"Retry-After": "1"})
     if isinstance(cause, RecserveError):
-        return error_response(503, cause.code, cause.message)
+        return error_response(503, cause.code, _public_message(cause))
     if isinstance(cause, asyncio.TimeoutError | TimeoutError):
         return error_response(503, "timeout", "the request took too long, retry")
     logger.error("unexpected error", exc_info=cause)
@@ -325,7 +328,7 @@ class BodyLimit:
 
 # --- the hot route ------------------------------------------------------------------------------
 
-Answer = Callable[["RecommendationRequest", str, bool], Awaitable[JSONResponse]]
+Answer = Callable[["RecommendationRequest", str, bool, ApiKey | None], Awaitable[JSONResponse]]
 
 
 class HotRoute:
@@ -337,7 +340,8 @@ class HotRoute:
     It takes only what the route would accept as is: a JSON body with a Content-Length, no query
     string, that validates as a `RecommendationRequest`. Anything else (?debug=1, a chunked or
     non-JSON body, an invalid field) goes to the FastAPI route with the body replayed, so every
-    error shape, status and the OpenAPI docs stay the route's.
+    error shape, status and the OpenAPI docs stay the route's. It sits behind the `Guard`: the
+    caller's key (scope `recommend` checked) reaches `answer`, which checks `explain`'s.
     """
 
     def __init__(
@@ -351,7 +355,7 @@ class HotRoute:
         if (
             scope["type"] != "http"
             or scope["method"] != "POST"
-            or scope["path"] != self.path
+            or route_path(scope) != self.path
             or scope.get("query_string")
         ):
             await self.app(scope, receive, send)
@@ -380,7 +384,7 @@ class HotRoute:
             await self.app(scope, _replay(body, receive), send)
             return
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        response = await self.answer(request, safe_request_id(given), False)
+        response = await self.answer(request, safe_request_id(given), False, caller_key(scope))
         await response(scope, receive, send)
 
 
@@ -465,6 +469,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         "spool is full: retry after the Retry-After header's seconds",
     }.items()
 }
+# With api.auth.enabled (docs/security.md), on every route but /healthz and /readyz.
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        401: "no API key, or an unknown one (api.auth.enabled): WWW-Authenticate: Bearer",
+        403: "the API key lacks the route's scope (named in the message), or explain is off",
+        429: "the API key's rate limit (api.rate_limit): retry after Retry-After seconds",
+    }.items()
+}
 
 
 def create_api(
@@ -472,9 +485,13 @@ def create_api(
     config: ApiConfig,
     metrics: RequestMetrics | None = None,
     experiment: ExperimentConfig | None = None,
+    access: Access | None = None,
 ) -> FastAPI:
-    """The HTTP API over `backend` (FastAPI app with /docs)."""
+    """The HTTP API over `backend` (FastAPI app with /docs); `access`: its access control (default:
+    from `config`, with the real clock)."""
     experiment = experiment or ExperimentConfig()
+    access = access or Access(config, metrics)
+    errors = {**ERRORS, **AUTH_ERRORS} if access.enabled else ERRORS
     app = FastAPI(
         title="recserve",
         version="1",
@@ -507,18 +524,28 @@ def create_api(
         "/v1/recommendations",
         response_model=RecommendationResponse,
         response_model_exclude_none=True,
-        responses=ERRORS,
+        responses=errors,
     )
     async def recommend(
         body: RecommendationRequest,
         request: Request,
-        debug: Annotated[bool, QueryParam(description="add stage timings")] = False,
+        debug: Annotated[
+            bool, QueryParam(description="add stage timings (scope debug with auth on)")
+        ] = False,
     ) -> Any:
-        return await answer(body, request_id_of(request), debug)
+        return await answer(body, request_id_of(request), debug, caller_key(request.scope))
 
-    async def answer(body: RecommendationRequest, request_id: str, debug: bool) -> JSONResponse:
-        """The recommendation route's answer (HotRoute calls it too, for the common request)."""
+    async def answer(
+        body: RecommendationRequest, request_id: str, debug: bool, key: ApiKey | None
+    ) -> JSONResponse:
+        """The recommendation route's answer (HotRoute calls it too, for the common request);
+        `key`: the caller's, checked by the Guard for the route (None with auth off)."""
         start = time.perf_counter()
+        if body.explain:
+            refusal = access.explain_refusal(key)
+            if refusal is not None:
+                observe("recommendations", refusal.status_code, start)
+                return refusal
         if body.k > config.max_k:
             observe("recommendations", 422, start)
             return error_response(422, "invalid_request", f"k must be <= {config.max_k}", "k")
@@ -543,7 +570,7 @@ def create_api(
             headers={"X-Request-ID": query.request_id},
         )
 
-    @app.post("/v1/events", status_code=202, response_model=EventsResponse, responses=ERRORS)
+    @app.post("/v1/events", status_code=202, response_model=EventsResponse, responses=errors)
     async def events(body: EventsRequest) -> Any:
         start = time.perf_counter()
         if len(body.events) > config.max_events_per_batch:
@@ -594,13 +621,12 @@ def create_api(
         try:
             state = await asyncio.wait_for(backend.readiness(), timeout=2.0)
         except Exception as exc:
-            return JSONResponse(
-                {"ready": False, "error": f"router unavailable: {type(root_cause(exc)).__name__}"},
-                status_code=503,
-            )
+            # Open to anyone: what failed goes to the log, not into the answer.
+            logger.warning("readiness unavailable: %r", root_cause(exc))
+            return JSONResponse({"ready": False, "error": "router unavailable"}, status_code=503)
         return JSONResponse(asdict(state), status_code=200 if state.ready else 503)
 
-    @app.get("/v1/experiments")
+    @app.get("/v1/experiments", responses=errors if access.enabled else None)
     async def experiments() -> Any:
         """The A/B split (variants, weights, served versions), live per-variant counts with CTR and
         its 95% Wilson interval (CTR = served lists with a click / served lists), and the shadow."""
@@ -614,28 +640,39 @@ def create_api(
 
     @app.post(
         "/v1/admin/reload",
-        responses={
+        responses=AUTH_ERRORS
+        if access.enabled
+        else {
             401: {"model": ErrorResponse, "description": "missing or wrong X-API-Key"},
             403: {"model": ErrorResponse, "description": "no admin key configured"},
         },
     )
     async def reload(x_api_key: Annotated[str | None, Header()] = None) -> Any:
-        expected = config.admin_api_key
-        if expected is None:
-            return error_response(403, "admin_disabled", "no admin API key is configured")
-        if x_api_key is None or not hmac.compare_digest(
-            x_api_key.encode(), expected.get_secret_value().encode()
-        ):
-            return error_response(401, "unauthorized", "missing or wrong X-API-Key", "X-API-Key")
+        """Re-resolve the served alias now. Auth on: a key with scope admin (api.admin_api_key
+        is one); auth off: api.admin_api_key in X-API-Key."""
+        if not access.enabled:  # on, the Guard has checked the admin scope
+            expected = config.admin_api_key
+            if expected is None:
+                return error_response(403, "admin_disabled", "no admin API key is configured")
+            if x_api_key is None or not hmac.compare_digest(
+                x_api_key.encode(), expected.get_secret_value().encode()
+            ):
+                return error_response(
+                    401, "unauthorized", "missing or wrong X-API-Key", "X-API-Key"
+                )
         try:
             outcome = await backend.reload()
         except Exception as exc:
             return _backend_error(exc)
         return asdict(outcome)
 
-    # The last added is the outermost: BodyLimit sees every request first, then HotRoute.
+    # The last added is the outermost: the Guard sees every request first (a refused one is not
+    # read), then BodyLimit, then HotRoute.
     app.add_middleware(HotRoute, path="/v1/recommendations", answer=answer)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(Guard, access=access)
+    if access.enabled:
+        document_keys(app)
     return app
 
 

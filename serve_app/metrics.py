@@ -103,6 +103,23 @@ HTTP_LATENCY = _spec(
     "status",
     boundaries=LATENCY_BUCKETS_MS,
 )
+HTTP_REFUSED = _spec(
+    "recserve_http_refused_total",
+    "counter",
+    "Requests refused by access control (api.auth), by route group (recommendations, events, "
+    "admin, experiments, demo, docs, other), status (401: no or an unknown API key; 403: the key "
+    "lacks the route's scope, or explain is off; 429: the key's rate limit) and key (the name in "
+    "the keys file; empty for 401).",
+    "route",
+    "status",
+    "key",
+)
+KEY_FILE_ERRORS = _spec(
+    "recserve_auth_key_file_errors_total",
+    "counter",
+    "Times the API keys file (api.auth.keys_file) was found changed but could not be read or "
+    "parsed; the Ingress replica keeps the keys it read before.",
+)
 RECOMMENDATIONS = _spec(
     "recserve_recommendations_total",
     "counter",
@@ -307,6 +324,8 @@ REPLAY_OUTCOMES = ("applied", "duplicate", "damaged")
 CATALOG: tuple[MetricSpec, ...] = (
     HTTP_REQUESTS,
     HTTP_LATENCY,
+    HTTP_REFUSED,
+    KEY_FILE_ERRORS,
     RECOMMENDATIONS,
     IMPRESSIONS,
     CLICKS,
@@ -402,6 +421,8 @@ class RequestMetrics:
         self.events_accepted = create(EVENTS_ACCEPTED)
         self.events_duplicate = create(EVENTS_DUPLICATE)
         self.events_rejected = create(EVENTS_REJECTED)
+        self.http_refused = create(HTTP_REFUSED)
+        self.key_file_errors = create(KEY_FILE_ERRORS)
         self.live = LiveWindow()  # recommendations of the last minute, for /demo/ops
 
     def start(self, variants: Iterable[str]) -> None:
@@ -413,6 +434,7 @@ class RequestMetrics:
             for event_type in ATTRIBUTED_TYPES:
                 zero(self.attributed, {"variant": variant, "event_type": event_type})
         zero(self.events_duplicate)
+        zero(self.key_file_errors)
 
     def observe(self, route: str, status: int, milliseconds: float) -> None:
         tags = {"route": route, "status": str(status)}
@@ -424,6 +446,18 @@ class RequestMetrics:
     def counted(self, route: str, status: int) -> None:
         """A request refused before its handler ran (invalid body): counted, not timed."""
         self.requests.inc(tags={"route": route, "status": str(status)})
+
+    def refused(self, route: str, status: int, key: str) -> None:
+        """A request access control refused (401, 403, 429); `route` a route group, `key` a
+        name from the keys file (bounded) or "" when none was recognised. The request routes
+        also count it in the requests by status."""
+        self.http_refused.inc(tags={"route": route, "status": str(status), "key": key})
+        if route in ("recommendations", "events"):
+            self.counted(route, status)
+
+    def key_file_error(self, reason: str) -> None:
+        """The keys file changed into something unreadable (the reason goes to the log only)."""
+        self.key_file_errors.inc()
 
     def served(self, variant: str, items: int, fallback: str | None) -> None:
         self.recommendations.inc(tags={"variant": variant})

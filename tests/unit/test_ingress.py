@@ -383,7 +383,8 @@ def hot_route() -> tuple[TestClient, Inner, list[tuple[Any, str, bool]]]:
 
     answered: list[tuple[Any, str, bool]] = []
 
-    async def answer(request: Any, request_id: str, debug: bool) -> JSONResponse:
+    async def answer(request: Any, request_id: str, debug: bool, key: Any) -> JSONResponse:
+        assert key is None  # no Guard in front: no key checked
         answered.append((request, request_id, debug))
         return JSONResponse({"answered": request.user_id})
 

@@ -12,7 +12,7 @@ from serve_app.cli import build_parser, settings_overrides
 from serve_app.config import ServeSettings
 
 
-@pytest.mark.parametrize("command", ["serve", "demo", "config", "shadow-report"])
+@pytest.mark.parametrize("command", ["serve", "demo", "config", "shadow-report", "keys"])
 def test_help(command: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "serve_app.cli", command, "--help"], capture_output=True, text=True
@@ -70,3 +70,24 @@ def test_a_bad_settings_file_is_refused_naming_the_field(
     args = build_parser().parse_args(["serve", "--settings", str(path)])
     with pytest.raises(SystemExit, match=message):
         settings_overrides(args)
+
+
+def test_the_banner_says_whether_keys_are_needed_and_where_they_come_from() -> None:
+    from serve_app.cli import auth_banner, curl_examples
+
+    off = auth_banner(ServeSettings().api, local_demo=True)
+    assert off.startswith("auth: off (local demo)") and "RECSERVE_API__AUTH__ENABLED" in off
+    assert "Authorization" not in curl_examples("http://h:1", "u", "i")
+    on = ServeSettings(
+        api={
+            "auth": {"enabled": True, "keys_file": "/etc/recserve/api-keys/keys.json"},
+            "admin_api_key": "s3cret-admin-key",
+            "rate_limit": {"requests_per_second": 20},
+        }
+    ).api
+    banner = auth_banner(on, local_demo=True)
+    assert banner.startswith("auth: on")
+    assert "/etc/recserve/api-keys/keys.json" in banner and "api.admin_api_key" in banner
+    assert "20/s per key and Ingress replica" in banner and "s3cret" not in banner
+    curls = curl_examples("http://h:1", "u", "i", auth=True)
+    assert curls.count('-H "Authorization: Bearer $RECSERVE_API_KEY"') == 3
