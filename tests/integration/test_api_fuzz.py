@@ -11,6 +11,7 @@ but odd request reaches the code that would fail on it. The bigger run against a
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import redis
 import schemathesis
 
 from bench.fuzz_api import fuzz, print_report, with_event_items
+from serve_app.auth import key_entry
 from serve_app.config import EventLogConfig, RealtimeConfig, ServeSettings
 from serve_app.demo import mount_demo
 from serve_app.event_writer import EventWriteSummary
@@ -35,7 +37,7 @@ from tests.unit.test_recommend import make_model
 pytestmark = pytest.mark.integration
 
 CASES = 300
-API_KEY = "fuzz-key"  # sent as a Bearer token, as bench/fuzz_api.py does
+API_KEY = "fuzz-key-0123456789"  # sent as a Bearer token, as bench/fuzz_api.py does
 
 
 class RealStages(InProcess):
@@ -66,15 +68,21 @@ def test_300_schema_driven_cases_get_no_server_error_and_only_shaped_errors(
     tables: Path,  # noqa: F811
     redis_client: redis.Redis,
     key_prefix: str,
+    tmp_path: Path,
 ) -> None:
     stream = f"{key_prefix}:events"
     writer = EventLogWriter(
         redis_client, RealtimeConfig(key_prefix=key_prefix), EventLogConfig(stream_key=stream)
     )
     backend = RealStages(model, writer)
+    # Auth on, as the chart runs it: the fuzz key holds every scope, so the cases reach the routes
+    # (tests/unit/test_api_auth.py covers the refusals).
+    keys_file = tmp_path / "keys.json"
+    entry = key_entry(API_KEY, "fuzz", ("recommend", "events", "admin", "debug"))
+    keys_file.write_text(json.dumps({"keys": [entry]}))
     settings = ServeSettings(
         feature_store={"data_dir": tables},
-        api={"admin_api_key": "admin-secret"},
+        api={"admin_api_key": "admin-secret", "auth": {"enabled": True, "keys_file": keys_file}},
         demo={"catalog_path": tables / "catalog.parquet", "users_path": tables / "users.parquet"},
     )
     metrics = RequestMetrics()
