@@ -354,8 +354,9 @@ def write_bundle(
     np.save(directory / "item_features.npy", stats_end.matrix(items.price), allow_pickle=False)
     np.save(directory / "item_categories.npy", items.codes.astype(np.int32), allow_pickle=False)
     # The users of the training log: the event writer expires anyone else's real-time state sooner.
-    users = data.events["user_id"].astype(str).unique()
-    np.save(directory / KNOWN_USERS_FILE, known_user_keys(users), allow_pickle=False)
+    np.save(
+        directory / KNOWN_USERS_FILE, known_user_keys(data.encoded.user_ids), allow_pickle=False
+    )
     index, index_report, index_config = bundle_index(settings, fitted, data, item_vecs)
     faiss_index.save_index(index, directory / "index.faiss")
     fitted.ranker.booster.save_model(str(directory / "ranker.ubj"))

@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 import struct
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from serve_app.config import RealtimeConfig
-from serve_app.contract import is_known_user, known_user_keys, user_key
+from serve_app.contract import KNOWN_USERS_FILE, is_known_user, known_user_keys, user_key
+from serve_app.errors import BundleIntegrityError
+from serve_app.event_writer import load_known_users
 from serve_app.events import (
     ItemEmbeddings,
     ema_update,
@@ -196,3 +199,17 @@ def test_assembly_with_nothing_read_is_all_defaults() -> None:
     assert out.category_prefs.shape == (1, 2) and not out.category_prefs.any()
     assert out.delta_embedding.shape == (1, 2) and not out.delta_embedding.any()
     assert out.recent_items == ((),)
+
+
+def test_the_known_users_file_is_read_only_when_listed_and_only_sorted_unique_keys(
+    tmp_path: Path,
+) -> None:
+    assert load_known_users(tmp_path, {}) is None  # an older bundle: every user known
+    keys = known_user_keys(["a", "b", "c"])
+    np.save(tmp_path / KNOWN_USERS_FILE, keys, allow_pickle=False)
+    loaded = load_known_users(tmp_path, {KNOWN_USERS_FILE: "checked"})
+    assert loaded is not None and loaded.tolist() == keys.tolist()
+    for bad in (keys[::-1], np.repeat(keys, 2), keys.astype(np.int64)):
+        np.save(tmp_path / KNOWN_USERS_FILE, bad, allow_pickle=False)
+        with pytest.raises(BundleIntegrityError, match=KNOWN_USERS_FILE):
+            load_known_users(tmp_path, {KNOWN_USERS_FILE: "checked"})
