@@ -386,7 +386,7 @@ class StreamExporter:
             (g for g in client.xinfo_groups(c.stream_key) if _text(g["name"]) == c.group), None
         )
         if info is None:  # not created yet: everything is behind
-            first = client.xrange(c.stream_key, count=1)
+            first: Any = client.xrange(c.stream_key, count=1)
             age = (now_ms - _stream_id(first[0][0])[0]) / 1000 if first else 0.0
             return Backlog(int(client.xlen(c.stream_key)), max(0.0, age), dead)
         pending = int(info["pending"])
