@@ -250,7 +250,8 @@ async def run_load(url: str, items: list[str], ledger: Ledger, killed: asyncio.E
             response = await client.post("/v1/events", json={"events": events})
             retry = "Retry-After" in response.headers
             code = response.json().get("error", {}).get("code", "") if response.is_error else ""
-            ledger.statuses[f"{response.status_code} {code} retry={retry}".strip()] += 1
+            label = " ".join(filter(None, (str(response.status_code), code, f"retry={retry}")))
+            ledger.statuses[label] += 1
             if response.status_code == 202:
                 assert response.json()["accepted"] == EVENTS_PER_BATCH, response.text
                 ledger.accepted.update(event_id(Event.model_validate(e)) for e in events)
