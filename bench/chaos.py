@@ -9,7 +9,8 @@ seconds in:
   so every stage loads it);
 - `kill-<Deployment>`: `kill -9` of the deployment's only replica: each stage-hosting deployment of
   the placement (`--placement`: split -> UserTower, Retriever, Ranker, ReRanker; two-tier ->
-  Retrieval, Ranking; fused -> the Ingress itself, which hosts the stages);
+  Retrieval, Ranking; fused -> the Ingress itself, which hosts the stages), and the EventWriter
+  (event batches answer 503 `events_unavailable` with Retry-After until it is back, never a 500);
 - `redis`: the Redis server stopped for `--outage` seconds, then started again (append-only file on,
   so what it held survives the restart);
 - `stop` (always last): SIGTERM to the server; the processes it started that are alive 10 s later.
@@ -67,7 +68,8 @@ def stage_hosts(placement: Any) -> list[str]:
 
 
 def default_faults(placement: Any) -> tuple[str, ...]:
-    return ("none", "swap", *(f"kill-{s}" for s in stage_hosts(placement)), "redis")
+    kills = (*(f"kill-{s}" for s in stage_hosts(placement)), "kill-EventWriter")
+    return ("none", "swap", *kills, "redis")
 
 
 EVENTS_PER_BATCH = 5
@@ -202,6 +204,8 @@ class Phase:
     events_accepted: int = 0
     events_spooled: int = 0
     events_refused: int = 0
+    # Refused batches by status and whether they carried Retry-After ("503 retry-after", ...).
+    event_refusals: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -231,6 +235,7 @@ async def run_phase(
 
     latencies: list[float] = []
     non_2xx: Counter[str] = Counter()
+    refusals: Counter[str] = Counter()
     loop = asyncio.get_running_loop()
     timeout = aiohttp.ClientTimeout(total=15)
     async with aiohttp.ClientSession(url, timeout=timeout) as session:
@@ -259,6 +264,7 @@ async def run_phase(
                     event_type=EventType.CLICK if n % 3 else EventType.VIEW,
                     timestamp=datetime.now(UTC),
                     request_id=uuid.uuid4().hex,
+                    event_id=uuid.uuid4().hex,  # what a client that retries sends
                 )
                 batch.append(event)
             ids = [event_id(e) for e in batch]
@@ -274,8 +280,11 @@ async def run_phase(
                         phase.events_spooled += int(payload.get("spooled", 0) or 0)
                     else:
                         phase.events_refused += len(ids)
-            except (aiohttp.ClientError, TimeoutError, ValueError):
+                        retry = "retry-after" if "Retry-After" in response.headers else "no retry"
+                        refusals[f"{response.status} {retry}"] += 1
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 phase.events_refused += len(ids)
+                refusals[type(exc).__name__] += 1
 
         async def inject() -> None:
             await asyncio.sleep(fault_at)
@@ -288,6 +297,7 @@ async def run_phase(
         )
     phase.requests = int(rate * duration)
     phase.non_2xx = dict(non_2xx)
+    phase.event_refusals = dict(refusals)
     phase.latency_ms = percentiles(latencies)
     phase.latency_ms["max"] = round(max(latencies, default=0.0), 1)
 
@@ -366,6 +376,8 @@ def print_table(phases: list[Phase], events: dict[str, int], stop: dict[str, Any
     for phase in phases:
         if phase.non_2xx:
             print(f"  {phase.fault}: {phase.non_2xx}")
+        if phase.event_refusals:
+            print(f"  {phase.fault} event batches refused: {phase.event_refusals}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                     "redis": outage,
                     **{
                         f"kill-{s}": (lambda s=s: kill_replica(s, process.pid))
-                        for s in stage_hosts(placement)
+                        for s in (*stage_hosts(placement), "EventWriter")
                     },
                 }
                 for name in faults:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feature_repo.config import FeatureStoreConfig
 from serve_app.placement import STAGE_DEPLOYMENTS, parse_placement, resolve_placement
-from serve_app.schemas import DEFAULT_EVENT_WEIGHTS, EventType
+from serve_app.schemas import DEFAULT_EVENT_WEIGHTS, EventType, EventWindow
 
 # Where the event log and real-time state go when no Redis URL is configured (a local server).
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -62,7 +63,17 @@ class RealtimeConfig(BaseModel):
         description="EMA weight per event type; rate * weight is capped at 1",
     )
     user_state_ttl_seconds: int = Field(
-        30 * 86_400, ge=3_600, description="an idle user's real-time state expires after this"
+        30 * 86_400,
+        ge=3_600,
+        description="an idle user's real-time state expires after this (users of the training "
+        "data: the served bundle's known users)",
+    )
+    cold_user_ttl_seconds: int = Field(
+        86_400,
+        ge=3_600,
+        description="the same for a user the served bundle never saw in training (cold): anyone "
+        "may invent user ids, so their state goes sooner. A bundle without a known-users list "
+        "(older than this setting) counts every user as known",
     )
     item_state_ttl_seconds: int = Field(
         2 * 3_600, ge=3_600, description="idle item counters expire after this (>= the 1 h window)"
@@ -90,13 +101,17 @@ class EventLogConfig(BaseModel):
     dedupe_ttl_seconds: int = Field(
         3_600,
         ge=1,
-        description="how long an event id is remembered: a retry within it is not applied twice",
+        description="how long an event id (the client's event_id, else the content id) is "
+        "remembered: a retry within it is not applied twice (one small Redis key per event)",
     )
     stream_maxlen: int | None = Field(
-        None,
+        1_000_000,
         ge=1_000,
-        description="safety cap on the stream length (approximate); entries beyond it that the "
-        "exporter has not drained are lost. None: unbounded, the exporter trims what it exported",
+        description="cap on the stream length (XADD MAXLEN ~, approximate: Redis trims whole "
+        "nodes, so the stream may hold a little more). The exporter trims what it exported, so "
+        "the stream only nears the cap when the exporter lags by that many entries; older "
+        "entries not yet exported are then lost. The exporter lag alerts fire long before "
+        "(~250 bytes an entry: 1M entries ~ 250 MB of Redis). None: unbounded",
     )
 
 
@@ -351,6 +366,30 @@ class ApiConfig(BaseModel):
     request_timeout_seconds: float = Field(
         2.0, gt=0.0, description="a recommendation not done by then answers 503"
     )
+    event_max_age_seconds: int = Field(
+        7 * 86_400,
+        ge=60,
+        description="an event's timestamp may be at most this old (server time); older: rejected, "
+        "naming the field",
+    )
+    event_max_ahead_seconds: int = Field(
+        300,
+        ge=0,
+        description="an event's timestamp may be at most this far ahead of the server's clock",
+    )
+    events_timeout_seconds: float = Field(
+        5.0,
+        gt=0.0,
+        description="an event batch the event writer has not taken by then (its replica dead "
+        "or restarting) answers 503 events_unavailable with Retry-After; a retry is safe",
+    )
+
+    @property
+    def event_window(self) -> EventWindow:
+        return EventWindow(
+            timedelta(seconds=self.event_max_age_seconds),
+            timedelta(seconds=self.event_max_ahead_seconds),
+        )
 
     @model_validator(mode="after")
     def _keys_when_auth_is_on(self) -> ApiConfig:

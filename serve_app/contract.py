@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,33 @@ def hash_bucket(value: str, buckets: int) -> int:
     """Stable hash of an id or token into [0, buckets): identical in every process and release."""
     digest = hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") % buckets
+
+
+# The bundle's list of the users its training data held (optional file; without it every user is
+# known): sorted unique `user_key`s, uint64. The event writer gives the real-time state of anyone
+# else (a cold user) a shorter expiry.
+KNOWN_USERS_FILE = "known_users.npy"
+
+
+def user_key(user_id: str) -> int:
+    """A user id's 64-bit key (blake2b-64, little-endian): what `KNOWN_USERS_FILE` holds."""
+    return int.from_bytes(
+        hashlib.blake2b(user_id.encode("utf-8"), digest_size=8).digest(), "little"
+    )
+
+
+def known_user_keys(user_ids: Iterable[str]) -> np.ndarray:
+    """Sorted unique `user_key`s of `user_ids` (uint64): the `KNOWN_USERS_FILE` array."""
+    keys = np.fromiter((user_key(u) for u in set(user_ids)), dtype=np.uint64)
+    return np.unique(keys)
+
+
+def is_known_user(known: np.ndarray, user_id: str) -> bool:
+    """Whether `user_id`'s key is in a sorted `known_user_keys` array (a 64-bit collision, ~n/2^64,
+    only gives an unknown user the longer expiry)."""
+    key = np.uint64(user_key(user_id))
+    at = int(np.searchsorted(known, key))
+    return at < len(known) and known[at] == key
 
 
 def title_tokens(title: str) -> list[str]:

@@ -79,3 +79,11 @@ class SpoolFull(RecserveError):
     def __reduce__(self) -> tuple[type[SpoolFull], tuple[str, int]]:
         # Crosses the Ray handle pickled: keep the Retry-After it carries.
         return (SpoolFull, (self.message, self.retry_after_seconds))
+
+
+class EventsUnavailable(RecserveError):
+    """The event writer did not take a batch: its replica is dead, restarting or did not answer in
+    time (503 with Retry-After). Some of the batch may have been logged: a retry is safe, events
+    are recognised by id (send an `event_id`)."""
+
+    code = "events_unavailable"

@@ -6,6 +6,9 @@ replays them in order through the same write path when it answers again, so real
 attribution catch up exactly once; a full spool raises `SpoolFull` (503, Retry-After). With the spool
 disabled a failure of Redis raises `FeatureStoreUnavailable` (503): never dropped silently.
 
+The served bundle's list of training users (`contract.KNOWN_USERS_FILE`) loads with its item vectors: the
+real-time state of a user not on it (cold) expires after `realtime.cold_user_ttl_seconds`.
+
 A user's delta embedding is built from the item vectors of the version their A/B variant serves (the
 ingress sends its router's versions with every batch; a version's vectors load in the background, the
 default space is used meanwhile), so each arm's user tower reads a delta in its own space. Newly
@@ -18,14 +21,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from ray import serve
 
 from serve_app.config import ServeSettings
-from serve_app.errors import RecserveError
+from serve_app.contract import KNOWN_USERS_FILE
+from serve_app.errors import BundleIntegrityError, RecserveError
 from serve_app.experiments import ExperimentLog, assign_variant
 from serve_app.metrics import EventLogMetrics
 from serve_app.models import ModelSource
@@ -51,8 +57,21 @@ class EventWriteSummary:
     attributed: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
+def load_known_users(path: Path, files: Mapping[str, str]) -> np.ndarray | None:
+    """The bundle's training users (`KNOWN_USERS_FILE`, memory-mapped), None when it has no list
+    (`files`: the manifest's, already verified); BundleIntegrityError when the array is not sorted
+    unique uint64 keys."""
+    if KNOWN_USERS_FILE not in files:
+        return None
+    keys = np.load(path / KNOWN_USERS_FILE, mmap_mode="r", allow_pickle=False)
+    if keys.dtype != np.uint64 or keys.ndim != 1 or bool(np.any(keys[1:] <= keys[:-1])):
+        raise BundleIntegrityError("not sorted unique uint64 user keys", file=KNOWN_USERS_FILE)
+    return keys
+
+
 def load_item_embeddings(source: ModelSource, version: str) -> ItemEmbeddings:
-    """Only the item vectors of a verified bundle version (no tower, index or ranker)."""
+    """Only the item vectors (and the known users) of a verified bundle version (no tower, index
+    or ranker)."""
     from serve_app import bundle
     from serve_app.events import ItemEmbeddings
 
@@ -61,7 +80,10 @@ def load_item_embeddings(source: ModelSource, version: str) -> ItemEmbeddings:
     # Memory-mapped, ids as a sorted array (serve_app.ids.ItemIndex): no per-replica dict of the catalog.
     _, index = bundle.load_item_ids(path, manifest)
     vectors = bundle.load_item_embeddings(path, manifest)
-    return ItemEmbeddings(model_version=version, item_index=index, vectors=vectors)
+    known = load_known_users(path, manifest.files)
+    return ItemEmbeddings(
+        model_version=version, item_index=index, vectors=vectors, known_users=known
+    )
 
 
 @serve.deployment

@@ -1,10 +1,12 @@
 """Real-time write path of the event endpoint: log each event to the Redis Stream, update its features.
 
-One Lua script per event does, atomically: skip the event if its id was seen (idempotent retries),
-XADD it to the stream (the durable log `training.exporter` drains), then update the user's hash
-(delta embedding EMA, bounded recent list, one-minute counter slots, last event time) and the item's
-counters. Atomic scripts mean concurrent events for one user never lose an update and the state always
-equals a serial replay of the stream in stream order. Failures raise `FeatureStoreUnavailable` (the
+One Lua script per event does, atomically: skip the event if its id was seen (idempotent retries: the
+client's `event_id`, else the content; `event_id()`, remembered `dedupe_ttl_seconds`), XADD it to
+the stream (the durable log `training.exporter` drains; capped by `stream_maxlen`, MAXLEN ~), then
+update the user's hash (delta embedding EMA, bounded recent list, one-minute counter slots, last event
+time) and the item's counters; a user the served bundle never saw in training (cold) gets a shorter
+expiry (`user_ttl_seconds`). Atomic scripts mean concurrent events for one user never lose an update
+and the state always equals a serial replay of the stream in stream order. Failures raise `FeatureStoreUnavailable` (the
 ingress answers 503, or the EventWriter spools the batch: `serve_app.spool`): never dropped silently.
 
 The script touches four keys in different hash slots, so it needs a single Redis (or Sentinel); on Redis
@@ -23,6 +25,7 @@ import numpy as np
 import redis
 
 from serve_app.config import EventLogConfig, RealtimeConfig, ServeSettings
+from serve_app.contract import is_known_user
 from serve_app.errors import FeatureStoreUnavailable
 from serve_app.features import (
     US_PER_MINUTE,
@@ -125,8 +128,16 @@ def timestamp_us(moment: datetime) -> int:
 
 
 def event_id(event: Event) -> str:
-    """Content id of an event: a client retry of the same event (same fields, same timestamp)
-    has the same id. Clients that want safe retries send `timestamp` (or a `request_id`)."""
+    """The id an event is logged and deduplicated under (the stream's and Parquet's `event_id`).
+
+    With a client `event_id` (its idempotency key): a digest of the user and that id, so a retry
+    is recognised whatever else it carries, and two users' ids never collide. Without one: a digest
+    of the content, so a retry is recognised only if it repeats every field, the timestamp
+    included; the timestamp defaults to the server's time, so a retry without `event_id` or
+    `timestamp` counts twice: clients that retry send an `event_id`."""
+    if event.event_id is not None:
+        scoped = f"{len(event.user_id)}:{event.user_id}|{event.event_id}"
+        return "e" + hashlib.blake2b(scoped.encode(), digest_size=16).hexdigest()
     key = "|".join(
         (
             event.user_id,
@@ -174,15 +185,33 @@ class ItemEmbeddings:
     model_version: str
     item_index: Mapping[str, int]
     vectors: np.ndarray  # float32 [n, d]
+    # The bundle's training users (`contract.known_user_keys`); None: the bundle has no list and
+    # every user counts as known.
+    known_users: np.ndarray | None = None
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> ItemEmbeddings:
         return cls(bundle.version or "", bundle.item_index, bundle.item_embeddings)
 
+    def knows(self, user_id: str) -> bool:
+        """Whether the bundle's training data held `user_id` (True without a list)."""
+        return self.known_users is None or is_known_user(self.known_users, user_id)
+
     def vector_bytes(self, item_id: str) -> bytes:
         """Little-endian float32 bytes of an item's vector; empty for an item the bundle lacks."""
         row = self.item_index.get(item_id)
         return b"" if row is None else self.vectors[row].astype("<f4").tobytes()
+
+
+def user_ttl_seconds(
+    realtime: RealtimeConfig, embeddings: ItemEmbeddings | None, user_id: str
+) -> int:
+    """Expiry of a user's real-time state after this event: the long one for a user of the
+    served bundle's training data, `cold_user_ttl_seconds` for anyone else. Without a bundle
+    (none served yet) or a bundle without a known-users list, every user is known."""
+    if embeddings is None or embeddings.knows(user_id):
+        return realtime.user_state_ttl_seconds
+    return realtime.cold_user_ttl_seconds
 
 
 @dataclass(frozen=True)
@@ -274,7 +303,7 @@ class EventLogWriter:
             vector,
             embeddings.model_version if embeddings is not None else "",
             rt.history_length,
-            rt.user_state_ttl_seconds,
+            user_ttl_seconds(rt, embeddings, event.user_id),
             rt.item_state_ttl_seconds,
         ]
 

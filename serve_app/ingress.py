@@ -20,6 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import FastAPI, Header, Request
@@ -39,6 +40,7 @@ from serve_app.demo import mount_demo
 from serve_app.deployments.group import GroupClient, GroupHost, LocalGroup, RemoteGroup
 from serve_app.errors import (
     BadRequest,
+    EventsUnavailable,
     FeatureStoreUnavailable,
     ModelUnavailable,
     Overloaded,
@@ -52,8 +54,8 @@ from serve_app.http_errors import ErrorResponse, error_response
 from serve_app.metrics import RequestMetrics
 from serve_app.models import SwapOutcome
 from serve_app.placement import resolve_placement
-from serve_app.router import Readiness, Router, root_cause
-from serve_app.schemas import ID_PATTERN, MAX_ID_LENGTH, Event
+from serve_app.router import Readiness, Router, is_unavailable, root_cause
+from serve_app.schemas import ID_PATTERN, MAX_ID_LENGTH, Event, is_safe_id
 from serve_app.stages.explain import ExplainTrace
 from serve_app.stages.records import Filters, Query, Recommendations
 
@@ -167,17 +169,29 @@ class Backend(Protocol):
 class ServeBackend:
     """The Backend in the graph: the replica's own Router and the EventWriter deployment."""
 
-    def __init__(self, router: Router, events: DeploymentHandle) -> None:
+    def __init__(self, router: Router, events: DeploymentHandle, timeout: float = 5.0) -> None:
         self._router = router
         self._events = events
+        self._timeout = timeout
 
     async def recommend(self, query: Query) -> Recommendations:
         return await self._router.recommend(query)
 
     async def write_events(self, events: list[Event]) -> EventWriteSummary:
+        """The EventWriter's summary; EventsUnavailable when its replica is dead, restarting (the
+        handle would queue the batch until one is back) or takes longer than `timeout`."""
         # The served versions ride along: each user's delta is built in their variant's space.
         served = self._router.served_versions()
-        result: EventWriteSummary = await self._events.write.remote(events, served)
+        try:
+            result: EventWriteSummary = await asyncio.wait_for(
+                self._events.write.remote(events, served), self._timeout
+            )
+        except TimeoutError as exc:
+            raise EventsUnavailable("the event writer did not answer in time, retry") from exc
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise EventsUnavailable("the event writer is restarting, retry") from exc
+            raise
         return result
 
     async def readiness(self) -> Readiness:
@@ -242,6 +256,8 @@ PUBLIC_MESSAGES = {
     FeatureStoreUnavailable.code: "a data store this request needs is unavailable, retry",
     SpoolFull.code: "the event log is unavailable and the local spool cannot take this batch: "
     "nothing was accepted, retry it after Retry-After seconds",
+    EventsUnavailable.code: "the event writer is restarting: retry the batch after Retry-After "
+    "seconds (events carrying an event_id are counted once)",
 }
 
 
@@ -265,13 +281,24 @@ def _backend_error(exc: BaseException) -> JSONResponse:
         retry = str(cause.retry_after_seconds)
         message = _public_message(cause)
         return error_response(503, cause.code, message, headers={"Retry-After": retry})
-    if isinstance(cause, FeatureStoreUnavailable | ModelUnavailable | StageUnavailable):
+    if isinstance(
+        cause, FeatureStoreUnavailable | ModelUnavailable | StageUnavailable | EventsUnavailable
+    ):
         message = _public_message(cause)
         return error_response(503, cause.code, message, headers={"Retry-After": "1"})
     if isinstance(cause, RecserveError):
         return error_response(503, cause.code, _public_message(cause))
     if isinstance(cause, asyncio.TimeoutError | TimeoutError):
-        return error_response(503, "timeout", "the request took too long, retry")
+        return error_response(
+            503, "timeout", "the request took too long, retry", headers={"Retry-After": "1"}
+        )
+    if is_unavailable(exc):  # a dead replica no caller turned into one of ours
+        return error_response(
+            503,
+            "unavailable",
+            "a part of the graph is restarting, retry",
+            headers={"Retry-After": "1"},
+        )
     logger.error("unexpected error", exc_info=cause)
     return error_response(500, "internal_error", "internal error")
 
@@ -447,15 +474,19 @@ def request_id_of(request: Request) -> str:
 
 
 def safe_request_id(given: str) -> str:
-    if 0 < len(given) <= MAX_ID_LENGTH and ID_PATTERN.match(given):
+    if is_safe_id(given):
         return given
     return uuid.uuid4().hex
 
 
 def event_error(exc: ValidationError) -> str:
     first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "<event>"
-    return f"field '{where}': {first['msg']}"
+    return f"field '{event_field(exc) or '<event>'}': {first['msg']}"
+
+
+def event_field(exc: ValidationError) -> str:
+    """The dotted field of an event's first validation error ("" for the event itself)."""
+    return ".".join(str(p) for p in exc.errors()[0]["loc"])
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -465,8 +496,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "body larger than api.max_body_bytes",
         415: "body is not application/json",
         422: "invalid field (named in error.field)",
-        503: "a dependency is down or overloaded, or (events) Redis is down and the event "
-        "spool is full: retry after the Retry-After header's seconds",
+        503: "a dependency is down or overloaded, or (events) the event writer is restarting "
+        "(events_unavailable) or Redis is down and the event spool is full: retry after the "
+        "Retry-After header's seconds",
     }.items()
 }
 # With api.auth.enabled (docs/security.md), on every route but /healthz and /readyz.
@@ -486,9 +518,11 @@ def create_api(
     metrics: RequestMetrics | None = None,
     experiment: ExperimentConfig | None = None,
     access: Access | None = None,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> FastAPI:
     """The HTTP API over `backend` (FastAPI app with /docs); `access`: its access control (default:
-    from `config`, with the real clock)."""
+    from `config`, with the real clock); `clock`: the time event timestamps are checked against
+    (`config.event_window`)."""
     experiment = experiment or ExperimentConfig()
     access = access or Access(config, metrics)
     errors = {**ERRORS, **AUTH_ERRORS} if access.enabled else ERRORS
@@ -586,12 +620,22 @@ def create_api(
         valid: list[Event] = []
         rejected: list[EventRejection] = []
         reasons: Counter[str] = Counter()
+        first_field: str | None = None
+        window = config.event_window.context(clock())
         for index, raw in enumerate(body.events):
             try:
-                valid.append(Event.model_validate(raw))
+                valid.append(Event.model_validate(raw, context=window))
             except ValidationError as exc:
                 rejected.append(EventRejection(index=index, error=event_error(exc)))
                 reasons[str(exc.errors()[0]["type"])] += 1  # pydantic's error types: a closed set
+                if first_field is None:
+                    first_field = ".".join(("events", str(index), event_field(exc))).rstrip(".")
+        if not valid:  # nothing to take: the first bad field, as any other invalid body
+            if metrics is not None:
+                metrics.events({}, reasons)
+            observe("events", 422, start)
+            message = f"no valid event; events[{rejected[0].index}]: {rejected[0].error}"
+            return error_response(422, "invalid_events", message, first_field)
         duplicates, clicks, attributed, spooled = 0, {}, {}, 0
         if valid:
             try:
@@ -697,7 +741,7 @@ class Ingress:
             else:
                 clients.append(RemoteGroup(group, next(handles)))
         self._router = router = Router(settings, clients)
-        self._backend = ServeBackend(router, events)
+        self._backend = ServeBackend(router, events, settings.api.events_timeout_seconds)
         self._config = settings.api
         self._experiment = settings.experiment
         self._settings = settings

@@ -4,15 +4,31 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 MAX_ID_LENGTH = 128
-# Ids are opaque strings; this set keeps them safe in URLs, Redis keys and logs.
+# Ids are opaque strings; this set keeps them safe in URLs, Redis keys and logs. Match it whole
+# (`is_safe_id`, `fullmatch`): Python's `$` also matches before a final newline. The text is shared
+# with pydantic's `pattern=` (Rust regex, where `$` is the end of the text), so it keeps its anchors.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@\-]+$")
+# Any timestamp outside [1970, 2262) is refused, whatever the source: Parquet and pandas hold
+# nanoseconds in an int64 (up to 2262-04-11), and nothing recserve logs predates the epoch.
+EARLIEST_TIMESTAMP = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_TIMESTAMP = datetime(2262, 1, 1, tzinfo=UTC)
+# Validation context key of the accepted timestamp window (`EventWindow.context`).
+WINDOW_CONTEXT = "timestamp_window"
 
 
 class EventType(StrEnum):
@@ -40,10 +56,30 @@ POSITIVE_EVENT_TYPES: frozenset[str] = frozenset(
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
 
 
+def is_safe_id(value: str) -> bool:
+    """The whole of `value` is an id: 1..MAX_ID_LENGTH of letters, digits and _ . : @ - (no
+    whitespace, no control character, no trailing newline)."""
+    return 0 < len(value) <= MAX_ID_LENGTH and ID_PATTERN.fullmatch(value) is not None
+
+
 def _check_id(value: str) -> str:
-    if not ID_PATTERN.match(value):
+    if ID_PATTERN.fullmatch(value) is None:
         raise ValueError("may contain only letters, digits and _ . : @ -")
     return value
+
+
+@dataclass(frozen=True)
+class EventWindow:
+    """Event times a client may send: from `max_age` before now to `max_ahead` after it. Older
+    events would be counted in windows long closed, far-future ones pin counters and last-event
+    times; training data read from files is checked against the absolute bounds only."""
+
+    max_age: timedelta
+    max_ahead: timedelta
+
+    def context(self, now: datetime) -> dict[str, tuple[datetime, datetime]]:
+        """The validation context (`Event.model_validate(raw, context=...)`) for the time `now`."""
+        return {WINDOW_CONTEXT: (now - self.max_age, now + self.max_ahead)}
 
 
 class EventContext(BaseModel):
@@ -62,21 +98,40 @@ class Event(BaseModel):
     item_id: Id
     event_type: EventType
     timestamp: datetime = Field(default_factory=lambda: datetime.now(UTC))
-    request_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
+    request_id: Id | None = None
     position: int | None = Field(default=None, ge=0, le=10_000)
-    session_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
+    session_id: Id | None = None
+    event_id: Id | None = Field(
+        default=None,
+        description="the client's id of this event (e.g. a UUID), its idempotency key: a retry "
+        "with the same event_id (and user_id) is logged and counted once. Without it the event's "
+        "content is its id, and a retry counts once only if it carries the same timestamp",
+    )
     context: EventContext | None = None
 
-    @field_validator("user_id", "item_id")
+    @field_validator("user_id", "item_id", "request_id", "session_id", "event_id")
     @classmethod
-    def _safe_ids(cls, value: str) -> str:
-        return _check_id(value)
+    def _safe_ids(cls, value: str | None) -> str | None:
+        return None if value is None else _check_id(value)
 
     @field_validator("timestamp")
     @classmethod
-    def _aware(cls, value: datetime) -> datetime:
+    def _bounded_utc(cls, value: datetime, info: ValidationInfo) -> datetime:
         # Naive timestamps are taken as UTC so that ordering never depends on the host's zone.
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
+        value = value if value.tzinfo else value.replace(tzinfo=UTC)
+        if not EARLIEST_TIMESTAMP <= value < LATEST_TIMESTAMP:
+            raise ValueError(
+                f"must be in [{EARLIEST_TIMESTAMP.isoformat()}, {LATEST_TIMESTAMP.isoformat()})"
+            )
+        window = (info.context or {}).get(WINDOW_CONTEXT)
+        if window is not None:
+            earliest, latest = window
+            if not earliest <= value <= latest:
+                raise ValueError(
+                    f"must be between {earliest.isoformat()} and {latest.isoformat()} (the "
+                    "accepted window around the server's time)"
+                )
+        return value
 
 
 class CatalogItem(BaseModel):

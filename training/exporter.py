@@ -2,11 +2,16 @@
 
 Layout: `<out_dir>/date=YYYY-MM-DD/part-<first stream id>_<last stream id>.parquet`, columns
 EXPORT_SCHEMA; `read_exported_events` returns them as a `training.data` events frame for the next run.
-Exactly once into Parquet, at least once from the stream: a batch is written (tmp file + atomic rename),
-then acknowledged. A crash before the write leaves the batch pending and it is read again on restart
+Exactly once into Parquet, at least once from the stream: a batch is written (tmp file fsync'd, atomic
+rename, the directory fsync'd), then acknowledged. A crash before the write leaves the batch pending and it is read again on restart
 (own pending entries first, then entries of dead consumers via XAUTOCLAIM); a crash between write and
 ack re-reads entries whose event ids are already in their date partition, and those are skipped.
 The stream entry format is `serve_app.events.STREAM_FIELDS` (a test writes with one, reads with this).
+An entry it cannot decode (a field missing or malformed, a timestamp outside what Parquet holds: anything
+written to the stream by hand or by another version) goes to a dead-letter stream (`<stream>:dead`, raw
+fields as `raw:<name>` plus `error` and `stream_id`) in the same transaction that acknowledges it, and
+is counted (`recserve_exporter_dead_letters_total`); the exporter keeps draining. The backlog of its
+group and the dead-letter stream's length are sampled as gauges (the lag alerts read them).
 
 Run: `python -m training.exporter --out data/events_log --once` (drain and exit) or without `--once`;
 `--metrics-port 9108` serves its Prometheus metrics while it runs (`--metrics-pushgateway`,
@@ -17,12 +22,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import re
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +42,7 @@ import redis
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.schemas import EARLIEST_TIMESTAMP, LATEST_TIMESTAMP, EventType, is_safe_id
 from training.data import normalize_events
 from training.job_metrics import ExporterMetrics, add_metrics_arguments, metrics_output
 
@@ -74,6 +83,21 @@ class ExporterConfig(BaseModel):
     )
     trim: bool = Field(True, description="delete exported entries every group has acknowledged")
     cached_dates: int = Field(3, ge=1, description="date partitions whose event ids stay in memory")
+    dead_letter_key: str | None = Field(
+        None,
+        min_length=1,
+        description="stream of entries that could not be decoded; None: <stream_key>:dead",
+    )
+    dead_letter_maxlen: int = Field(
+        100_000, ge=100, description="cap of the dead-letter stream (approximate)"
+    )
+    sample_interval_seconds: float = Field(
+        5.0, gt=0.0, description="how often a running exporter samples its backlog gauges"
+    )
+
+    @property
+    def dead_letter_stream(self) -> str:
+        return self.dead_letter_key or f"{self.stream_key}:dead"
 
 
 @dataclass(frozen=True)
@@ -81,37 +105,142 @@ class ExportStats:
     read: int = 0  # stream entries handled
     written: int = 0  # rows written to Parquet
     skipped: int = 0  # entries already exported (replayed after a crash) or deleted from the stream
+    dead: int = 0  # entries that could not be decoded, moved to the dead-letter stream
 
     def __add__(self, other: ExportStats) -> ExportStats:
         return ExportStats(
-            self.read + other.read, self.written + other.written, self.skipped + other.skipped
+            self.read + other.read,
+            self.written + other.written,
+            self.skipped + other.skipped,
+            self.dead + other.dead,
         )
 
 
-def decode_entries(entries: Sequence[Entry]) -> pd.DataFrame:
-    """Stream entries as an EXPORT_SCHEMA frame; entries deleted from the stream are left out."""
-    rows = [
-        {k.decode(): v.decode() for k, v in fields.items()} | {"stream_id": sid.decode()}
-        for sid, fields in entries
-        if fields
-    ]
+@dataclass(frozen=True)
+class DeadLetter:
+    """A stream entry that could not be decoded, its raw fields and why."""
+
+    stream_id: bytes
+    fields: dict[bytes, bytes]
+    error: str
+
+    def entry(self, stream_key: str) -> dict[bytes, bytes]:
+        """Its dead-letter stream entry: where it came from, the error, every raw field."""
+        head = {
+            b"stream": stream_key.encode(),
+            b"stream_id": self.stream_id,
+            b"error": self.error.encode("utf-8", "replace")[:1024],
+        }
+        return head | {b"raw:" + k: v for k, v in self.fields.items()}
+
+
+# The fields of a stream entry (serve_app.events.STREAM_FIELDS), all required.
+ENTRY_FIELDS = (
+    "event_id",
+    "user_id",
+    "item_id",
+    "event_type",
+    "timestamp_us",
+    "position",
+    "session_id",
+    "request_id",
+)
+_EVENT_TYPES = frozenset(t.value for t in EventType)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MIN_US = (EARLIEST_TIMESTAMP - _EPOCH) // timedelta(microseconds=1)
+_MAX_US = (LATEST_TIMESTAMP - _EPOCH) // timedelta(microseconds=1)
+_INTEGER = re.compile(r"-?[0-9]{1,19}")
+
+
+def decode_entry(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
+    """One stream entry as an EXPORT_SCHEMA row (without `stream_id`); ValueError naming the field
+    that cannot be decoded."""
+    text: dict[str, str] = {}
+    for name in ENTRY_FIELDS:
+        raw = fields.get(name.encode())
+        if raw is None:
+            raise ValueError(f"field '{name}': missing")
+        try:
+            text[name] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"field '{name}': not UTF-8") from None
+    for name in ("event_id", "user_id", "item_id"):
+        if not is_safe_id(text[name]):
+            raise ValueError(f"field '{name}': not an id")
+    for name in ("session_id", "request_id"):
+        if text[name] and not is_safe_id(text[name]):
+            raise ValueError(f"field '{name}': not an id")
+    if text["event_type"] not in _EVENT_TYPES:
+        raise ValueError(f"field 'event_type': unknown type {text['event_type'][:32]!r}")
+    stamp = text["timestamp_us"]
+    if not _INTEGER.fullmatch(stamp) or not _MIN_US <= int(stamp) < _MAX_US:
+        raise ValueError(f"field 'timestamp_us': not microseconds in [1970, 2262): {stamp[:32]!r}")
+    position = text["position"]
+    if position and (not _INTEGER.fullmatch(position) or not 0 <= int(position) < 2**31):
+        raise ValueError(f"field 'position': not an int32 >= 0: {position[:32]!r}")
+    return {
+        "event_id": text["event_id"],
+        "user_id": text["user_id"],
+        "item_id": text["item_id"],
+        "event_type": text["event_type"],
+        "timestamp_us": int(stamp),
+        "position": int(position) if position else -1,
+        "session_id": text["session_id"],
+        "request_id": text["request_id"],
+    }
+
+
+def decode_entries(entries: Sequence[Entry]) -> tuple[pd.DataFrame, list[DeadLetter]]:
+    """Stream entries as an EXPORT_SCHEMA frame, and those that could not be decoded; entries
+    deleted from the stream are left out of both."""
+    rows: list[dict[str, Any]] = []
+    dead: list[DeadLetter] = []
+    for sid, fields in entries:
+        if not fields:
+            continue
+        try:
+            rows.append(decode_entry(fields) | {"stream_id": sid.decode()})
+        except ValueError as exc:
+            dead.append(DeadLetter(sid, dict(fields), str(exc)))
     if not rows:
-        return EXPORT_SCHEMA.empty_table().to_pandas()
+        return EXPORT_SCHEMA.empty_table().to_pandas(), dead
     df = pd.DataFrame(rows)
-    position = pd.to_numeric(df["position"].replace("", "-1"))
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "event_id": df["event_id"],
             "user_id": df["user_id"],
             "item_id": df["item_id"],
             "event_type": df["event_type"],
             "timestamp": pd.to_datetime(df["timestamp_us"].astype(np.int64), unit="us", utc=True),
-            "position": position.astype(np.int32),
+            "position": df["position"].astype(np.int32),
             "session_id": df["session_id"],
             "request_id": df["request_id"],
             "stream_id": df["stream_id"],
         }
     )
+    return frame, dead
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """The exporter group's backlog and the dead-letter stream, sampled from Redis."""
+
+    unacknowledged: int  # entries of the stream the group has not acknowledged (pending + new)
+    oldest_age_seconds: float  # stream age of the oldest of them; 0 when caught up
+    dead_letters: int  # entries in the dead-letter stream
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the directory's entries (a rename, a new file or sub-directory) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _stream_id(value: bytes | str) -> tuple[int, int]:
@@ -179,7 +308,9 @@ class StreamExporter:
         dates = frame["timestamp"].dt.strftime("%Y-%m-%d")
         for date, rows in frame.groupby(dates, sort=True):
             partition = self._config.out_dir / f"date={date}"
-            partition.mkdir(parents=True, exist_ok=True)
+            if not partition.exists():
+                partition.mkdir(parents=True, exist_ok=True)
+                fsync_directory(self._config.out_dir)  # the new partition's entry
             known = self._known_ids(partition)
             rows = rows[~rows["event_id"].isin(known)].drop_duplicates("event_id")
             if rows.empty:
@@ -192,12 +323,22 @@ class StreamExporter:
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             tmp.replace(target)
+            # The rename itself is durable only once the directory is: before the ack.
+            fsync_directory(partition)
             known.update(rows["event_id"])
             written += len(rows)
         return written
 
-    def _ack(self, ids: Sequence[bytes]) -> None:
-        self._client.xack(self._config.stream_key, self._config.group, *ids)
+    def _ack(self, ids: Sequence[bytes], dead: Sequence[DeadLetter]) -> None:
+        """Move `dead` to the dead-letter stream and acknowledge `ids`, in one transaction: an
+        entry is never acknowledged without its dead letter (a crash before it re-reads both)."""
+        c = self._config
+        pipe = self._client.pipeline(transaction=True)
+        for letter in dead:
+            fields: Any = letter.entry(c.stream_key)
+            pipe.xadd(c.dead_letter_stream, fields, maxlen=c.dead_letter_maxlen, approximate=True)
+        pipe.xack(c.stream_key, c.group, *ids)
+        pipe.execute()
 
     def _trim(self) -> None:
         # Only entries every group has acknowledged go: below the oldest pending entry of any group,
@@ -219,12 +360,43 @@ class StreamExporter:
         entries = self._read(block_ms)
         if not entries:
             return ExportStats()
-        frame = decode_entries(entries)
+        frame, dead = decode_entries(entries)
+        for letter in dead:
+            logger.warning("entry %s dead-lettered: %s", letter.stream_id.decode(), letter.error)
         written = self._write(frame) if not frame.empty else 0
-        self._ack([sid for sid, _ in entries])
+        self._ack([sid for sid, _ in entries], dead)
         if self._config.trim:
             self._trim()
-        return ExportStats(read=len(entries), written=written, skipped=len(entries) - written)
+        return ExportStats(
+            read=len(entries),
+            written=written,
+            skipped=len(entries) - written - len(dead),
+            dead=len(dead),
+        )
+
+    def backlog(self) -> Backlog:
+        """The group's unacknowledged entries, the age of the oldest, the dead letters held."""
+        c, client = self._config, self._client
+        seconds, micros = client.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        dead = int(client.xlen(c.dead_letter_stream))
+        if not client.exists(c.stream_key):
+            return Backlog(0, 0.0, dead)
+        info = next(
+            (g for g in client.xinfo_groups(c.stream_key) if _text(g["name"]) == c.group), None
+        )
+        if info is None:  # not created yet: everything is behind
+            first: Any = client.xrange(c.stream_key, count=1)
+            age = (now_ms - _stream_id(first[0][0])[0]) / 1000 if first else 0.0
+            return Backlog(int(client.xlen(c.stream_key)), max(0.0, age), dead)
+        pending = int(info["pending"])
+        oldest = [client.xpending(c.stream_key, c.group)["min"]] if pending else []
+        after = client.xrange(c.stream_key, min=f"({_text(info['last-delivered-id'])}", count=1)
+        oldest += [after[0][0]] if after else []
+        lag = info.get("lag")
+        undelivered = int(lag) if lag is not None else (1 if after else 0)
+        age = (now_ms - min(_stream_id(i)[0] for i in oldest)) / 1000 if oldest else 0.0
+        return Backlog(pending + undelivered, max(0.0, age), dead)
 
     def drain(self, observe: Callable[[ExportStats], None] | None = None) -> ExportStats:
         """Export until nothing is pending or new (does not wait for more); `observe` sees
@@ -239,15 +411,32 @@ class StreamExporter:
                 observe(stats)
             total = total + stats
 
-    def run(self, observe: Callable[[ExportStats], None] | None = None) -> None:
-        """Export forever, waiting up to `block_ms` for new entries between batches."""
+    def run(
+        self,
+        observe: Callable[[ExportStats], None] | None = None,
+        sample: Callable[[Backlog], None] | None = None,
+    ) -> None:
+        """Export forever, waiting up to `block_ms` for new entries between batches; `sample`
+        sees the backlog every `sample_interval_seconds`."""
         self.ensure_group()
+        sampled = -math.inf
         while True:
             stats = self.export_batch(block_ms=self._config.block_ms)
             if stats.read:
-                logger.info("exported %d rows (%d skipped)", stats.written, stats.skipped)
+                logger.info(
+                    "exported %d rows (%d skipped, %d dead-lettered)",
+                    stats.written,
+                    stats.skipped,
+                    stats.dead,
+                )
                 if observe is not None:
                     observe(stats)
+            if (
+                sample is not None
+                and time.monotonic() - sampled >= self._config.sample_interval_seconds
+            ):
+                sampled = time.monotonic()
+                sample(self.backlog())
 
 
 def read_exported_events(directory: Path) -> pd.DataFrame:
@@ -274,6 +463,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--claim-idle-ms", type=int, default=defaults.claim_idle_ms)
     parser.add_argument("--no-trim", action="store_true", help="keep exported entries")
+    parser.add_argument(
+        "--dead-letter-stream",
+        default=None,
+        help="where entries that cannot be decoded go (default: <stream>:dead)",
+    )
     parser.add_argument("--once", action="store_true", help="drain what is there, then exit")
     add_metrics_arguments(parser, serve=True)
     args = parser.parse_args(argv)
@@ -287,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
         claim_idle_ms=args.claim_idle_ms,
         trim=not args.no_trim,
+        dead_letter_key=args.dead_letter_stream,
     )
     kwargs: dict[str, Any] = {"socket_timeout": max(10.0, config.block_ms / 1000 + 5)}
     exporter = StreamExporter(redis.Redis.from_url(config.redis_url, **kwargs), config)
@@ -296,14 +491,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     output.serve(registry)
 
     def observe(stats: ExportStats) -> None:
-        metrics.batch(stats.read, stats.written, stats.skipped, time.time())
+        metrics.batch(stats.read, stats.written, stats.skipped, time.time(), stats.dead)
+
+    def sample(backlog: Backlog) -> None:
+        metrics.backlog(backlog.unacknowledged, backlog.oldest_age_seconds, backlog.dead_letters)
 
     if args.once:
         stats = exporter.drain(observe)
-        print(f"read {stats.read} written {stats.written} skipped {stats.skipped}")
+        sample(exporter.backlog())
+        print(
+            f"read {stats.read} written {stats.written} skipped {stats.skipped} "
+            f"dead-lettered {stats.dead}"
+        )
         output.publish(registry)
     else:
-        exporter.run(observe)
+        exporter.run(observe, sample)
     return 0
 
 

@@ -62,6 +62,26 @@ EXPORTER_LAST_BATCH = JobMetric(
     "gauge",
     "When the exporter last wrote and acknowledged a batch (epoch seconds).",
 )
+EXPORTER_DEAD_LETTERS = JobMetric(
+    "recserve_exporter_dead_letters_total",
+    "counter",
+    "Stream entries the exporter could not decode and moved to the dead-letter stream.",
+)
+EXPORTER_DEAD_LETTER_ENTRIES = JobMetric(
+    "recserve_exporter_dead_letter_entries",
+    "gauge",
+    "Entries held in the dead-letter stream (until an operator deletes them).",
+)
+EXPORTER_BACKLOG = JobMetric(
+    "recserve_exporter_backlog_entries",
+    "gauge",
+    "Stream entries the exporter's group has not acknowledged (pending + not yet delivered).",
+)
+EXPORTER_OLDEST_UNACKED_AGE = JobMetric(
+    "recserve_exporter_oldest_unacked_age_seconds",
+    "gauge",
+    "Age of the oldest stream entry the exporter's group has not acknowledged (0: caught up).",
+)
 MATERIALIZATION_SUCCESS = JobMetric(
     "recserve_materialization_last_success_timestamp_seconds",
     "gauge",
@@ -106,6 +126,10 @@ JOB_CATALOG: tuple[JobMetric, ...] = (
     EXPORTER_WRITTEN,
     EXPORTER_SKIPPED,
     EXPORTER_LAST_BATCH,
+    EXPORTER_DEAD_LETTERS,
+    EXPORTER_DEAD_LETTER_ENTRIES,
+    EXPORTER_BACKLOG,
+    EXPORTER_OLDEST_UNACKED_AGE,
     MATERIALIZATION_SUCCESS,
     MATERIALIZATION_DURATION,
     MATERIALIZATION_END,
@@ -135,13 +159,23 @@ class ExporterMetrics:
         self.written = _counter(EXPORTER_WRITTEN, registry)
         self.skipped = _counter(EXPORTER_SKIPPED, registry)
         self.last_batch = _gauge(EXPORTER_LAST_BATCH, registry)
+        self.dead = _counter(EXPORTER_DEAD_LETTERS, registry)
+        self.dead_held = _gauge(EXPORTER_DEAD_LETTER_ENTRIES, registry)
+        self.unacknowledged = _gauge(EXPORTER_BACKLOG, registry)
+        self.oldest_age = _gauge(EXPORTER_OLDEST_UNACKED_AGE, registry)
 
-    def batch(self, read: int, written: int, skipped: int, now: float) -> None:
+    def batch(self, read: int, written: int, skipped: int, now: float, dead: int = 0) -> None:
         self.read.inc(read)
         self.written.inc(written)
         self.skipped.inc(skipped)
+        self.dead.inc(dead)
         if read:
             self.last_batch.set(now)
+
+    def backlog(self, unacknowledged: int, oldest_age_seconds: float, dead_letters: int) -> None:
+        self.unacknowledged.set(unacknowledged)
+        self.oldest_age.set(oldest_age_seconds)
+        self.dead_held.set(dead_letters)
 
 
 class MaterializationMetrics:

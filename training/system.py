@@ -26,7 +26,12 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from serve_app.contract import ITEM_FEATURE_NAMES, Collaborative
+from serve_app.contract import (
+    ITEM_FEATURE_NAMES,
+    KNOWN_USERS_FILE,
+    Collaborative,
+    known_user_keys,
+)
 from serve_app.schemas import BundleManifest, FeatureSpec, IndexSpec
 from training import index as faiss_index
 from training.collaborative import fit_collaborative, save_collaborative
@@ -348,6 +353,10 @@ def write_bundle(
     np.save(directory / "item_embeddings.npy", item_vecs, allow_pickle=False)
     np.save(directory / "item_features.npy", stats_end.matrix(items.price), allow_pickle=False)
     np.save(directory / "item_categories.npy", items.codes.astype(np.int32), allow_pickle=False)
+    # The users of the training log: the event writer expires anyone else's real-time state sooner.
+    np.save(
+        directory / KNOWN_USERS_FILE, known_user_keys(data.encoded.user_ids), allow_pickle=False
+    )
     index, index_report, index_config = bundle_index(settings, fitted, data, item_vecs)
     faiss_index.save_index(index, directory / "index.faiss")
     fitted.ranker.booster.save_model(str(directory / "ranker.ubj"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ import redis
 from feature_repo.config import FeatureStoreConfig
 from feature_repo.store import apply, build_store, materialize_incremental
 from serve_app.config import EventLogConfig, RealtimeConfig
+from serve_app.contract import known_user_keys
 from serve_app.errors import FeatureStoreUnavailable
 from serve_app.events import EventLogWriter, ItemEmbeddings, ema_update
-from serve_app.features import FeatureShapes, OnlineFeatureReader, connect_redis
+from serve_app.features import FeatureShapes, OnlineFeatureReader, connect_redis, user_state_key
 from serve_app.schemas import Event
 from tests.conftest import PrivateRedis
 
@@ -111,6 +113,55 @@ def test_a_retried_event_is_logged_and_applied_once(redis_url: str, key_prefix: 
     assert got.count_5m[0] == 2
     # Two EMA steps, not four: 0.9 * [0.1, 0] + [0, 0.1]
     np.testing.assert_allclose(got.delta_embedding[0], [0.09, 0.1], rtol=1e-6)
+
+
+def test_a_retry_with_the_same_event_id_counts_once_though_its_server_time_differs(
+    redis_url: str, key_prefix: str
+) -> None:
+    writer = _writer(redis_url, key_prefix)
+    # What the ingress builds from a body without a timestamp: the server's time, different for
+    # the retry. Without an event_id these are two events; with one, the same.
+    body = {"user_id": "u1", "item_id": "i1", "event_type": "click", "event_id": "c-1"}
+    first = writer.write([Event.model_validate(body)], EMB)
+    retry_event = Event.model_validate(body).model_copy(
+        update={"timestamp": NOW + timedelta(seconds=3)}
+    )
+    retry = writer.write([retry_event], EMB)
+    assert (first.accepted, retry.accepted, retry.duplicates) == (1, 0, 1)
+    assert redis.Redis.from_url(redis_url).xlen(f"{key_prefix}:events") == 1
+    got = _reader(redis_url, key_prefix).users(["u1"], SHAPES, model_version="v1")
+    assert got.count_5m[0] == 1
+    np.testing.assert_allclose(got.delta_embedding[0], [0.1, 0.0], rtol=1e-6)  # one EMA step
+    # The same body without event_id, sent twice, is two events (the documented limitation).
+    plain = {k: v for k, v in body.items() if k != "event_id"}
+    twice = [
+        Event.model_validate(plain).model_copy(update={"timestamp": NOW + timedelta(seconds=s)})
+        for s in (1, 2)
+    ]
+    assert writer.write(twice, EMB).accepted == 2
+
+
+def test_a_cold_users_state_expires_sooner_than_a_known_users(
+    redis_url: str, key_prefix: str
+) -> None:
+    day, month = 86_400, 30 * 86_400
+    writer = EventLogWriter(
+        connect_redis(redis_url, 0.5),
+        RealtimeConfig(
+            key_prefix=key_prefix, user_state_ttl_seconds=month, cold_user_ttl_seconds=day
+        ),
+        EventLogConfig(stream_key=f"{key_prefix}:events"),
+    )
+    emb = ItemEmbeddings("v1", EMB.item_index, EMB.vectors, known_user_keys(["known", "u9"]))
+    writer.write([_ev("known", "i1", "click"), _ev("stranger", "i1", "click")], emb)
+    client = redis.Redis.from_url(redis_url)
+    known_ttl = client.ttl(user_state_key(key_prefix, "known"))
+    cold_ttl = client.ttl(user_state_key(key_prefix, "stranger"))
+    assert month - 60 < known_ttl <= month
+    assert day - 60 < cold_ttl <= day
+    # Once a bundle knows them (the next training run), their next event gives the long expiry.
+    writer.write([_ev("stranger", "i2", "click", 1)], replace(emb, known_users=None))
+    assert client.ttl(user_state_key(key_prefix, "stranger")) > day
 
 
 def test_thousand_concurrent_clicks_for_one_user_all_count_and_state_equals_log_replay(

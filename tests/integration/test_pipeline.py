@@ -13,7 +13,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from serve_app.bundle import fetch_bundle, load_bundle, resolve_alias
-from serve_app.contract import RANKER_FEATURE_NAMES, RANKER_FEATURE_NAMES_CF
+from serve_app.contract import RANKER_FEATURE_NAMES, RANKER_FEATURE_NAMES_CF, is_known_user
+from serve_app.event_writer import load_known_users
 from serve_app.schemas import BUNDLE_FILES
 from training.config import SIZES, TrainingSettings, load_settings
 from training.data import Dataset
@@ -85,6 +86,11 @@ def test_pipeline_registers_a_verified_refit_bundle_that_round_trips(tmp_path: P
     users = len(temporal_rounds(dataset.events)[1].user_ids)
     assert result.metrics[FINAL_SYSTEM]["users"] == users == manifest.params["rounds.test_users"]
 
+    # The users it was trained on, for the event writer's cold-user expiry: all of them, only them.
+    known = load_known_users(path, manifest.files)
+    assert known is not None and len(known) == manifest.params["users"]
+    assert is_known_user(known, str(dataset.events["user_id"].iloc[0]))
+    assert not is_known_user(known, "never-seen-in-training")
     # The downloaded artifacts are the ones the pipeline wrote.
     np.testing.assert_array_equal(
         bundle.item_embeddings, np.load(result.bundle_dir / "item_embeddings.npy")

@@ -1,5 +1,7 @@
 """A stage's only replica killed (`kill -9` of the real Ray process): requests keep getting 200, answered
 around the missing stage and flagged `degraded`, until Serve has restarted it and answers are whole.
+The EventWriter's only replica killed under 6 event batches/s: every batch is answered 202, or 503 with
+Retry-After while it is gone (never a 500), and every accepted event is in the stream.
 
 Runs on the session graph (`serving_app`, placement split), then on a graph beside it whose stages are
 grouped (two-tier, and the whole chain in one `Pipeline` deployment: its death leaves the Ingress to
@@ -9,15 +11,23 @@ that raises inside a group (the real stages, in process) is answered around as a
 
 from __future__ import annotations
 
+import asyncio
 import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pandas as pd
 import psutil
 import pytest
+import redis
 
-from serve_app.schemas import POSITIVE_EVENT_TYPES
+from serve_app.config import EventLogConfig
+from serve_app.events import event_id
+from serve_app.schemas import POSITIVE_EVENT_TYPES, Event
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -201,3 +211,108 @@ def test_a_stage_raising_inside_a_group_is_answered_around_as_across_a_hop(
         assert not set(ids) & seen  # the retriever or re-ranker still left out what was seen
     if failing in ("user_tower", "retriever"):
         assert {i for i in ids} != set(whole_ids)  # popularity, not the user's own list
+
+
+# --- the EventWriter killed under event load (issue 29) ---------------------------------------------
+
+BATCHES_PER_SECOND = 6
+EVENTS_PER_BATCH = 5
+BEFORE_S = 3.0  # load before the kill
+AFTER_BACK_S = 3.0  # load after the first 202 that follows the kill
+MAX_S = 45.0  # the whole load, whatever happens
+
+
+@dataclass
+class Ledger:
+    statuses: Counter[str] = field(default_factory=Counter)
+    accepted: set[str] = field(default_factory=set)
+    back_at: float | None = None  # first 202 answered after the kill (monotonic)
+
+
+async def run_load(url: str, items: list[str], ledger: Ledger, killed: asyncio.Event) -> None:
+    """Open loop: a batch every 1/6 s, whatever the answers take."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    async with httpx.AsyncClient(base_url=url, timeout=20.0) as client:
+
+        async def send(n: int) -> None:
+            events = [
+                {
+                    "user_id": f"kill-u{(n * EVENTS_PER_BATCH + k) % 17}",
+                    "item_id": items[(n * 7 + k) % len(items)],
+                    "event_type": "click" if k % 2 else "view",
+                    "timestamp": datetime.now(UTC).isoformat(),
+                    "event_id": uuid.uuid4().hex,
+                }
+                for k in range(EVENTS_PER_BATCH)
+            ]
+            sent_after_kill = killed.is_set()
+            response = await client.post("/v1/events", json={"events": events})
+            retry = "Retry-After" in response.headers
+            code = response.json().get("error", {}).get("code", "") if response.is_error else ""
+            label = " ".join(filter(None, (str(response.status_code), code, f"retry={retry}")))
+            ledger.statuses[label] += 1
+            if response.status_code == 202:
+                assert response.json()["accepted"] == EVENTS_PER_BATCH, response.text
+                ledger.accepted.update(event_id(Event.model_validate(e)) for e in events)
+                if sent_after_kill and ledger.back_at is None:
+                    ledger.back_at = loop.time()
+
+        tasks: list[asyncio.Task[None]] = []
+        n = 0
+        while True:
+            now = loop.time()
+            back = ledger.back_at
+            if now - start > MAX_S or (back is not None and now - back > AFTER_BACK_S):
+                break
+            tasks.append(asyncio.create_task(send(n)))
+            n += 1
+            await asyncio.sleep(max(0.0, start + n / BATCHES_PER_SECOND - loop.time()))
+        await asyncio.gather(*tasks)
+
+
+def stream_event_ids(url: str, stream: str) -> set[str]:
+    client = redis.Redis.from_url(url)
+    return {f[b"event_id"].decode() for _, f in client.xrange(stream)}
+
+
+def test_kill_9_of_the_event_writer_under_load_answers_202_or_503_retry_after_and_loses_nothing(
+    serving_app: ServingApp,
+) -> None:
+    catalog = pd.read_parquet(serving_app.bundle.dataset_dir / "catalog.parquet")
+    items = [str(i) for i in catalog["item_id"].head(50)]
+    with httpx.Client(base_url=serving_app.url, timeout=20.0) as api:
+        warm = {"user_id": "kill-warm", "item_id": items[0], "event_type": "view"}
+        assert api.post("/v1/events", json={"events": [warm]}).status_code == 202
+    (victim,) = replica_processes("EventWriter")
+    ledger = Ledger()
+
+    async def scenario() -> None:
+        killed = asyncio.Event()
+        load = asyncio.create_task(run_load(serving_app.url, items, ledger, killed))
+        await asyncio.sleep(BEFORE_S)
+        victim.kill()  # SIGKILL
+        killed.set()
+        await load
+
+    began = time.monotonic()
+    asyncio.run(scenario())
+    seconds = time.monotonic() - began
+    print(f"kill -9 EventWriter (pid {victim.pid}): {dict(ledger.statuses)} in {seconds:.1f} s")
+
+    # Only 202, or 503 with Retry-After (events_unavailable while it is gone; overloaded if its
+    # queue filled meanwhile): never a 500.
+    assert all(
+        s == "202 retry=False" or (s.startswith("503 ") and s.endswith("retry=True"))
+        for s in ledger.statuses
+    ), ledger.statuses
+    assert ledger.back_at is not None, f"the event writer never came back: {ledger.statuses}"
+    assert [p.pid for p in replica_processes("EventWriter")] != [victim.pid]
+    # Accepted means in the stream (or the spool, replayed): every one of them, within seconds.
+    stream = EventLogConfig().stream_key
+    deadline = time.monotonic() + 30
+    missing = ledger.accepted - stream_event_ids(serving_app.redis.url, stream)
+    while missing and time.monotonic() < deadline:
+        time.sleep(0.2)
+        missing = ledger.accepted - stream_event_ids(serving_app.redis.url, stream)
+    assert not missing, f"{len(missing)} of {len(ledger.accepted)} accepted events lost"

@@ -29,6 +29,9 @@ REQUIRED = {
     "stage failures answered around": "RecserveStageFailing",
     "events spooled (Redis down)": "RecserveEventSpoolNotEmpty",
     "event spool near its bound": "RecserveEventSpoolNearlyFull",
+    "exporter dead letters (issue 29)": "RecserveExporterDeadLetters",
+    "exporter lag (issue 29)": "RecserveExporterLag",
+    "exporter backlog near the stream cap": "RecserveExporterBacklogNearCap",
 }
 
 

@@ -6,19 +6,24 @@ be reached (every bad input is refused before the graph) and one answering a fix
 
 from __future__ import annotations
 
+import asyncio
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve._private.common import DeploymentID
+from ray.serve.exceptions import DeploymentUnavailableError
 
 from serve_app.config import ApiConfig
 from serve_app.errors import FeatureStoreUnavailable, ModelUnavailable, SpoolFull
 from serve_app.event_writer import EventWriteSummary
-from serve_app.ingress import create_api
+from serve_app.ingress import ServeBackend, create_api
 from serve_app.metrics import RequestMetrics
 from serve_app.models import SwapOutcome
-from serve_app.router import Readiness
+from serve_app.router import Readiness, ServedVersions
 from serve_app.schemas import Event
 from serve_app.stages.records import Query, Recommendations, RecommendedItem
 
@@ -450,3 +455,128 @@ def test_the_hot_route_and_the_fastapi_route_give_the_same_answer() -> None:
     assert hot_error.status_code == routed_error.status_code == 422
     assert hot_error.json() == routed_error.json()
     assert hot_error.json()["error"]["field"] == "k"
+
+
+# --- events that cannot hurt (issue 29.3) ----------------------------------------------------------
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+CLICK = {"user_id": "u1", "item_id": "i1", "event_type": "click"}
+
+
+def clocked(backend: Any, **config: Any) -> TestClient:
+    """The API with its clock fixed at NOW: the event window is worked out from it by hand."""
+    api = create_api(backend, ApiConfig(**config), RequestMetrics(), clock=lambda: NOW)
+    return TestClient(api, raise_server_exceptions=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"timestamp": "0001-01-01T00:00:00Z"}, "timestamp"),
+        ({"timestamp": "9999-12-31T23:59:59Z"}, "timestamp"),
+        ({"timestamp": "2026-05-25T11:59:59Z"}, "timestamp"),  # NOW - 7 days - 1 s
+        ({"timestamp": "2026-06-01T12:05:01Z"}, "timestamp"),  # NOW + 5 min + 1 s
+        ({"user_id": "u1\n"}, "user_id"),
+        ({"item_id": "i1\n"}, "item_id"),
+        ({"event_id": "e1\n"}, "event_id"),
+        ({"request_id": "r\x00"}, "request_id"),
+        ({"session_id": "s\x1b"}, "session_id"),
+    ],
+)
+def test_a_bad_timestamp_or_id_gets_422_naming_the_field(
+    change: dict[str, str], field: str
+) -> None:
+    response = clocked(Unreachable()).post("/v1/events", json={"events": [{**CLICK, **change}]})
+    assert_error(response, 422, "invalid_events", f"events.0.{field}")
+
+
+def test_in_a_mixed_batch_the_bad_events_are_rejected_by_field_and_the_rest_written() -> None:
+    backend = Fixed()
+    inside = {**CLICK, "timestamp": "2026-05-25T12:00:00Z"}  # NOW - 7 days exactly: accepted
+    response = clocked(backend).post(
+        "/v1/events",
+        json={"events": [inside, {**CLICK, "timestamp": "9999-01-01T00:00:00Z"}, CLICK]},
+    )
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["accepted"] == 2
+    assert [r["index"] for r in body["rejected"]] == [1]
+    assert body["rejected"][0]["error"].startswith("field 'timestamp'")
+    assert len(backend.events) == 2
+
+
+def test_the_window_follows_the_configured_ages() -> None:
+    day_old = {**CLICK, "timestamp": "2026-05-31T12:00:00Z"}
+    assert clocked(Fixed()).post("/v1/events", json={"events": [day_old]}).status_code == 202
+    short = clocked(Unreachable(), event_max_age_seconds=3_600)
+    assert_error(
+        short.post("/v1/events", json={"events": [day_old]}),
+        422,
+        "invalid_events",
+        "events.0.timestamp",
+    )
+
+
+def test_a_recommendation_user_id_with_a_trailing_newline_is_refused() -> None:
+    for user in ("u1\n", "u1\r", "u\x00"):
+        response = client(Unreachable()).post("/v1/recommendations", json={"user_id": user})
+        assert_error(response, 422, "invalid_request", "user_id")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ActorDiedError(),
+        ActorUnavailableError("restarting", None),
+        RayActorError(),
+        DeploymentUnavailableError(DeploymentID(name="EventWriter", app_name="recserve")),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_a_dead_event_writer_is_a_503_with_retry_after_never_a_500(error: Exception) -> None:
+    backend = ServeBackend(Versions(), RaisingHandle(error), timeout=5.0)  # type: ignore[arg-type]
+    response = client(backend).post("/v1/events", json={"events": [CLICK]})
+    assert_error(response, 503, "events_unavailable")
+    assert response.headers["Retry-After"] == "1"
+
+
+def test_an_event_writer_that_does_not_answer_in_time_is_a_503_with_retry_after() -> None:
+    backend = ServeBackend(Versions(), HangingHandle(), timeout=0.05)  # type: ignore[arg-type]
+    response = client(backend).post("/v1/events", json={"events": [CLICK]})
+    assert_error(response, 503, "events_unavailable")
+    assert response.headers["Retry-After"] == "1"
+
+
+def test_a_bug_in_the_event_writer_stays_a_500_without_its_text() -> None:
+    backend = ServeBackend(Versions(), RaisingHandle(KeyError("x")), timeout=5.0)  # type: ignore[arg-type]
+    response = client(backend).post("/v1/events", json={"events": [CLICK]})
+    assert_error(response, 500, "internal_error")
+
+
+class Versions:
+    """The Router's part ServeBackend.write_events reads."""
+
+    def served_versions(self) -> ServedVersions:
+        return ServedVersions({}, "1")
+
+
+class RaisingHandle:
+    """An EventWriter handle whose call fails as Ray reports a dead or restarting replica."""
+
+    def __init__(self, error: Exception) -> None:
+        self.write = self
+        self.error = error
+
+    async def remote(self, events: list[Event], served: ServedVersions) -> EventWriteSummary:
+        raise self.error
+
+
+class HangingHandle(RaisingHandle):
+    """A call queued for a replica that never comes back."""
+
+    def __init__(self) -> None:
+        super().__init__(AssertionError("unused"))
+
+    async def remote(self, events: list[Event], served: ServedVersions) -> EventWriteSummary:
+        await asyncio.Event().wait()
+        raise AssertionError("never answered")

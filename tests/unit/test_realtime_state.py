@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from serve_app.events import ema_update, event_alpha, event_id, stream_entry, timestamp_us
+from serve_app.config import RealtimeConfig
+from serve_app.contract import KNOWN_USERS_FILE, is_known_user, known_user_keys, user_key
+from serve_app.errors import BundleIntegrityError
+from serve_app.event_writer import load_known_users
+from serve_app.events import (
+    ItemEmbeddings,
+    ema_update,
+    event_alpha,
+    event_id,
+    stream_entry,
+    timestamp_us,
+    user_ttl_seconds,
+)
 from serve_app.features import (
     FeatureShapes,
     UserRealtimeState,
@@ -54,6 +68,51 @@ def test_event_id_is_stable_for_a_retry_and_changes_with_any_identifying_field()
         event.model_copy(update={"request_id": "r1"}),
     ]
     assert len({event_id(v) for v in variants} | {event_id(event)}) == 7
+
+
+def test_a_client_event_id_makes_a_retry_the_same_event_whatever_its_time() -> None:
+    first = Event(user_id="u1", item_id="i1", event_type="click", event_id="c-42")
+    # A retry without a timestamp gets the server's time again: the content id would change.
+    retry = first.model_copy(update={"timestamp": first.timestamp.replace(year=2030)})
+    assert event_id(first) == event_id(retry)
+    assert event_id(first.model_copy(update={"event_id": None})) != event_id(
+        retry.model_copy(update={"event_id": None})
+    )
+    # Scoped to the user: two users' clients may both count from 1.
+    other = first.model_copy(update={"user_id": "u2"})
+    assert event_id(other) != event_id(first)
+    # "ab" + "c" and "a" + "bc" are different scopes (the user's length is part of the key).
+    a = Event(user_id="ab", item_id="i1", event_type="click", event_id="c")
+    b = Event(user_id="a", item_id="i1", event_type="click", event_id="bc")
+    assert event_id(a) != event_id(b)
+
+
+def test_known_user_keys_are_sorted_unique_and_looked_up_exactly() -> None:
+    keys = known_user_keys(["u3", "u1", "u2", "u1"])
+    assert keys.dtype == np.uint64 and len(keys) == 3 and bool(np.all(keys[1:] > keys[:-1]))
+    assert [is_known_user(keys, u) for u in ("u1", "u2", "u3", "u4", "")] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert not is_known_user(known_user_keys([]), "u1")
+    # blake2b-64 of b"u1", little-endian: worked out with hashlib, not with user_key.
+    digest = hashlib.blake2b(b"u1", digest_size=8).digest()
+    assert user_key("u1") == struct.unpack("<Q", digest)[0]
+
+
+def test_a_cold_user_gets_the_shorter_expiry_and_without_a_list_everyone_is_known() -> None:
+    rt = RealtimeConfig(user_state_ttl_seconds=30 * 86_400, cold_user_ttl_seconds=86_400)
+    vectors = np.zeros((1, 2), np.float32)
+    with_list = ItemEmbeddings("v1", {"i1": 0}, vectors, known_user_keys(["known"]))
+    without = ItemEmbeddings("v1", {"i1": 0}, vectors)
+    assert user_ttl_seconds(rt, with_list, "known") == 30 * 86_400
+    assert user_ttl_seconds(rt, with_list, "stranger") == 86_400
+    assert user_ttl_seconds(rt, without, "stranger") == 30 * 86_400
+    assert user_ttl_seconds(rt, None, "stranger") == 30 * 86_400
+    assert RealtimeConfig().cold_user_ttl_seconds == 86_400
 
 
 def test_stream_entry_carries_exact_microseconds_and_empty_optionals() -> None:
@@ -140,3 +199,17 @@ def test_assembly_with_nothing_read_is_all_defaults() -> None:
     assert out.category_prefs.shape == (1, 2) and not out.category_prefs.any()
     assert out.delta_embedding.shape == (1, 2) and not out.delta_embedding.any()
     assert out.recent_items == ((),)
+
+
+def test_the_known_users_file_is_read_only_when_listed_and_only_sorted_unique_keys(
+    tmp_path: Path,
+) -> None:
+    assert load_known_users(tmp_path, {}) is None  # an older bundle: every user known
+    keys = known_user_keys(["a", "b", "c"])
+    np.save(tmp_path / KNOWN_USERS_FILE, keys, allow_pickle=False)
+    loaded = load_known_users(tmp_path, {KNOWN_USERS_FILE: "checked"})
+    assert loaded is not None and loaded.tolist() == keys.tolist()
+    for bad in (keys[::-1], np.repeat(keys, 2), keys.astype(np.int64)):
+        np.save(tmp_path / KNOWN_USERS_FILE, bad, allow_pickle=False)
+        with pytest.raises(BundleIntegrityError, match=KNOWN_USERS_FILE):
+            load_known_users(tmp_path, {KNOWN_USERS_FILE: "checked"})
