@@ -149,6 +149,13 @@ class RankerConfig(BaseModel):
         description="labelled users (groups) the ranker learns from: a seeded sample above this "
         "many, so candidates and features cost a bound, not the user count (demo data: fewer)",
     )
+    max_candidate_scores: int = Field(
+        4_000_000_000,
+        ge=1,
+        description="bound on groups x items scored for the groups' exact top candidates in one "
+        "fit: fewer groups on a big catalog (4,000 at 1M items, where 40,000 groups cost ~10 min "
+        "of a fit's argpartition on 2 cores); never fewer than 2,000; unchanged up to 100k items",
+    )
     threads: int = Field(2, ge=1)
     seed: int = 0
 

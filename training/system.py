@@ -35,7 +35,7 @@ from serve_app.contract import (
 from serve_app.schemas import BundleManifest, FeatureSpec, IndexSpec
 from training import index as faiss_index
 from training.collaborative import fit_collaborative, save_collaborative
-from training.config import CollaborativeConfig, TrainingSettings, TwoTowerConfig
+from training.config import CollaborativeConfig, RankerConfig, TrainingSettings, TwoTowerConfig
 from training.features import (
     EncodedLog,
     encode_log,
@@ -129,10 +129,17 @@ class RankerLabels:
     stats_cutoff: pd.Timestamp  # item statistics of the ranker's features are as of this
 
 
+def ranker_group_bound(ranker: RankerConfig, n_items: int) -> int:
+    """Most ranker groups for a catalog of `n_items`: `max_groups`, fewer when each group's exact
+    top candidates would make groups x items exceed `max_candidate_scores` (at least 2,000)."""
+    return min(ranker.max_groups, max(2_000, ranker.max_candidate_scores // max(n_items, 1)))
+
+
 def ranker_labels(data: Log, settings: TrainingSettings, history_length: int) -> RankerLabels:
     """Labels by `split.ranker_labels` (see `training.labels`), on a seeded sample of at most
-    `ranker.max_groups` labelled users."""
-    split, bound, seed = settings.split, settings.ranker.max_groups, settings.ranker.seed
+    `ranker.max_groups` labelled users (fewer on a big catalog: `ranker.max_candidate_scores`)."""
+    split, seed = settings.split, settings.ranker.seed
+    bound = ranker_group_bound(settings.ranker, data.encoded.n_items)
     if split.ranker_labels == "window":
         (start,) = time_fraction_cutoffs(data.events, (split.ranker_fraction,))
         groups = label_window(

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 
 import training.features as features
-from training.config import SyntheticConfig, TwoTowerConfig
+from training.config import RankerConfig, SyntheticConfig, TwoTowerConfig
 from training.evaluate import score_block_rows
 from training.features import first_positives, training_rows
 from training.labels import label_window, relevant_lists, tail_labels
@@ -19,7 +19,7 @@ from training.ranker import exact_candidates
 from training.rounds import holdout_round
 from training.search import subsample_round
 from training.synthetic import generate
-from training.system import ItemTable, Log
+from training.system import ItemTable, Log, ranker_group_bound
 from training.two_tower import (
     item_inputs,
     optimizers,
@@ -252,3 +252,12 @@ def test_search_round_is_a_user_sample_of_about_max_events(tiny: tuple[Log, Item
     np.testing.assert_array_equal(
         subsample_round(validation, target, 0).history.index, sample.history.index
     )
+
+
+def test_ranker_groups_shrink_only_where_their_exact_candidates_would_cost_too_much() -> None:
+    ranker = RankerConfig()  # 40,000 groups, 4e9 scores
+    assert ranker_group_bound(ranker, 2_000) == 40_000  # the demo
+    assert ranker_group_bound(ranker, 100_000) == 40_000  # --size large: unchanged
+    assert ranker_group_bound(ranker, 1_000_000) == 4_000  # --size xl
+    assert ranker_group_bound(ranker, 10_000_000) == 2_000  # never below the floor
+    assert ranker_group_bound(RankerConfig(max_groups=500), 1_000_000) == 500
