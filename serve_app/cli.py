@@ -687,6 +687,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM (Kubernetes, systemd, kill) unwinds like Ctrl-C: every `finally` stops what it started.
     signal.signal(signal.SIGTERM, _interrupt)
+    # And SIGINT always does, even when started ignoring it (a shell's background job `... &`
+    # inherits SIGINT ignored, and Python then leaves it so: `kill -INT` would do nothing).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
