@@ -34,24 +34,12 @@ from serve_app.features import (
     item_state_key,
     user_state_key,
 )
-from serve_app.schemas import POSITIVE_EVENT_TYPES, Event, EventType
+from serve_app.schemas import POSITIVE_EVENT_TYPES, STREAM_FIELDS, Event, EventType
 
 if TYPE_CHECKING:  # the bundle module imports FAISS and XGBoost: not needed to write events
     from serve_app.bundle import Bundle
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# Field names of a stream entry, in order: the format `training.exporter` decodes.
-STREAM_FIELDS = (
-    "event_id",
-    "user_id",
-    "item_id",
-    "event_type",
-    "timestamp_us",
-    "position",
-    "session_id",
-    "request_id",
-)
-
 # KEYS: 1 dedupe marker, 2 stream, 3 user hash, 4 item hash.
 # ARGV: 1 dedupe ttl, 2 stream maxlen (0: none), 3..10 the STREAM_FIELDS values, 11 minute,
 #       12 positive (0/1), 13 view (0/1), 14 alpha, 15 item vector (float32 LE bytes, may be empty),

@@ -277,3 +277,17 @@ class BundleManifest(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, str]  # file name -> sha256 hex digest
+
+
+# Field names of an event-log stream entry, in order: what serve_app.events writes and
+# training.exporter decodes (every one required).
+STREAM_FIELDS = (
+    "event_id",
+    "user_id",
+    "item_id",
+    "event_type",
+    "timestamp_us",
+    "position",
+    "session_id",
+    "request_id",
+)

@@ -6,7 +6,7 @@ Exactly once into Parquet, at least once from the stream: a batch is written (tm
 rename, the directory fsync'd), then acknowledged. A crash before the write leaves the batch pending and it is read again on restart
 (own pending entries first, then entries of dead consumers via XAUTOCLAIM); a crash between write and
 ack re-reads entries whose event ids are already in their date partition, and those are skipped.
-The stream entry format is `serve_app.events.STREAM_FIELDS` (a test writes with one, reads with this).
+The stream entry format is `serve_app.schemas.STREAM_FIELDS` (a test writes with one, reads with this).
 An entry it cannot decode (a field missing or malformed, a timestamp outside what Parquet holds: anything
 written to the stream by hand or by another version) goes to a dead-letter stream (`<stream>:dead`, raw
 fields as `raw:<name>` plus `error` and `stream_id`) in the same transaction that acknowledges it, and
@@ -42,7 +42,13 @@ import redis
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.schemas import EARLIEST_TIMESTAMP, LATEST_TIMESTAMP, EventType, is_safe_id
+from serve_app.schemas import (
+    EARLIEST_TIMESTAMP,
+    LATEST_TIMESTAMP,
+    STREAM_FIELDS,
+    EventType,
+    is_safe_id,
+)
 from training.data import normalize_events
 from training.job_metrics import ExporterMetrics, add_metrics_arguments, metrics_output
 
@@ -134,17 +140,6 @@ class DeadLetter:
         return head | {b"raw:" + k: v for k, v in self.fields.items()}
 
 
-# The fields of a stream entry (serve_app.events.STREAM_FIELDS), all required.
-ENTRY_FIELDS = (
-    "event_id",
-    "user_id",
-    "item_id",
-    "event_type",
-    "timestamp_us",
-    "position",
-    "session_id",
-    "request_id",
-)
 _EVENT_TYPES = frozenset(t.value for t in EventType)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MIN_US = (EARLIEST_TIMESTAMP - _EPOCH) // timedelta(microseconds=1)
@@ -156,7 +151,7 @@ def decode_entry(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
     """One stream entry as an EXPORT_SCHEMA row (without `stream_id`); ValueError naming the field
     that cannot be decoded."""
     text: dict[str, str] = {}
-    for name in ENTRY_FIELDS:
+    for name in STREAM_FIELDS:
         raw = fields.get(name.encode())
         if raw is None:
             raise ValueError(f"field '{name}': missing")
