@@ -489,9 +489,13 @@ def event_field(exc: ValidationError) -> str:
     return ".".join(str(p) for p in exc.errors()[0]["loc"])
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
+def _documented(texts: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries: each status with our error body and its description."""
+    return {code: {"model": ErrorResponse, "description": text} for code, text in texts.items()}
+
+
+ERRORS = _documented(
+    {
         400: "malformed JSON or missing body",
         413: "body larger than api.max_body_bytes",
         415: "body is not application/json",
@@ -499,17 +503,16 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         503: "a dependency is down or overloaded, or (events) the event writer is restarting "
         "(events_unavailable) or Redis is down and the event spool is full: retry after the "
         "Retry-After header's seconds",
-    }.items()
-}
+    }
+)
 # With api.auth.enabled (docs/security.md), on every route but /healthz and /readyz.
-AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
+AUTH_ERRORS = _documented(
+    {
         401: "no API key, or an unknown one (api.auth.enabled): WWW-Authenticate: Bearer",
         403: "the API key lacks the route's scope (named in the message), or explain is off",
         429: "the API key's rate limit (api.rate_limit): retry after Retry-After seconds",
-    }.items()
-}
+    }
+)
 
 
 def create_api(
