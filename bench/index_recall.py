@@ -72,7 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--build-threads", type=int, default=2, help="FAISS OpenMP threads building (default 2)"
     )
     parser.add_argument(
-        "--kinds", type=lambda t: t.split(","), default=["flat", "hnsw", "ivf"], help="to build"
+        "--kinds",
+        type=lambda t: t.split(","),
+        default=["flat", "hnsw", "ivf", "ivf_pq"],
+        help="to build (flat, hnsw, ivf, ivf_pq)",
     )
     parser.add_argument(
         "--filtered-shares",
@@ -114,6 +117,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             base.model_copy(update={"exact_threshold": 0, "kind": "ivf"}),
             [base.model_copy(update={"ivf_nprobe": nprobe}) for nprobe in args.nprobe],
         ),
+        (
+            "ivf_pq",
+            base.model_copy(update={"exact_threshold": 0, "kind": "ivf_pq"}),
+            [base.model_copy(update={"ivf_nprobe": nprobe}) for nprobe in args.nprobe],
+        ),
     ]
     rows: list[dict[str, Any]] = []
     filtered: list[dict[str, Any]] = []
@@ -142,7 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["speedup_qps"] = row["qps"] / flat["qps"] if flat else None
         row["is_default"] = row["kind"] == base.kind and _matches_default(row["params"], base)
     return {
-        "question": "recall@k and latency of HNSW / IVF vs exact FAISS search",
+        "question": "recall@k and latency of HNSW / IVF / IVF-PQ vs exact FAISS search",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "defaults": base.model_dump(),
         "environment": {
@@ -201,6 +209,11 @@ def _param_text(kind: str, params: dict[str, Any]) -> str:
         return f"M={params['m']} efC={params['ef_construction']} efSearch={params['ef_search']}"
     if kind == "ivf":
         return f"nlist={params['nlist']} nprobe={params['nprobe']}"
+    if kind == "ivf_pq":
+        return (
+            f"nlist={params['nlist']} nprobe={params['nprobe']} PQ{params['pq_m']}x4fs"
+            f" k_factor={params['k_factor']}"
+        )
     return "exact"
 
 

@@ -257,12 +257,14 @@ def step_index(ctx: Context) -> dict[str, Any]:
     else:
         config = faiss_index.IndexConfig(
             exact_threshold=int(params.get("exact_threshold", 50_000)),
-            kind=spec["type"] if spec["type"] in ("hnsw", "ivf") else "hnsw",
+            kind=spec["type"] if spec["type"] in ("hnsw", "ivf", "ivf_pq") else "hnsw",
             hnsw_m=int(params.get("m", 32)),
             hnsw_ef_construction=int(params.get("ef_construction", 200)),
             hnsw_ef_search=int(params.get("ef_search", 256)),
             ivf_nlist=int(params["nlist"]) if "nlist" in params else None,
             ivf_nprobe=int(params.get("nprobe", 64)),
+            ivf_pq_k_factor=float(params.get("k_factor", 4.0)),
+            ivf_pq_m=int(params["pq_m"]) if "pq_m" in params else None,
             threads=ctx.args.index_threads,
         )
         print(

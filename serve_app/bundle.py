@@ -66,7 +66,12 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 # Search-time knobs a manifest may carry in `index.params`; build-time ones (nlist, M) are ignored.
 # Manifest index params (training.index.index_params) -> FAISS ParameterSpace names.
-SEARCH_PARAMS = {"nprobe": "nprobe", "ef_search": "efSearch", "efSearch": "efSearch"}
+SEARCH_PARAMS = {
+    "nprobe": "nprobe",
+    "ef_search": "efSearch",
+    "efSearch": "efSearch",
+    "k_factor": "k_factor_rf",
+}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 

@@ -242,7 +242,7 @@ class IndexSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: str  # "flat", "ivf" or "hnsw"
+    type: str  # "flat", "ivf", "ivf_pq" or "hnsw"
     params: dict[str, float | int | str] = Field(default_factory=dict)
     recall_at_100: float | None = None  # at min(100, num_items) for tiny catalogs
     recall_queries: int | None = None  # served user vectors the check searched with

@@ -108,8 +108,9 @@ class IndexSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     exact_threshold: int = Field(50_000, ge=1, description="below this many items: exact search")
-    kind: Literal["hnsw", "ivf"] = Field(
-        "ivf", description="approximate index at or above exact_threshold (training/index.py: why)"
+    kind: Literal["hnsw", "ivf", "ivf_pq"] = Field(
+        "ivf_pq",
+        description="approximate index at or above exact_threshold (training/index.py: why)",
     )
     recall_floor: float = Field(
         0.95,

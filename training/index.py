@@ -5,22 +5,24 @@ calls `build_checked_index`); the Retriever deployment reads both (it sets efSea
 manifest params, as `load_index` does here).
 
 Why these defaults. Exact (IndexFlatIP) below 50k items: a scan costs well under a millisecond there.
-Above, IVF: at 1M items it is the only kind meeting recall@100 >= 0.95 with search p99 <= 3 ms on one
-thread. `bench/index_recall.py --items 1000000 --dim 64` (100 category centres, offset noise 1.0,
-1000 mixture queries, built on 2 threads, searched on 1, 2-core dev machine shared with other work):
-- flat: p50 8.7 ms, p99 11.1 ms.
-- HNSW M=32 efConstruction=200: build 638 s, 504 MB; efSearch 256 recall 0.878 (p99 5.6 ms),
-  efSearch 512 0.934 (p99 6.1 ms).
-- IVF nlist=4*sqrt(n)=4000: build 13.8 s, 253 MB; nprobe 64 recall 0.976 p50 0.34 ms p99 0.64 ms,
-  nprobe 128 0.995 (p99 0.80 ms), nprobe 256 0.999 (p99 1.8 ms).
-At 100k items (same bench) HNSW efSearch 256 gave 0.976 and IVF nprobe 64 0.992. IVF's recall drops
-when the embeddings are less clustered (100k, `--noise 1.5`: 0.845 at nprobe 64, 0.97 at 256), which
-is what the build-time check catches: it measures recall on the served user vectors and doubles
-nprobe (up to `strengthen_steps` times), so the bundle ships the nprobe its own embeddings need.
-The real two-tower embeddings of the generated 1M-item log (`--size xl`) are such a case: recall@100
-0.84 at nprobe 256 after a search trial, 0.90 after the test round's fit. Still below the floor after
-widening, the build ships exact search (`below_floor: exact`, recall 1, the manifest's
-`index.fallback` says why) rather than failing an hour of training at its last step; `refuse` raises.
+Above, `ivf_pq`: IVF lists holding 4-bit fast-scan PQ codes (one sub-quantizer per dimension), the
+top k*4 of the scan re-scored exactly against the flat vectors (FAISS `IVF{nlist},PQ{d}x4fs,RFlat`).
+Per list scanned it finds what IVF-Flat finds at about half the latency, and that is what decides at
+1M items: the generated log's real two-tower embeddings are weakly clustered (IVF-Flat recall@100
+0.84 at nprobe 256 on the xl run), so the index has to scan ~a quarter of the lists.
+`bench/index_recall.py --items 1000000 --dim 64 --centres 500 --noise 1.5` (weak clusters like those,
+500 mixture queries, one search thread; `bench/results/index_recall_1m_d64_weak.json`):
+- IVF-Flat nlist 4000: nprobe 512 recall 0.943 (p99 2.6 ms), nprobe 1024 0.983 (p99 4.8 ms);
+- ivf_pq nlist 4000, k_factor 4: nprobe 512 0.940 (p99 1.2 ms), nprobe 1024 0.980 (p99 2.0 ms).
+  Beside it (one-off runs, same data): k_factor 2 loses 0.03, 10 gains 0.003 for +0.4 ms; PQ with
+  2 dimensions a sub-quantizer scans faster but loses ~0.06 at noise 2.0.
+On well-clustered vectors (`--noise 1.0 --centres 100`) IVF-Flat reaches 0.976 at nprobe 64 (p99 0.64 ms),
+HNSW M=32 only 0.934 at efSearch 512 (p99 6.1 ms, 638 s to build): `hnsw` and `ivf` stay selectable.
+The build-time check measures recall on the served user vectors and doubles nprobe (up to
+`strengthen_steps` times, 64 -> 1,024), so the bundle ships the nprobe its own embeddings need.
+Still below the floor after widening, the build ships exact search (`below_floor: exact`, recall 1,
+~10 ms a query at 1M x 64; the manifest's `index.fallback` says why) rather than failing an hour of
+training at its last step; `refuse` raises.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ _MIN_POINTS_PER_LIST = 39
 # for unit vectors, and float32 round-off of a normalised vector stays far below this.
 _NORM_TOLERANCE = 1e-3
 
-IndexKind = Literal["flat", "hnsw", "ivf"]
+IndexKind = Literal["flat", "hnsw", "ivf", "ivf_pq"]
 
 
 class IndexConfig(BaseModel):
@@ -59,10 +61,14 @@ class IndexConfig(BaseModel):
         description="Catalogs with fewer items get an exact IndexFlatIP: below ~50k items a"
         " brute-force scan costs well under a millisecond and recall is exactly 1.",
     )
-    kind: Literal["hnsw", "ivf"] = Field(
-        "ivf",
-        description="Approximate index for catalogs at or above exact_threshold: IVF builds 46x"
-        " faster than HNSW at 1M items with half the memory and recall@100 0.976 vs 0.878.",
+    kind: Literal["hnsw", "ivf", "ivf_pq"] = Field(
+        "ivf_pq",
+        description="Approximate index for catalogs at or above exact_threshold. `ivf_pq`: IVF"
+        " lists of 4-bit fast-scan PQ codes, the top k*ivf_pq_k_factor re-scored exactly (the"
+        " flat vectors beside them): the same recall as `ivf` per list scanned at half its"
+        " latency, so it can scan the lists weakly clustered embeddings need within 3 ms."
+        " `ivf` (IVF-Flat) builds 46x faster than HNSW at 1M items with half the memory and"
+        " recall@100 0.976 vs 0.878.",
     )
     hnsw_m: int = Field(
         32, ge=4, description="HNSW graph degree (M): memory and recall grow with it."
@@ -79,6 +85,18 @@ class IndexConfig(BaseModel):
         description="IVF lists; None means 4*sqrt(n), capped so each list gets 39 points.",
     )
     ivf_nprobe: int = Field(64, ge=1, description="IVF lists scanned per query (capped at nlist).")
+    ivf_pq_k_factor: float = Field(
+        4.0,
+        ge=1.0,
+        description="ivf_pq: candidates re-scored exactly per result (k * this from the PQ"
+        " scan). 4 keeps recall@100 within 0.004 of IVF-Flat at the same nprobe; 2 loses ~0.03.",
+    )
+    ivf_pq_m: int | None = Field(
+        None,
+        ge=1,
+        description="ivf_pq: PQ sub-quantizers (4 bits each); None means one per dimension."
+        " Fewer (2 dimensions each) halves the scan but loses ~0.06 recall@100 on weak clusters.",
+    )
     ivf_train_points_per_list: int = Field(
         64,
         ge=_MIN_POINTS_PER_LIST,
@@ -189,16 +207,33 @@ def _build(x: np.ndarray, config: IndexConfig) -> faiss.Index:
         index = hnsw
     else:
         nlist = min(config.ivf_nlist or default_nlist(n), n)
-        quantizer = faiss.IndexFlatIP(d)
-        ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        if config.kind == "ivf_pq":
+            m = config.ivf_pq_m or d
+            if d % m or m % 2:
+                raise ValueError(f"index.ivf_pq_m {m} must be even and divide the dimension {d}")
+            refine = faiss.index_factory(
+                d, f"IVF{nlist},PQ{m}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT
+            )
+            refine.k_factor = config.ivf_pq_k_factor
+            index, ivf = refine, faiss.extract_index_ivf(refine)
+        else:
+            ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+            index = ivf
         n_train = min(n, nlist * config.ivf_train_points_per_list)
         rng = np.random.default_rng(config.seed)
-        sample = x[np.sort(rng.choice(n, size=n_train, replace=False))]
-        ivf.train(sample)
+        index.train(x[np.sort(rng.choice(n, size=n_train, replace=False))])
         ivf.nprobe = min(config.ivf_nprobe, nlist)
-        index = ivf
     index.add(x)
     return index
+
+
+def _ivf_pq_base(index: faiss.Index) -> Any:
+    """The IVF fast-scan PQ index under an `ivf_pq` index's exact re-scoring, else None."""
+    if isinstance(index, faiss.IndexRefine):
+        base = faiss.downcast_index(index.base_index)
+        if isinstance(base, faiss.IndexIVFPQFastScan):
+            return base
+    return None
 
 
 def index_kind(index: faiss.Index) -> IndexKind:
@@ -209,6 +244,8 @@ def index_kind(index: faiss.Index) -> IndexKind:
         return "ivf"
     if isinstance(index, faiss.IndexFlatIP):
         return "flat"
+    if _ivf_pq_base(index) is not None:
+        return "ivf_pq"
     raise TypeError(f"unsupported index type {type(index).__name__}")
 
 
@@ -233,6 +270,11 @@ def index_spec(index: faiss.Index, config: IndexConfig) -> dict[str, Any]:
     elif isinstance(index, faiss.IndexIVFFlat):
         params["nlist"] = int(index.nlist)
         params["nprobe"] = int(index.nprobe)
+    elif (base := _ivf_pq_base(index)) is not None:
+        params["nlist"] = int(base.nlist)
+        params["nprobe"] = int(base.nprobe)
+        params["pq_m"] = int(base.M)
+        params["k_factor"] = float(index.k_factor)
     return {"type": kind, "params": params}
 
 
@@ -242,6 +284,9 @@ def set_search_params(index: faiss.Index, config: IndexConfig) -> None:
         index.hnsw.efSearch = config.hnsw_ef_search
     elif isinstance(index, faiss.IndexIVFFlat):
         index.nprobe = min(config.ivf_nprobe, int(index.nlist))
+    elif (base := _ivf_pq_base(index)) is not None:
+        base.nprobe = min(config.ivf_nprobe, int(base.nlist))
+        index.k_factor = config.ivf_pq_k_factor
 
 
 def save_index(index: faiss.Index, path: Path) -> None:
@@ -340,8 +385,9 @@ def _strengthen(index: faiss.Index) -> bool:
     if isinstance(index, faiss.IndexHNSWFlat):
         index.hnsw.efSearch = 2 * int(index.hnsw.efSearch)
         return True
-    if isinstance(index, faiss.IndexIVFFlat) and int(index.nprobe) < int(index.nlist):
-        index.nprobe = min(2 * int(index.nprobe), int(index.nlist))
+    ivf = index if isinstance(index, faiss.IndexIVFFlat) else _ivf_pq_base(index)
+    if ivf is not None and int(ivf.nprobe) < int(ivf.nlist):
+        ivf.nprobe = min(2 * int(ivf.nprobe), int(ivf.nlist))
         return True
     return False
 

@@ -128,6 +128,17 @@ def _selector_params(index: faiss.Index, allowed: np.ndarray) -> faiss.SearchPar
     selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
     share = max(int(allowed.sum()), 1) / len(allowed)
     params: faiss.SearchParameters
+    if isinstance(index, faiss.IndexRefine):
+        # ivf_pq: the selector filters the PQ scan; re-scoring only sees rows that passed it.
+        base = faiss.downcast_index(index.base_index)
+        base_params = faiss.SearchParametersIVF()
+        base_params.nprobe = min(_widened(int(base.nprobe), share), int(base.nlist))
+        base_params.sel = selector
+        refine = faiss.IndexRefineSearchParameters()
+        refine.k_factor = float(index.k_factor)
+        refine.base_index_params = base_params
+        refine.referenced_objects = [selector, bitmap, base_params]  # type: ignore[attr-defined]
+        return refine
     if isinstance(index, faiss.IndexHNSW):
         # Missing from faiss' bundled type stubs.
         params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]

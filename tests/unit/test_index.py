@@ -70,10 +70,10 @@ def test_small_catalog_gets_exact_flat_index() -> None:
     assert report.qps > 0
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivf_pq"])
 def test_approximate_index_above_threshold_with_spec_for_manifest(kind: str) -> None:
     items = clustered_embeddings(4_000, 16, n_centres=20, seed=5)
-    config = IndexConfig(exact_threshold=1_000, kind="hnsw" if kind == "hnsw" else "ivf")
+    config = IndexConfig(exact_threshold=1_000, kind=kind)
     index = build_index(items, config)
     spec = IndexSpec(**index_spec(index, config))
     assert spec.type == kind
@@ -84,14 +84,16 @@ def test_approximate_index_above_threshold_with_spec_for_manifest(kind: str) -> 
     else:
         # 4 * sqrt(4000) = 253 lists, capped at 4000 // 39 = 102 so k-means has 39 points a list
         assert (spec.params["nlist"], spec.params["nprobe"]) == (102, 64)
+    if kind == "ivf_pq":
+        assert (spec.params["pq_m"], spec.params["k_factor"]) == (16, 4.0)
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivf_pq"])
 def test_save_load_round_trip_returns_identical_results(kind: str, tmp_path: Path) -> None:
     items = clustered_embeddings(3_000, 16, n_centres=20, seed=6)
     queries = mixture_queries(items, 40, seed=7)
     threshold = 10_000 if kind == "flat" else 0
-    config = IndexConfig(exact_threshold=threshold, kind="ivf" if kind == "ivf" else "hnsw")
+    config = IndexConfig(exact_threshold=threshold, kind="hnsw" if kind == "flat" else kind)
     index = build_index(items, config)
     assert index_kind(index) == kind
     path = tmp_path / "index.faiss"
@@ -111,12 +113,17 @@ def test_load_index_applies_search_params_from_config(tmp_path: Path) -> None:
     hnsw_path, ivf_path = tmp_path / "hnsw.faiss", tmp_path / "ivf.faiss"
     save_index(build_index(items, IndexConfig(exact_threshold=0, kind="hnsw")), hnsw_path)
     save_index(build_index(items, IndexConfig(exact_threshold=0, kind="ivf")), ivf_path)
-    serving = IndexConfig(hnsw_ef_search=48, ivf_nprobe=5)
+    pq_path = tmp_path / "ivf_pq.faiss"
+    save_index(build_index(items, IndexConfig(exact_threshold=0, kind="ivf_pq")), pq_path)
+    serving = IndexConfig(hnsw_ef_search=48, ivf_nprobe=5, ivf_pq_k_factor=2.5)
     hnsw, ivf, hnsw_as_saved = (
         load_index(hnsw_path, serving),
         load_index(ivf_path, serving),
         load_index(hnsw_path),
     )
+    pq_params = index_spec(load_index(pq_path, serving), serving)["params"]
+    assert (pq_params["nprobe"], pq_params["k_factor"]) == (5, 2.5)
+    assert index_spec(load_index(pq_path), serving)["params"]["k_factor"] == 4.0  # as saved
     assert isinstance(hnsw, faiss.IndexHNSWFlat)
     assert isinstance(ivf, faiss.IndexIVFFlat)
     assert isinstance(hnsw_as_saved, faiss.IndexHNSWFlat)

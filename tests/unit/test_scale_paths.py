@@ -3,6 +3,8 @@ EASE cap, and filtered retrieval over a forced approximate index (caps and thres
 
 from __future__ import annotations
 
+from typing import Literal
+
 import faiss
 import numpy as np
 import pytest
@@ -129,10 +131,13 @@ def test_narrow_filter_on_forced_hnsw_returns_the_exact_top_k_of_allowed_items()
         np.testing.assert_allclose(scores, items[rows] @ vector, rtol=1e-5)
 
 
-def test_broad_filter_uses_the_index_with_a_selector_and_never_returns_excluded_rows() -> None:
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivf_pq"])
+def test_broad_filter_uses_the_index_with_a_selector_and_never_returns_excluded_rows(
+    kind: Literal["hnsw", "ivf", "ivf_pq"],
+) -> None:
     n, k = 20_000, 50
     items = clustered_embeddings(n, 16, n_centres=50, seed=11)
-    index = build_index(items, IndexConfig(exact_threshold=0, kind="hnsw"))
+    index = build_index(items, IndexConfig(exact_threshold=0, kind=kind))
     excluded = np.sort(np.random.default_rng(12).choice(n, size=n // 2, replace=False))
     allowed = np.setdiff1d(np.arange(n), excluded)
     hits = 0
