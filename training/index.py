@@ -211,7 +211,7 @@ def _build(x: np.ndarray, config: IndexConfig) -> faiss.Index:
             m = config.ivf_pq_m or d
             if d % m or m % 2:
                 raise ValueError(f"index.ivf_pq_m {m} must be even and divide the dimension {d}")
-            refine = faiss.index_factory(
+            refine: Any = faiss.index_factory(
                 d, f"IVF{nlist},PQ{m}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT
             )
             refine.k_factor = config.ivf_pq_k_factor
@@ -270,7 +270,7 @@ def index_spec(index: faiss.Index, config: IndexConfig) -> dict[str, Any]:
     elif isinstance(index, faiss.IndexIVFFlat):
         params["nlist"] = int(index.nlist)
         params["nprobe"] = int(index.nprobe)
-    elif (base := _ivf_pq_base(index)) is not None:
+    elif isinstance(index, faiss.IndexRefine) and (base := _ivf_pq_base(index)) is not None:
         params["nlist"] = int(base.nlist)
         params["nprobe"] = int(base.nprobe)
         params["pq_m"] = int(base.M)
@@ -284,7 +284,7 @@ def set_search_params(index: faiss.Index, config: IndexConfig) -> None:
         index.hnsw.efSearch = config.hnsw_ef_search
     elif isinstance(index, faiss.IndexIVFFlat):
         index.nprobe = min(config.ivf_nprobe, int(index.nlist))
-    elif (base := _ivf_pq_base(index)) is not None:
+    elif isinstance(index, faiss.IndexRefine) and (base := _ivf_pq_base(index)) is not None:
         base.nprobe = min(config.ivf_nprobe, int(base.nlist))
         index.k_factor = config.ivf_pq_k_factor
 

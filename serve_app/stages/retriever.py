@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -130,7 +130,7 @@ def _selector_params(index: faiss.Index, allowed: np.ndarray) -> faiss.SearchPar
     params: faiss.SearchParameters
     if isinstance(index, faiss.IndexRefine):
         # ivf_pq: the selector filters the PQ scan; re-scoring only sees rows that passed it.
-        base = faiss.downcast_index(index.base_index)
+        base: Any = faiss.downcast_index(index.base_index)
         base_params = faiss.SearchParametersIVF()
         base_params.nprobe = min(_widened(int(base.nprobe), share), int(base.nlist))
         base_params.sel = selector
