@@ -462,7 +462,9 @@ def _expect(array: np.ndarray, name: str, dtype: str, shape: tuple[int, ...]) ->
         raise BundleIntegrityError(f"shape {array.shape}, expected {shape}", file=name)
 
 
-COLLABORATIVE_MATRICES = ("ease", "knn", "transitions")
+COLLABORATIVE_MATRICES = ("ease", "knn", "transitions", "basket")
+# Matrices a bundle from before them lacks (its Collaborative then scores nothing with them).
+OPTIONAL_MATRICES = ("basket",)
 
 
 def _load_collaborative(directory: Path, manifest: BundleManifest, n: int) -> Collaborative:
@@ -478,8 +480,10 @@ def _load_collaborative(directory: Path, manifest: BundleManifest, n: int) -> Co
             "collaborative lacks last_items/per_source", file="manifest.json"
         ) from None
     arrays = _load_npz(directory, name)
-    matrices = {}
+    matrices: dict[str, sp.csr_matrix] = {}
     for matrix in COLLABORATIVE_MATRICES:
+        if matrix in OPTIONAL_MATRICES and f"{matrix}_indptr" not in arrays:
+            continue
         try:
             indptr, indices, data = (
                 arrays[f"{matrix}_{part}"] for part in ("indptr", "indices", "data")
@@ -506,6 +510,8 @@ def _load_collaborative(directory: Path, manifest: BundleManifest, n: int) -> Co
         transitions=matrices["transitions"],
         last_items=last_items,
         per_source=per_source,
+        basket=matrices.get("basket"),
+        basket_items=int(spec.get("basket_items", 10)),
     )
 
 

@@ -37,14 +37,23 @@ RANKER_FEATURE_NAMES = (
 # Collaborative signals, each an item-item matrix applied to part of the user's history:
 # ease = EASE weights on every seen item; ease_last = EASE on the last `last_items` items;
 # next = "bought within a few steps after" transitions from the last items; knn = item-kNN
-# cosine on every seen item.
-CF_SIGNALS = ("ease", "ease_last", "next", "knn")
+# cosine on every seen item; basket = "in the same order" cosine (item-kNN over sessions) on the
+# newest `basket_items` items: what completes the order in progress.
+CF_SIGNALS = ("ease", "ease_last", "next", "knn", "basket")
+CF_PARTS = ("score", "share", "rank")
 # Per signal: its score, the score over the user's best unseen score, and its rank among the
 # candidates (0 = best).
-CF_FEATURE_NAMES = tuple(f"{s}_{part}" for s in CF_SIGNALS for part in ("score", "share", "rank"))
+CF_FEATURE_NAMES = tuple(f"{s}_{part}" for s in CF_SIGNALS for part in CF_PARTS)
 RANKER_FEATURE_NAMES_CF = (*RANKER_FEATURE_NAMES, *CF_FEATURE_NAMES)
+# Bundles from before the basket signal: their rankers read the first four signals' columns.
+LEGACY_CF_FEATURE_NAMES = CF_FEATURE_NAMES[: 4 * len(CF_PARTS)]
+RANKER_FEATURE_NAMES_CF_LEGACY = (*RANKER_FEATURE_NAMES, *LEGACY_CF_FEATURE_NAMES)
 # The ranker feature lists a server understands.
-RANKER_FEATURE_SETS = (RANKER_FEATURE_NAMES, RANKER_FEATURE_NAMES_CF)
+RANKER_FEATURE_SETS = (
+    RANKER_FEATURE_NAMES,
+    RANKER_FEATURE_NAMES_CF,
+    RANKER_FEATURE_NAMES_CF_LEGACY,
+)
 
 
 def hash_bucket(value: str, buckets: int) -> int:
@@ -146,8 +155,14 @@ class Collaborative:
     transitions: sp.csr_matrix
     last_items: int  # newest history items read by ease_last and next
     per_source: int  # candidates each signal adds (its top unseen items with a positive score)
+    basket: sp.csr_matrix | None = None  # None (a bundle from before it): scores nothing
+    basket_items: int = 10  # newest history items read by basket
 
     def matrix(self, signal: str) -> sp.csr_matrix:
+        if signal == "basket":
+            if self.basket is None:
+                return sp.csr_matrix(self.knn.shape, dtype=np.float32)
+            return self.basket
         return {"ease": self.ease, "ease_last": self.ease, "next": self.transitions}.get(
             signal, self.knn
         )
@@ -209,11 +224,23 @@ def cf_scores(model: Collaborative, seen: np.ndarray, recent: np.ndarray) -> Sig
     row + 1, newest first, 0 = padding (the newest `last_items` feed ease_last and next).
     """
     everything = np.unique(np.asarray(seen, dtype=np.int64))
-    newest = np.asarray(recent[: model.last_items], dtype=np.int64)
-    newest = newest[newest > 0] - 1
-    reads = {"ease": everything, "ease_last": newest, "next": newest, "knn": everything}
+    newest = _newest(recent, model.last_items)
+    basket = _newest(recent, model.basket_items)
+    reads = {
+        "ease": everything,
+        "ease_last": newest,
+        "next": newest,
+        "knn": everything,
+        "basket": basket,
+    }
     sums = [sparse_row_sum(model.matrix(s), reads[s]) for s in CF_SIGNALS]
     return SignalScores(tuple(r for r, _ in sums), tuple(v for _, v in sums))
+
+
+def _newest(recent: np.ndarray, n: int) -> np.ndarray:
+    """Item rows of the newest `n` entries of a recent-items list (item row + 1, 0 = padding)."""
+    newest = np.asarray(recent[:n], dtype=np.int64)
+    return newest[newest > 0] - 1
 
 
 def cf_candidates(

@@ -136,6 +136,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             "chosen settings, served)",
             console,
         ),
+        on_basket_table=lambda m: print_metrics_table(
+            m,
+            "Offline evaluation (within-order round: the first half of each user's first held-out"
+            " order arrives before the request, the rest is relevant)",
+            console,
+        ),
         on_trial=lambda line: console.print(f"  search: {line}"),
     )
     if result.search is not None and result.search.trials:
@@ -201,6 +207,10 @@ def write_phases_json(
         "metrics": {
             system: {k: (v if math.isfinite(v) else None) for k, v in values.items()}
             for system, values in result.metrics.items()
+        },
+        "basket_metrics": {
+            system: {k: (v if math.isfinite(v) else None) for k, v in values.items()}
+            for system, values in result.basket_metrics.items()
         },
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""The bundle's collaborative models: EASE, item-kNN and next-item transitions over a log.
+"""The bundle's collaborative models: EASE, item-kNN, next-item transitions and same-order
+co-occurrence (basket: item-kNN over sessions instead of users) over a log.
 
 Fit on positive first interactions before a cutoff (the same history the user states read), stored in
 the bundle as `collaborative.npz` (CSR arrays, loaded without pickle) and applied on both sides by
@@ -23,7 +24,7 @@ from training.config import CollaborativeConfig
 from training.features import EncodedLog, first_positives
 
 FILE_NAME = "collaborative.npz"
-MATRICES = ("ease", "knn", "transitions")
+MATRICES = ("ease", "knn", "transitions", "basket")
 
 
 def top_k_per_row(dense: np.ndarray, k: int) -> sp.csr_matrix:
@@ -64,6 +65,20 @@ def transition_matrix(log: EncodedLog, mask: np.ndarray, max_gap: int) -> sp.csr
     return t
 
 
+def sessions_before(log: EncodedLog, mask: np.ndarray) -> sp.csr_matrix:
+    """0/1 [n_sessions, n_items]: the items of each session (order) with a positive event within
+    `mask`; no rows when the log has no session ids."""
+    if log.session is None:
+        return sp.csr_matrix((0, log.n_items), dtype=np.float32)
+    pos = np.flatnonzero(mask & log.positive & (log.session >= 0))
+    m = sp.csr_matrix(
+        (np.ones(len(pos), dtype=np.float32), (log.session[pos], log.item[pos])),
+        shape=(int(log.session.max()) + 1, log.n_items),
+    )
+    m.data[:] = 1.0
+    return m
+
+
 def interactions_before(log: EncodedLog, mask: np.ndarray) -> sp.csr_matrix:
     """0/1 [n_users, n_items]: positive interactions within `mask`."""
     pos = np.flatnonzero(mask & log.positive)
@@ -98,12 +113,28 @@ def fit_collaborative(
             config.knn_neighbors, config.knn_shrink, dense_max_items=config.knn_dense_max_items
         ).fit(history)
         knn = sp.csr_matrix(model.similarity_, dtype=np.float32)
+    basket = empty
+    if config.basket:
+        sessions = sessions_before(log, mask)
+        if sessions.nnz:
+            basket = sp.csr_matrix(
+                ItemKNNRecommender(
+                    config.basket_neighbors,
+                    config.knn_shrink,
+                    dense_max_items=config.knn_dense_max_items,
+                )
+                .fit(sessions)
+                .similarity_,
+                dtype=np.float32,
+            )
     return Collaborative(
         ease=ease,
         knn=knn,
         transitions=transition_matrix(log, mask, config.next_gap) if config.transitions else empty,
         last_items=config.last_items,
         per_source=config.per_source,
+        basket=basket,
+        basket_items=config.basket_items,
     )
 
 
@@ -111,7 +142,7 @@ def save_collaborative(model: Collaborative, directory: Path) -> dict[str, Any]:
     """Write `collaborative.npz` into a bundle directory; returns the manifest's entry."""
     arrays: dict[str, np.ndarray] = {}
     for name in MATRICES:
-        m: sp.csr_matrix = getattr(model, name)
+        m: sp.csr_matrix = model.matrix(name) if name == "basket" else getattr(model, name)
         m.sort_indices()
         arrays[f"{name}_indptr"] = m.indptr.astype(np.int64)
         arrays[f"{name}_indices"] = m.indices.astype(np.int32)
@@ -122,5 +153,9 @@ def save_collaborative(model: Collaborative, directory: Path) -> dict[str, Any]:
         "file": FILE_NAME,
         "last_items": model.last_items,
         "per_source": model.per_source,
-        "nnz": {name: int(getattr(model, name).nnz) for name in MATRICES},
+        "basket_items": model.basket_items,
+        "nnz": {
+            name: int((model.matrix(name) if name == "basket" else getattr(model, name)).nnz)
+            for name in MATRICES
+        },
     }

@@ -174,6 +174,13 @@ class CollaborativeConfig(BaseModel):
     ease: bool = Field(True, description="EASE (signals ease and ease_last) on; off: empty")
     transitions: bool = Field(True, description="next-item transitions (signal next) on")
     knn: bool = Field(True, description="item-kNN (signal knn) on")
+    basket: bool = Field(
+        True,
+        description="same-order co-occurrence (signal basket: item-kNN cosine over sessions, read"
+        " from the newest basket_items items) on; a log without session ids fits an empty one",
+    )
+    basket_items: int = Field(10, ge=1, description="newest history items read by basket")
+    basket_neighbors: int = Field(100, ge=1, description="basket neighbours per item")
     max_items: int = Field(
         20_000,
         ge=2,

@@ -33,6 +33,8 @@ class EncodedLog:
     is_view: np.ndarray  # bool
     n_items: int
     n_categories: int
+    # int64 session (order) code per event, -1 where the log has none; None: no sessions at all.
+    session: np.ndarray | None = None
 
     def before(self, cutoff: pd.Timestamp) -> np.ndarray:
         return np.asarray(self.ts < cutoff.value)
@@ -48,6 +50,7 @@ class EncodedLog:
             weight=self.weight[keep],
             positive=self.positive[keep],
             is_view=self.is_view[keep],
+            session=None if self.session is None else self.session[keep],
         )
 
 
@@ -60,6 +63,13 @@ def encode_log(
     ev = events.loc[keep]
     item = item[keep].astype(np.int64)
     user_codes, user_ids = pd.factorize(ev["user_id"], sort=True)
+    session = None
+    if "session_id" in ev.columns:
+        named = ev["session_id"].fillna("").astype(str)
+        # A session id is the user's own: two users' "1" are two sessions.
+        keyed = ev["user_id"].astype(str) + "\x1f" + named
+        codes, _ = pd.factorize(keyed.where(named != "", None))
+        session = codes.astype(np.int64) if (codes >= 0).any() else None
     return EncodedLog(
         user_ids=np.asarray(user_ids, dtype=str),
         user=user_codes.astype(np.int64),
@@ -71,6 +81,7 @@ def encode_log(
         is_view=(ev["event_type"] == "view").to_numpy(),
         n_items=len(item_index),
         n_categories=n_categories,
+        session=session,
     )
 
 

@@ -49,7 +49,7 @@ from training.feature_tables import (
 )
 from training.features import EncodedLog, UserStates, item_stats_at, user_states_at
 from training.registry import RegisteredBundle, register_bundle
-from training.rounds import Round, temporal_rounds
+from training.rounds import BasketRound, Round, basket_round, temporal_rounds
 from training.search import SearchResult, sample_users, search_settings
 from training.split import time_fraction_cutoffs
 from training.system import (
@@ -76,6 +76,8 @@ class PipelineResult:
     bundle_dir: Path
     manifest: BundleManifest
     metrics: dict[str, dict[str, float]]  # the test round's table
+    # The within-order test round's table (`training.rounds.basket_round`): empty without orders.
+    basket_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     # The process's peak resident memory (MiB) when each phase ended: a high-water mark, so a phase
     # whose figure is above the one before it set the peak (bench/scale.py reads these).
@@ -205,6 +207,7 @@ def run_pipeline(
     *,
     progress: bool = True,
     on_table: Callable[[dict[str, dict[str, float]]], None] | None = None,
+    on_basket_table: Callable[[dict[str, dict[str, float]]], None] | None = None,
     on_trial: Callable[[str], None] | None = None,
 ) -> PipelineResult:
     """Choose settings, report them on the test round, refit on everything, register (see module)."""
@@ -214,9 +217,11 @@ def run_pipeline(
     shrink = settings.collaborative.knn_shrink
 
     with timer("rounds"):
-        validation, test = temporal_rounds(
-            dataset.events, settings.split.holdout_fraction, relevant_min_weight(dataset)
-        )
+        fraction, min_weight = settings.split.holdout_fraction, relevant_min_weight(dataset)
+        validation, test = temporal_rounds(dataset.events, fraction, min_weight)
+        # The within-order rounds beside them: the same histories, part of an order in the cart.
+        basket_validation = basket_round(test.history, fraction, "basket-validation", min_weight)
+        basket_test = basket_round(dataset.events, fraction, "basket-test", min_weight)
     with timer("baselines (validation)"):
         baselines = tune_baselines(validation, items, shrink)
     with timer("search"), _trial_runs(settings, dataset.name) as log_trial:
@@ -224,6 +229,7 @@ def run_pipeline(
             settings,
             validation,
             items,
+            basket=basket_validation if len(basket_validation.user_ids) else None,
             log_trial=log_trial,
             progress=on_trial or (lambda line: log.info("search: %s", line)),
         )
@@ -253,6 +259,11 @@ def run_pipeline(
         }
         if on_table is not None:
             on_table(metrics)
+        basket_metrics = basket_table(
+            basket_test, settings, items, fitted, test_dir, baselines, shrink, progress
+        )
+        if basket_metrics and on_basket_table is not None:
+            on_basket_table(basket_metrics)
 
     with timer("refit"):
         everything = Log.of(dataset.events, items)
@@ -264,6 +275,10 @@ def run_pipeline(
         flat = {k: v for k, v in metrics[FINAL_SYSTEM].items() if math.isfinite(v)}
         for system, values in metrics.items():
             flat.update({f"{system}/{k}": v for k, v in values.items() if math.isfinite(v)})
+        for system, values in basket_metrics.items():
+            flat.update({f"basket/{system}/{k}": v for k, v in values.items() if math.isfinite(v)})
+        for name, value in search.best_by_round.items():
+            flat[f"validation/{name}/ndcg@10"] = value
         if math.isfinite(search.best_ndcg10):
             flat["validation/ndcg@10"] = search.best_ndcg10
             flat["validation/given_settings_ndcg@10"] = search.given_ndcg10
@@ -278,6 +293,8 @@ def run_pipeline(
             "rounds.holdout_fraction": settings.split.holdout_fraction,
             "rounds.validation_users": len(validation.user_ids),
             "rounds.test_users": len(test.user_ids),
+            "rounds.basket_validation_users": len(basket_validation.user_ids),
+            "rounds.basket_test_users": len(basket_test.user_ids),
             "evaluation.users": len(users),
             "baselines.ease_lambda": baselines.ease_lambda,
             "baselines.knn_neighbors": baselines.knn_neighbors,
@@ -338,6 +355,7 @@ def run_pipeline(
         bundle_dir=bundle_dir,
         manifest=manifest,
         metrics=metrics,
+        basket_metrics=basket_metrics,
         timings=timer.timings,
         peak_rss_mb=timer.peak_rss_mb,
         registered=registered,
@@ -348,6 +366,41 @@ def run_pipeline(
     )
     (run_dir / "timings.json").write_text(json.dumps(result.timings, indent=2))
     return result
+
+
+def basket_table(
+    basket: Round,
+    settings: TrainingSettings,
+    items: ItemTable,
+    fitted: Any,
+    bundle_dir: Path,
+    baselines: Baselines,
+    shrink: float,
+    progress: bool,
+) -> dict[str, dict[str, float]]:
+    """The within-order test round's table: every system answers its (sampled) users with their
+    order prefix in the state, as the real-time path serves a shopper whose first items arrived as
+    events after the bundle was trained; the test-round bundle is not refit on the prefixes."""
+    if not isinstance(basket, BasketRound) or not len(basket.user_ids):
+        return {}
+    users = sample_users(basket.user_ids, settings.evaluation.max_users, settings.evaluation.seed)
+    log.info("within-order round: scoring %d of %d users", len(users), len(basket.user_ids))
+    data = Log.of(basket.history_with_prefix, items)
+    relevant = basket.relevant(items.index, users)
+    cold = user_states_at(data.encoded, users, None, 1).event_count == 0
+    systems = baseline_lists(data, users, baselines, shrink, TABLE_K)
+    systems["retrieval"] = retrieval_lists(fitted, data, users, TABLE_K, progress)
+    systems[FINAL_SYSTEM] = Served(bundle_dir, data).lists(users, TABLE_K, progress=progress)
+    return {
+        name: evaluate_ranking(
+            ranked,
+            relevant,
+            n_items=len(items.item_ids),
+            item_categories=items.codes,
+            cold_mask=cold,
+        )
+        for name, ranked in systems.items()
+    }
 
 
 @contextmanager

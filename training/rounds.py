@@ -52,18 +52,20 @@ def time_ordered(events: pd.DataFrame) -> pd.DataFrame:
     return events.iloc[np.argsort(ns.astype(np.int64), kind="stable")]
 
 
-def holdout_round(
-    events: pd.DataFrame,
-    fraction: float = 0.2,
-    name: str = "test",
-    relevant_min_weight: float | None = None,
-) -> Round:
-    """Hold out each user's newest `fraction` of first positive interactions (see the module).
+@dataclass(frozen=True)
+class _Cut:
+    """A log in time order, the rows of its held-out pairs and each user's cutoff position."""
 
-    Relevant: every held-out pair, or with a `rating` column those rated >= 4, or with
-    `relevant_min_weight` those whose event weight is at least that (a ratings log whose ratings
-    became weights, `training.movielens`: weight 2 = rating 4).
-    """
+    ordered: pd.DataFrame  # reset index: row number = position
+    held: np.ndarray  # positions of the held-out first positive pairs, time order
+    limit: np.ndarray  # per row: its user's cutoff position (len(ordered) when none)
+
+    @property
+    def history(self) -> pd.DataFrame:
+        return self.ordered.loc[np.arange(len(self.ordered)) < self.limit]
+
+
+def _cut(events: pd.DataFrame, fraction: float) -> _Cut:
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must lie strictly between 0 and 1, got {fraction}")
     ordered = time_ordered(events).reset_index(drop=True)
@@ -83,13 +85,87 @@ def holdout_round(
     # Each user's cutoff: the position of their first held-out pair.
     cutoff = pd.Series(held).groupby(ordered["user_id"].to_numpy()[held]).min()
     limit = ordered["user_id"].map(cutoff).fillna(len(ordered)).to_numpy()
-    history = ordered.loc[np.arange(len(ordered)) < limit]
-    targets = ordered.iloc[held]
+    return _Cut(ordered, held, limit)
+
+
+def _relevant_only(targets: pd.DataFrame, relevant_min_weight: float | None) -> pd.DataFrame:
     if "rating" in targets.columns:
-        targets = targets[targets["rating"].to_numpy() >= MIN_RELEVANT_RATING]
-    elif relevant_min_weight is not None:
-        targets = targets[targets["weight"].to_numpy() >= relevant_min_weight]
-    return Round(name, history, targets[["user_id", "item_id", "timestamp"]])
+        return targets[targets["rating"].to_numpy() >= MIN_RELEVANT_RATING]
+    if relevant_min_weight is not None:
+        return targets[targets["weight"].to_numpy() >= relevant_min_weight]
+    return targets
+
+
+def holdout_round(
+    events: pd.DataFrame,
+    fraction: float = 0.2,
+    name: str = "test",
+    relevant_min_weight: float | None = None,
+) -> Round:
+    """Hold out each user's newest `fraction` of first positive interactions (see the module).
+
+    Relevant: every held-out pair, or with a `rating` column those rated >= 4, or with
+    `relevant_min_weight` those whose event weight is at least that (a ratings log whose ratings
+    became weights, `training.movielens`: weight 2 = rating 4).
+    """
+    cut = _cut(events, fraction)
+    targets = _relevant_only(cut.ordered.iloc[cut.held], relevant_min_weight)
+    return Round(name, cut.history, targets[["user_id", "item_id", "timestamp"]])
+
+
+@dataclass(frozen=True)
+class BasketRound(Round):
+    """The within-order round: a shopper with part of an order in the cart. `history` is the
+    time-cutoff round's; `prefix` holds, per user, their events from the cutoff through the first
+    half of the first held-out order's new items (what arrives as events before the request);
+    `targets` are the rest of that order's new items."""
+
+    prefix: pd.DataFrame
+
+    @property
+    def history_with_prefix(self) -> pd.DataFrame:
+        """The log a request sees once the prefix events have arrived (time order kept)."""
+        return pd.concat([self.history, self.prefix], ignore_index=True)
+
+
+def basket_round(
+    events: pd.DataFrame,
+    fraction: float = 0.2,
+    name: str = "basket-test",
+    relevant_min_weight: float | None = None,
+) -> BasketRound:
+    """The within-order hold-out beside `holdout_round(events, fraction)`, with the same history.
+
+    For each user, the order (`session_id`) of their first held-out pair; its held-out new items in
+    log order, when there are at least two: the first half (floor, at least one) joins the prefix,
+    the rest is relevant (ratings / weights filtered as in `holdout_round`). Users whose order has one
+    new item, and logs without sessions, contribute no target: the round is then empty.
+    """
+    cut = _cut(events, fraction)
+    held = cut.ordered.iloc[cut.held]
+    session = (
+        held["session_id"].fillna("").astype(str)
+        if "session_id" in held.columns
+        else pd.Series("", index=held.index)
+    )
+    users = held["user_id"].to_numpy()
+    first_session = session.groupby(users, sort=False).transform("first")
+    in_order = (session == first_session) & (session != "")
+    order = held[in_order.to_numpy()]
+    order_users = order["user_id"].to_numpy()
+    nth = pd.Series(order_users).groupby(order_users, sort=False).cumcount().to_numpy()
+    size = pd.Series(order_users).groupby(order_users, sort=False).transform("size").to_numpy()
+    n_prefix = np.maximum(size // 2, 1)
+    eligible = size >= 2
+    in_prefix = eligible & (nth < n_prefix)
+    rest = order[eligible & (nth >= n_prefix)]
+    # Everything of the user from the cutoff through their last prefix item arrives first.
+    last_prefix = pd.Series(order.index[in_prefix]).groupby(order_users[in_prefix]).max()
+    position = np.arange(len(cut.ordered))
+    through = cut.ordered["user_id"].map(last_prefix).fillna(-1).to_numpy()
+    prefix = cut.ordered.loc[(position >= cut.limit) & (position <= through)]
+    targets = _relevant_only(rest, relevant_min_weight)
+    return BasketRound(name, cut.history, targets[["user_id", "item_id", "timestamp"]], prefix)
 
 
 def temporal_rounds(

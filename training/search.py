@@ -36,7 +36,7 @@ import pandas as pd
 
 from training.config import TrainingSettings
 from training.evaluate import ndcg_at_k
-from training.rounds import Round
+from training.rounds import BasketRound, Round
 from training.system import FitCache, ItemTable, Log, Served, fit_system, write_bundle
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ SPACE: dict[str, Suggest] = {
     "collaborative.ease": _bool,
     "collaborative.transitions": _bool,
     "collaborative.knn": _bool,
+    "collaborative.basket": _bool,
     "split.ranker_labels": _choice("window", "tail"),
     "collaborative.ease_lambda": _float_log(20.0, 3000.0),
     "collaborative.knn_neighbors": _int(10, 400, log_=True),
@@ -119,8 +120,9 @@ class SearchResult:
     searched: list[str]
     pinned: list[str]
     trials: list[dict[str, Any]] = field(default_factory=list)
-    best_ndcg10: float = math.nan
+    best_ndcg10: float = math.nan  # the objective: the mean of the rounds' NDCG@10
     given_ndcg10: float = math.nan  # trial 0: the settings as given
+    best_by_round: dict[str, float] = field(default_factory=dict)  # the best trial's, per round
     users: int = 0
     seconds: float = 0.0
     events: int = 0  # validation history events the trials were fit on (a sample above max_events)
@@ -136,6 +138,7 @@ class SearchResult:
             "search.pruned": states.count("PRUNED"),
             "search.failed": states.count("FAIL"),
             "search.validation_users": self.users,
+            "search.best_by_round": self.best_by_round,
             "search.events": self.events,
             "search.seconds": round(self.seconds, 1),
         }
@@ -165,15 +168,33 @@ def subsample_round(validation: Round, max_events: int, seed: int) -> Round:
     return Round(validation.name, history, targets)
 
 
+def basket_sample(basket: BasketRound, kept: Round, max_users: int, seed: int) -> BasketRound:
+    """`basket` on the users `kept` (a `subsample_round` of its history) still holds, at most
+    `max_users` of them (seeded); its history becomes `kept`'s."""
+    owners = set(kept.history["user_id"].astype(str))
+    users = sample_users(np.array([u for u in basket.user_ids if u in owners]), max_users, seed)
+    keep = pd.Index(users)
+    return BasketRound(
+        basket.name,
+        kept.history,
+        basket.targets.loc[basket.targets["user_id"].astype(str).isin(keep).to_numpy()],
+        basket.prefix.loc[basket.prefix["user_id"].astype(str).isin(keep).to_numpy()],
+    )
+
+
 def search_settings(
     settings: TrainingSettings,
     validation: Round,
     items: ItemTable,
     *,
+    basket: BasketRound | None = None,
     log_trial: Callable[[int, dict[str, Any], dict[str, float], str], None] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> SearchResult:
-    """Choose the searchable settings on `validation` within the budget (see the module)."""
+    """Choose the searchable settings on `validation` within the budget (see the module). With a
+    non-empty `basket` round (the within-order hold-out of the same history), every trial's bundle
+    also answers its users with their order prefix in the state, and the objective is the mean of
+    the two rounds' NDCG@10."""
     config = settings.search
     pinned = pinned_settings(settings)
     searched = [name for name in SPACE if name not in pinned]
@@ -187,6 +208,19 @@ def search_settings(
     users = sample_users(validation.user_ids, config.max_users, config.seed)
     relevant = validation.relevant(items.index, users)
     parts = np.array_split(np.arange(len(users)), min(config.chunks, len(users)))
+    # The within-order round: its users' states read from the history with their prefix in it.
+    rounds = {"time": (data, users, relevant, parts)}
+    if basket is not None:
+        basket = basket_sample(basket, validation, config.max_users, config.seed)
+        if len(basket.user_ids):
+            b_users = basket.user_ids
+            rounds["basket"] = (
+                Log.of(basket.history_with_prefix, items),
+                b_users,
+                basket.relevant(items.index, b_users),
+                np.array_split(np.arange(len(b_users)), len(parts)),
+            )
+    by_trial: dict[int, dict[str, float]] = {}
     cache = FitCache()
     sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=5)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
@@ -197,7 +231,13 @@ def search_settings(
     # The second trial asks the largest question first: the same without collaborative models
     # (decisive on purchase logs, not on every log); it reuses the first trial's towers.
     cf_off = {
-        n: False for n in ("collaborative.ease", "collaborative.transitions", "collaborative.knn")
+        n: False
+        for n in (
+            "collaborative.ease",
+            "collaborative.transitions",
+            "collaborative.knn",
+            "collaborative.basket",
+        )
     }
     if set(cf_off) <= set(searched) and any(given[n] for n in cf_off):
         study.enqueue_trial({**given, **cf_off})
@@ -218,12 +258,19 @@ def search_settings(
         with tempfile.TemporaryDirectory() as tmp:
             write_bundle(Path(tmp) / "bundle", trial_settings, fitted, data, items, snapshot="")
             served = Served(Path(tmp) / "bundle", data)
-            lists = np.full((len(users), 10), -1, dtype=np.int64)
+            lists = {
+                name: np.full((len(r[1]), 10), -1, dtype=np.int64) for name, r in rounds.items()
+            }
             value = 0.0
-            for step, part in enumerate(parts):
-                lists[part] = served.lists(users[part], 10)
-                done = np.concatenate(parts[: step + 1])
-                value = ndcg_at_k(lists[done], [relevant[i] for i in done], 10)
+            for step in range(len(parts)):
+                scores: dict[str, float] = {}
+                for name, (r_data, r_users, r_relevant, r_parts) in rounds.items():
+                    part = r_parts[step]
+                    lists[name][part] = served.lists(r_users[part], 10, data=r_data)
+                    done = np.concatenate(r_parts[: step + 1])
+                    scores[name] = ndcg_at_k(lists[name][done], [r_relevant[i] for i in done], 10)
+                value = float(np.mean(list(scores.values())))
+                by_trial[trial.number] = scores
                 trial.report(value, step)
                 # Out of time: stop, unless nothing has completed yet (the given settings are
                 # always scored in full, whatever the budget).
@@ -241,14 +288,21 @@ def search_settings(
             if trial.value is not None
             else max(trial.intermediate_values.values(), default=math.nan)
         )
-        result.trials.append({"number": trial.number, "state": state, "ndcg@10": value})
+        per_round = by_trial.get(trial.number, {})
+        result.trials.append(
+            {"number": trial.number, "state": state, "ndcg@10": value, "by_round": per_round}
+        )
         if log_trial is not None:
-            log_trial(trial.number, dict(trial.params), {"validation_ndcg@10": value}, state)
+            figures = {"validation_ndcg@10": value}
+            figures.update({f"validation_{name}_ndcg@10": v for name, v in per_round.items()})
+            log_trial(trial.number, dict(trial.params), figures, state)
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         best = study.best_value if done else math.nan
         if progress is not None:
+            parts_text = ", ".join(f"{name} {v:.4f}" for name, v in per_round.items())
             progress(
                 f"trial {trial.number} {state.lower()}: validation NDCG@10 {value:.4f} "
+                f"({parts_text}) "
                 f"(best {best:.4f}, {time.monotonic() - started:.0f}/"
                 f"{config.budget_seconds:.0f} s)"
             )
@@ -268,6 +322,7 @@ def search_settings(
         result.chosen = {name: best.params[name] for name in searched}
         result.settings = with_values(settings, result.chosen)
         result.best_ndcg10 = float(best.value) if best.value is not None else math.nan
+        result.best_by_round = by_trial.get(best.number, {})
         first = study.trials[0]
         first_value = first.value if first.state == optuna.trial.TrialState.COMPLETE else None
         result.given_ndcg10 = float(first_value) if first_value is not None else math.nan

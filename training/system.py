@@ -203,14 +203,14 @@ def collaborative_model(
 ) -> Collaborative | None:
     """The bundle's collaborative models with the settings' signals (a model off: empty).
 
-    Transitions and item-kNN are sparse and fit at any catalog size; EASE (dense n x n) only up
-    to `collaborative.max_items`, above which it is empty and the other two stay on.
+    Transitions, item-kNN and basket are sparse and fit at any catalog size; EASE (dense n x n)
+    only up to `collaborative.max_items`, above which it is empty and the others stay on.
     """
-    if not config.enabled or not (config.ease or config.transitions or config.knn):
+    if not config.enabled or not (config.ease or config.transitions or config.knn or config.basket):
         return None
     if config.ease and n_items > config.max_items:
-        log.warning("EASE off: %d items > collaborative.max_items (kNN, transitions on)", n_items)
-        if not (config.transitions or config.knn):
+        log.warning("EASE off: %d items > collaborative.max_items (the sparse ones on)", n_items)
+        if not (config.transitions or config.knn or config.basket):
             return None
     return fit_collaborative(data, None, config)
 
@@ -492,10 +492,16 @@ class Served:
         self.row_of = {str(item): row for row, item in enumerate(self.model.bundle.item_ids)}
 
     def lists(
-        self, user_ids: np.ndarray, k: int, batch: int = 256, progress: bool = False
+        self,
+        user_ids: np.ndarray,
+        k: int,
+        batch: int = 256,
+        progress: bool = False,
+        data: Log | None = None,
     ) -> np.ndarray:
         """Catalog rows [len(user_ids), k] (-1 padded) served to each user, whose `user_profile`
-        row holds their state at the end of the log (no real-time events)."""
+        row holds their state at the end of the log (no real-time events); `data` replaces the
+        log the states are read from (a basket round's history with the order prefix in it)."""
         from serve_app.config import RankingConfig
         from serve_app.deployments.user_tower import feature_shapes
         from serve_app.features import assemble_user_features
@@ -504,8 +510,9 @@ class Served:
         from training.feature_tables import user_profile_frame
 
         model = self.model
-        states = user_states_at(self.data.encoded, user_ids, None, model.history_length)
-        profiles = user_profile_frame(states, model.bundle.item_ids, self.data.end)
+        data = data or self.data
+        states = user_states_at(data.encoded, user_ids, None, model.history_length)
+        profiles = user_profile_frame(states, model.bundle.item_ids, data.end)
         shapes = feature_shapes(model.tower)
         ranking = RankingConfig()
         out = np.full((len(user_ids), k), -1, dtype=np.int64)

@@ -19,6 +19,7 @@ import numpy as np
 
 from serve_app.contract import (
     ITEM_FEATURE_NAMES,
+    RANKER_FEATURE_NAMES,
     RANKER_FEATURE_NAMES_CF,
     RANKER_FEATURE_SETS,
 )
@@ -46,6 +47,14 @@ class BundleTerms:
     n_candidates: int
     uses_collaborative: bool  # the ranker reads CF_FEATURE_NAMES (the bundle must have the models)
     cold_start_min_events: int = DEFAULT_COLD_START_MIN_EVENTS
+    # The ranker's input columns (the manifest's list): a bundle from before the basket signal
+    # reads a prefix of the collaborative columns serving computes.
+    ranker_features: tuple[str, ...] = RANKER_FEATURE_NAMES_CF
+
+    @property
+    def cf_width(self) -> int:
+        """How many collaborative columns the ranker reads (0 without them)."""
+        return len(self.ranker_features) - len(RANKER_FEATURE_NAMES)
 
     @classmethod
     def from_manifest(
@@ -65,7 +74,7 @@ class BundleTerms:
                 f"{[list(f) for f in RANKER_FEATURE_SETS]}",
                 file="manifest.json",
             )
-        uses_cf = features == RANKER_FEATURE_NAMES_CF
+        uses_cf = features != RANKER_FEATURE_NAMES
         if uses_cf and not has_collaborative:
             raise BundleIntegrityError(
                 "the ranker reads collaborative features but the bundle has no collaborative models",
@@ -101,6 +110,7 @@ class BundleTerms:
             cold_start_min_events=int(
                 manifest.params.get("cold_start.min_events", DEFAULT_COLD_START_MIN_EVENTS)
             ),
+            ranker_features=features,
         )
 
     def cold_start_min_events_for(self, pinned: int | None) -> int:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.contract import CF_FEATURE_NAMES, RANKER_FEATURE_NAMES, RANKER_FEATURE_NAMES_CF
+from serve_app.contract import CF_FEATURE_NAMES
 from serve_app.stages.records import Candidates, Scored, Source, UserState
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ def ranker_traces(
     # nthread=1: the default thread pool costs several times the pass itself on these sizes.
     matrix = xgb.DMatrix(x[rows], feature_names=booster.feature_names, nthread=1)
     shap = np.asarray(booster.predict(matrix, pred_contribs=True), dtype=np.float32)
-    names = RANKER_FEATURE_NAMES_CF if model.terms.uses_collaborative else RANKER_FEATURE_NAMES
+    names = model.terms.ranker_features
     out = {}
     offset = 0
     for j, pick in zip(asked, picks, strict=True):

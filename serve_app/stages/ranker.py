@@ -98,7 +98,8 @@ def feature_matrix(model: RankingModel, batch: Sequence[Candidates]) -> np.ndarr
     for c in batch:
         assert c.cf_columns is not None, "collaborative columns are set by the retriever"
         cf.append(c.cf_columns)
-    return np.hstack([x[valid], np.concatenate(cf)]).astype(np.float32)
+    width = model.terms.cf_width  # a bundle from before the basket signal reads fewer
+    return np.hstack([x[valid], np.concatenate(cf)[:, :width]]).astype(np.float32)
 
 
 def score_batch(model: RankingModel, batch: Sequence[Candidates]) -> list[Scored]:

@@ -158,7 +158,15 @@ def _dense_reference(
     everything = np.unique(seen)
     newest = recent[: model.last_items]
     newest = newest[newest > 0] - 1
-    reads = {"ease": everything, "ease_last": newest, "next": newest, "knn": everything}
+    basket = recent[: model.basket_items]
+    basket = basket[basket > 0] - 1
+    reads = {
+        "ease": everything,
+        "ease_last": newest,
+        "next": newest,
+        "knn": everything,
+        "basket": basket,
+    }
     dense = np.stack(
         [
             np.bincount(
@@ -210,6 +218,8 @@ def test_sparse_signals_match_the_dense_computation_bit_for_bit() -> None:
         transitions=random_matrix(0.002, signed=False),
         last_items=4,
         per_source=25,
+        basket=random_matrix(0.003, signed=False),
+        basket_items=5,
     )
     for _ in range(20):
         seen = rng.integers(0, n, rng.integers(1, 80))

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.rounds import holdout_round, temporal_rounds
+from training.rounds import basket_round, holdout_round, temporal_rounds
 
 T0 = pd.Timestamp("2024-01-01", tz="UTC")
 
@@ -106,3 +106,56 @@ def test_ratings_turned_into_weights_count_from_the_weight_of_four_stars() -> No
     assert len(holdout_round(events, 0.2).targets) == 1  # a purchase log: every held-out pair
     events.loc[4, "weight"] = 2.0  # 4 stars
     assert holdout_round(events, 0.2, relevant_min_weight=2.0).targets["item_id"].tolist() == ["m4"]
+
+
+def orders(rows: list[tuple[str, str, float, str, str]]) -> pd.DataFrame:
+    """(user, item, day, event_type, order) rows: `frame` with a session_id per row."""
+    out = frame([(r[0], r[1], r[2], r[3]) for r in rows])
+    out["session_id"] = [r[4] for r in rows]
+    return out
+
+
+def test_basket_round_puts_the_first_half_of_the_held_out_order_before_the_request() -> None:
+    log = orders(
+        [
+            # u1: order o1 (a, b, c), then o2 (d, e, f, g); 7 pairs, 0.5 -> ceil(3.5) = 4 held: o2
+            ("u1", "a", 1, "purchase", "o1"),
+            ("u1", "b", 1, "purchase", "o1"),
+            ("u1", "c", 1, "purchase", "o1"),
+            ("u1", "d", 2, "purchase", "o2"),
+            ("u1", "x", 2, "view", "o2"),  # an exposure inside the prefix arrives with it
+            ("u1", "e", 2, "purchase", "o2"),
+            ("u1", "a", 2, "purchase", "o2"),  # a repeat: not new, not a target
+            ("u1", "f", 2, "purchase", "o2"),
+            ("u1", "g", 2, "purchase", "o2"),
+            # u2: the held-out part starts inside its only order (a, b, c, d): prefix c, rest d
+            ("u2", "a", 3, "purchase", "p1"),
+            ("u2", "b", 3, "purchase", "p1"),
+            ("u2", "c", 3, "purchase", "p1"),
+            ("u2", "d", 3, "purchase", "p1"),
+            # u3: its held-out order holds one new item: no within-order target
+            ("u3", "a", 1, "purchase", "q1"),
+            ("u3", "b", 4, "purchase", "q2"),
+            # u4: no order ids: no within-order target
+            ("u4", "a", 1, "purchase", ""),
+            ("u4", "b", 1, "purchase", ""),
+        ]
+    )
+    time_cut = holdout_round(log, 0.5)
+    basket = basket_round(log, 0.5)
+    # The same history as the time-cutoff round.
+    pd.testing.assert_frame_equal(basket.history, time_cut.history)
+    assert basket.user_ids.tolist() == ["u1", "u2"]
+    targets = basket.targets.groupby("user_id")["item_id"].apply(sorted).to_dict()
+    assert targets == {"u1": ["f", "g"], "u2": ["d"]}
+    prefix = basket.prefix.groupby("user_id")["item_id"].apply(list).to_dict()
+    assert prefix == {"u1": ["d", "x", "e"], "u2": ["c"]}
+    seen = basket.history_with_prefix
+    assert seen[seen["user_id"] == "u1"]["item_id"].tolist() == list("abcdxe")
+
+
+def test_basket_round_of_a_log_without_orders_is_empty() -> None:
+    log = frame([("u1", item, day, "purchase") for day, item in enumerate("abcde")])
+    basket = basket_round(log, 0.4)
+    assert basket.targets.empty and basket.prefix.empty
+    assert basket.user_ids.tolist() == []
