@@ -12,8 +12,16 @@
    Feast reads, for every test customer; recserve over HTTP: the Ray Serve graph on that registry and
    store, POST /v1/recommendations for every test customer. Both scored the same way.
 
-Prints the table, recserve over HTTP / EASE on NDCG@10 (the issue's bar: >= 1.1) and the HTTP - in
-process gap (identical lists expected). Writes bench/results/online_retail_http.json.
+5. The within-order protocol (#32) on the same history and the same trained bundle: each customer's
+   first held-out order split in two (`training.rounds.basket_round`), the first half in the cart,
+   the rest relevant. Baselines tuned on its validation round see the prefix as history; recserve
+   offline answers from a state with the prefix in it (`training.system.Served`, what the search
+   and `recserve train`'s second table score); recserve over HTTP gets the prefix as POST /v1/events
+   first (the real-time path), then POST /v1/recommendations.
+
+Prints both tables, recserve over HTTP / EASE on NDCG@10 for each (the bar: >= 1.1), the HTTP - in
+process gap (identical lists expected) and the within-order events-over-HTTP / offline ratio (bar:
+within 10%). Writes bench/results/online_retail_http.json.
 
     .venv/bin/python bench/online_retail_http.py      # ~15 min on 2 cores
     .venv/bin/python bench/online_retail_http.py --work-dir DIR --reuse   # serving half only
@@ -48,11 +56,15 @@ from serve_app.stages.records import Query, Recommendations  # noqa: E402
 from training.data import Dataset, write_dataset  # noqa: E402
 from training.evaluate import evaluate_ranking  # noqa: E402
 from training.online_retail import load_online_retail  # noqa: E402
-from training.pipeline import baseline_lists, tune_baselines  # noqa: E402
-from training.rounds import temporal_rounds  # noqa: E402
-from training.system import ItemTable, Log  # noqa: E402
+from training.pipeline import as_plain_round, baseline_lists, tune_baselines  # noqa: E402
+from training.rounds import BasketRound, basket_round, temporal_rounds  # noqa: E402
+from training.system import ItemTable, Log, Served  # noqa: E402
 
 SERVED_OFFLINE, SERVED_HTTP = "recserve, in process", "recserve, HTTP"
+# Within-order: the prefix in the offline state, and the prefix sent as events before the request.
+SERVED_BASKET_OFFLINE = "recserve, offline (prefix in state)"
+SERVED_BASKET_HTTP = "recserve, HTTP (prefix as events)"
+IN_SESSION_BAR = 0.10  # the event-driven figure within 10% of the offline one
 PARITY_BAR = 0.005
 TARGET_RATIO = 1.1
 KEYS = ("recall@10", "recall@50", "ndcg@10", "hit_rate@10", "coverage@10", "users")
@@ -140,6 +152,56 @@ async def served_over_http(
     return lists, fallbacks, errors
 
 
+async def basket_over_http(
+    url: str, basket: BasketRound, users: Sequence[str], k: int, concurrency: int
+) -> tuple[list[list[str]], Counter[str], Counter[str]]:
+    """Per user: POST their order prefix to /v1/events (in order, stamped now: the log's own
+    times are years outside the accepted window), then POST /v1/recommendations."""
+    import aiohttp
+
+    prefix = basket.prefix.groupby(basket.prefix["user_id"].astype(str), sort=False)
+    by_user = {u: frame for u, frame in prefix}
+    lists: list[list[str]] = [[] for _ in users]
+    fallbacks: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    gate = asyncio.Semaphore(concurrency)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(url, timeout=timeout) as session:
+
+        async def one(row: int, user: str) -> None:
+            events = [
+                {
+                    "user_id": user,
+                    "item_id": str(e.item_id),
+                    "event_type": str(e.event_type),
+                    "session_id": str(e.session_id) or None,
+                    "event_id": f"bench-{user}-{i}",
+                }
+                for i, e in enumerate(by_user[user].itertuples(index=False))
+            ]
+            async with gate:
+                try:
+                    async with session.post("/v1/events", json={"events": events}) as response:
+                        if response.status != 202:
+                            errors[f"events_http_{response.status}"] += 1
+                            return
+                    async with session.post(
+                        "/v1/recommendations", json={"user_id": user, "k": k}
+                    ) as response:
+                        body = await response.json()
+                        if response.status != 200:
+                            errors[f"http_{response.status}"] += 1
+                            return
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    errors[type(exc).__name__] += 1
+                    return
+                lists[row] = [item["item_id"] for item in body["items"]]
+                fallbacks[str(body.get("fallback"))] += 1
+
+        await asyncio.gather(*(one(row, user) for row, user in enumerate(users)))
+    return lists, fallbacks, errors
+
+
 def print_table(rows: dict[str, dict[str, float]], keys: Sequence[str]) -> None:
     print(f"\n{'system':<34}" + "".join(f"{k:>15}" for k in keys))
     for name, values in rows.items():
@@ -177,16 +239,25 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     dataset, _report = load_online_retail(args.data)
     validation, test = temporal_rounds(dataset.events)
+    # The within-order protocol on the same history: the first half of each customer's first
+    # held-out order arrives before the request, the rest of that order is relevant.
+    basket = basket_round(dataset.events)
+    basket_validation = basket_round(test.history, name="basket-validation")
     items = ItemTable.of(dataset.catalog)
     customers = test.user_ids
     relevant = test.relevant(items.index, customers)
     history = Log.of(test.history, items)
     history_users = set(history.encoded.user_ids[history.encoded.user[history.encoded.positive]])
     cold = np.array([u not in history_users for u in customers])
+    b_customers = basket.user_ids
+    b_relevant = basket.relevant(items.index, b_customers)
+    b_history = Log.of(basket.history_with_prefix, items)
     timings["load + split"] = time.perf_counter() - start
     print(
         f"{len(test.history):,} events before the customers' cutoffs, {len(customers):,} test "
-        f"customers ({int(cold.sum())} without history), {len(test.targets):,} held-out purchases",
+        f"customers ({int(cold.sum())} without history), {len(test.targets):,} held-out purchases;"
+        f" within-order: {len(b_customers):,} customers, {len(basket.prefix):,} prefix events,"
+        f" {len(basket.targets):,} held-out items of the same orders",
         flush=True,
     )
 
@@ -214,6 +285,25 @@ def main(argv: list[str] | None = None) -> int:
         f"EASE lambda {tuned.ease_lambda}, item-kNN neighbours {tuned.knn_neighbors} (validation)"
     )
 
+    def b_metrics_of(ranked: np.ndarray) -> dict[str, float]:
+        return evaluate_ranking(
+            ranked[:, : args.k],
+            b_relevant,
+            n_items=len(items.item_ids),
+            item_categories=items.codes,
+            ks=(10, 50),
+        )
+
+    started = time.perf_counter()
+    b_tuned = tune_baselines(as_plain_round(basket_validation), items, shrink)
+    b_rows = {
+        name: b_metrics_of(ranked)
+        for name, ranked in baseline_lists(b_history, b_customers, b_tuned, shrink, args.k).items()
+    }
+    b_rows["EASE"]["lambda"] = float(b_tuned.ease_lambda or np.nan)
+    b_rows["item-kNN"]["neighbors"] = float(b_tuned.knn_neighbors or 0)
+    timings["baselines, within-order"] = time.perf_counter() - started
+
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -232,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
             offline = served_in_process(work, redis_url, user_ids, args.k)
             timings["in process"] = time.perf_counter() - started
             rows[SERVED_OFFLINE] = metrics_of(ranked_matrix(offline, item_index, args.k))
+            started = time.perf_counter()
+            bundle_dir = load_served(work, redis_url).model.bundle.path
+            b_offline = Served(bundle_dir, b_history).lists(b_customers, args.k)
+            b_rows[SERVED_BASKET_OFFLINE] = b_metrics_of(b_offline)
+            timings["within-order, offline"] = time.perf_counter() - started
+            b_online: list[list[str]] = []
             online: list[list[str]] = []
             fallbacks: Counter[str] = Counter()
             errors: Counter[str] = Counter()
@@ -242,8 +338,20 @@ def main(argv: list[str] | None = None) -> int:
                         served_over_http(url, user_ids, args.k, args.concurrency)
                     )
                     timings["over HTTP"] = time.perf_counter() - started
+                    # After the time-cutoff requests: the prefix events change these users' state.
+                    started = time.perf_counter()
+                    b_online, b_fallbacks, b_errors = asyncio.run(
+                        basket_over_http(
+                            url, basket, [str(u) for u in b_customers], args.k, args.concurrency
+                        )
+                    )
+                    timings["within-order, events + HTTP"] = time.perf_counter() - started
                 rows[SERVED_HTTP] = metrics_of(ranked_matrix(online, item_index, args.k))
+                b_rows[SERVED_BASKET_HTTP] = b_metrics_of(
+                    ranked_matrix(b_online, item_index, args.k)
+                )
 
+    print("\nTime-cutoff protocol (each customer's newest 20% of first purchases held out)")
     print_table(rows, KEYS)
     ease = rows["EASE"]["ndcg@10"]
     served = rows.get(SERVED_HTTP, rows[SERVED_OFFLINE])
@@ -253,6 +361,32 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{SERVED_HTTP if online else SERVED_OFFLINE} NDCG@10 / EASE: {ratio:.3f} "
         f"(bar: >= {TARGET_RATIO})"
     )
+    print(
+        "\nWithin-order protocol (the first half of each customer's first held-out order before"
+        " the request, the rest relevant)"
+    )
+    print_table(b_rows, KEYS)
+    b_served = b_rows.get(SERVED_BASKET_HTTP, b_rows[SERVED_BASKET_OFFLINE])
+    b_ratio = b_served["ndcg@10"] / b_rows["EASE"]["ndcg@10"]
+    summary["within_order_ratio_to_ease_ndcg@10"] = b_ratio
+    print(
+        f"\n{SERVED_BASKET_HTTP if b_online else SERVED_BASKET_OFFLINE} NDCG@10 / EASE:"
+        f" {b_ratio:.3f} (bar: >= {TARGET_RATIO})"
+    )
+    if b_online:
+        offline_ndcg = b_rows[SERVED_BASKET_OFFLINE]["ndcg@10"]
+        in_session = b_rows[SERVED_BASKET_HTTP]["ndcg@10"] / offline_ndcg
+        summary.update(
+            {
+                "in_session_over_offline_ndcg@10": in_session,
+                "within_order_http_errors": dict(b_errors),
+                "within_order_fallbacks": dict(b_fallbacks),
+            }
+        )
+        print(
+            f"events over HTTP / offline (prefix in state) NDCG@10: {in_session:.3f} (bar: within"
+            f" {IN_SESSION_BAR:.0%}); errors: {dict(b_errors) or 0}; fallbacks: {dict(b_fallbacks)}"
+        )
     if online:
         identical = sum(a == b for a, b in zip(offline, online, strict=True))
         gap = rows[SERVED_HTTP]["ndcg@10"] - rows[SERVED_OFFLINE]["ndcg@10"]
@@ -278,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             "cold_customers": int(cold.sum()),
             "k": args.k,
             "metrics": rows,
+            "within_order": {"customers": len(b_customers), "metrics": b_rows},
             **summary,
             "timings_s": {k: round(v, 1) for k, v in timings.items()},
         },

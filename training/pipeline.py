@@ -259,8 +259,14 @@ def run_pipeline(
         }
         if on_table is not None:
             on_table(metrics)
+        # EASE and item-kNN tuned on the within-order validation round when it has users.
+        basket_baselines = (
+            tune_baselines(as_plain_round(basket_validation), items, shrink)
+            if len(basket_test.user_ids) and len(basket_validation.user_ids)
+            else baselines
+        )
         basket_metrics = basket_table(
-            basket_test, settings, items, fitted, test_dir, baselines, shrink, progress
+            basket_test, settings, items, fitted, test_dir, basket_baselines, shrink, progress
         )
         if basket_metrics and on_basket_table is not None:
             on_basket_table(basket_metrics)
@@ -368,8 +374,13 @@ def run_pipeline(
     return result
 
 
+def as_plain_round(basket: BasketRound) -> Round:
+    """A within-order round as the baselines see it: the prefix is part of the history."""
+    return Round(basket.name, basket.history_with_prefix, basket.targets)
+
+
 def basket_table(
-    basket: Round,
+    basket: BasketRound,
     settings: TrainingSettings,
     items: ItemTable,
     fitted: Any,
@@ -380,8 +391,8 @@ def basket_table(
 ) -> dict[str, dict[str, float]]:
     """The within-order test round's table: every system answers its (sampled) users with their
     order prefix in the state, as the real-time path serves a shopper whose first items arrived as
-    events after the bundle was trained; the test-round bundle is not refit on the prefixes."""
-    if not isinstance(basket, BasketRound) or not len(basket.user_ids):
+    events after the bundle was trained (the test-round bundle is not refit on the prefixes)."""
+    if not len(basket.user_ids):
         return {}
     users = sample_users(basket.user_ids, settings.evaluation.max_users, settings.evaluation.seed)
     log.info("within-order round: scoring %d of %d users", len(users), len(basket.user_ids))

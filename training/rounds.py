@@ -6,6 +6,11 @@ user's own cutoff, the position of their first held-out pair: repeats, views and
 users before it stay, nothing of theirs from that moment on. Relevant = the held-out items (rating >= 4
 when the log has ratings). The validation round is carved the same way out of the test round's history,
 so no choice made on it ever reads a test item.
+
+Beside it, the within-order round (`basket_round`, #32): the same history, but the first half of each
+user's first held-out order (`session_id`) arrives before the request, as a shopper's cart does, and
+only the rest of that order is relevant. It measures basket completion, which the time cut cannot
+(whole orders fall on its far side, unseen).
 """
 
 from __future__ import annotations

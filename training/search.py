@@ -17,6 +17,12 @@ and held-out items, the whole catalog): a trial's cost follows the events it tra
 trial stays near the cost of that many events (about 2 minutes per million on 2 cores) whatever the
 data size, and the search spends the rest of the budget on further trials instead of one long fit.
 The summary records how many events and users the trials saw.
+
+Two rounds when the log has orders (`session_id`): beside the time-cutoff round, the within-order
+round of the same history (`training.rounds.basket_round`): the same trial bundle answers its users
+with the first half of their held-out order in the state (as if it had arrived as events), the rest of
+the order relevant. The objective is the mean of the two NDCG@10s, so the search cannot buy one
+protocol with the other; the best trial's figure per round is recorded (`search.best_by_round`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from serve_app.bundle import check_manifest_digest, load_bundle, verify_bundle
-from serve_app.contract import Collaborative
+from serve_app.contract import CF_SIGNALS, Collaborative, cf_scores
 from serve_app.errors import BundleIntegrityError
 from serve_app.schemas import BUNDLE_FILES
 from serve_app.stages.user_tower import NumpyUserTower
@@ -342,6 +342,7 @@ def _with_collaborative(bundle_dir: Path) -> Collaborative:
         is_view=np.zeros(400, dtype=bool),
         n_items=N_ITEMS,
         n_categories=1,
+        session=np.arange(400, dtype=np.int64) // 4,  # orders of four lines
     )
     model = fit_collaborative(log, None, CollaborativeConfig(ease_top_k=5, per_source=3))
     manifest = read_manifest(bundle_dir)
@@ -354,11 +355,30 @@ def test_collaborative_models_round_trip_without_pickle(bundle_dir: Path) -> Non
     model = _with_collaborative(bundle_dir)
     loaded = load_bundle(bundle_dir).collaborative
     assert loaded is not None
-    for name in ("ease", "knn", "transitions"):
+    for name in ("ease", "knn", "transitions", "basket"):
         expected, got = getattr(model, name), getattr(loaded, name)
         assert got.nnz > 0 and (got != expected).nnz == 0
     assert model.ease.getnnz(axis=1).max() <= 5  # the top-k cut
     assert (loaded.last_items, loaded.per_source) == (model.last_items, 3)
+    assert loaded.basket_items == model.basket_items
+
+
+def test_a_bundle_from_before_the_basket_signal_loads_and_scores_nothing_with_it(
+    bundle_dir: Path,
+) -> None:
+    _with_collaborative(bundle_dir)
+    with np.load(bundle_dir / "collaborative.npz") as npz:
+        arrays = {key: npz[key] for key in npz.files if not key.startswith("basket_")}
+    with (bundle_dir / "collaborative.npz").open("wb") as out:
+        np.savez(out, **arrays)
+    manifest = read_manifest(bundle_dir)
+    spec = {k: v for k, v in manifest.collaborative.items() if k != "basket_items"}
+    finalize_bundle(bundle_dir, manifest.model_copy(update={"collaborative": spec}))
+    loaded = load_bundle(bundle_dir).collaborative
+    assert loaded is not None and loaded.basket is None
+    scores = cf_scores(loaded, np.array([0, 1, 2]), np.array([1, 2, 3, 0]))
+    basket = CF_SIGNALS.index("basket")
+    assert len(scores.rows[basket]) == 0 and len(scores.rows[0]) > 0
 
 
 def test_collaborative_matrix_pointing_outside_the_catalog_is_refused(bundle_dir: Path) -> None:

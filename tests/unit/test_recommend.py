@@ -26,6 +26,7 @@ from serve_app.contract import (
     ITEM_FEATURE_NAMES,
     RANKER_FEATURE_NAMES,
     RANKER_FEATURE_NAMES_CF,
+    RANKER_FEATURE_NAMES_CF_LEGACY,
     Collaborative,
     hash_bucket,
 )
@@ -504,6 +505,34 @@ def test_collaborative_candidates_follow_the_index_ones_and_feed_the_ranker() ->
     sources = {item.item_id: item.source for item in result.items}
     assert all(sources[f"i{r:02d}"] == "collaborative" for r in expected if f"i{r:02d}" in sources)
     assert not {"i00", "i01", "i02"} & set(sources)
+
+
+def test_basket_reads_the_newest_items_and_a_legacy_ranker_gets_its_own_columns() -> None:
+    cf = Collaborative(
+        ease=_item_item({(0, 20): 0.9}),
+        knn=_item_item({(2, 22): 0.3}),
+        transitions=_item_item({(2, 23): 1.0}),
+        last_items=1,
+        per_source=5,
+        basket=_item_item({(2, 24): 0.8, (0, 25): 0.6, (1, 26): 0.4}),
+        basket_items=2,
+    )
+    for names in (RANKER_FEATURE_NAMES_CF, RANKER_FEATURE_NAMES_CF_LEGACY):
+        model = make_model(collaborative=cf, features_names=names)
+        user = user_state(model, vector=model.bundle.item_embeddings[5], seen=[0, 1, 2])
+        # Newest first: 2, 0, then 1 (outside basket_items = 2: its neighbour 26 is not read).
+        user = replace(user, recent=np.array([3, 1, 2, 0]))
+        candidates = retrieve(model, user, RankingConfig(candidates=5))
+        assert candidates.cf_columns is not None
+        basket = candidates.cf_columns[:, CF_FEATURE_NAMES.index("basket_score")]
+        scored = dict(zip(candidates.rows.tolist(), basket.tolist(), strict=True))
+        assert scored[24] == pytest.approx(0.8) and scored[25] == pytest.approx(0.6)
+        assert scored.get(26, 0.0) == 0.0
+        # The ranker reads the columns it was trained on: 15 collaborative ones, or the 12 of a
+        # bundle from before the basket signal (its XGBoost model refuses any other width).
+        x = candidate_features(model, candidates)
+        assert x.shape == (len(candidates.rows), len(names))
+        assert len(rerank(model, score(model, candidates), NO_RULES).items) == 5
 
 
 def test_a_ranker_reading_collaborative_features_needs_the_models() -> None:
