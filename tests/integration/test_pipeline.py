@@ -20,7 +20,7 @@ from training.config import SIZES, TrainingSettings, load_settings
 from training.data import Dataset
 from training.pipeline import FINAL_SYSTEM, run_pipeline
 from training.registry import promote
-from training.rounds import temporal_rounds
+from training.rounds import basket_round, temporal_rounds
 from training.synthetic import generate
 from training.two_tower import read_user_tower
 
@@ -85,6 +85,19 @@ def test_pipeline_registers_a_verified_refit_bundle_that_round_trips(tmp_path: P
     assert set(metrics_file) >= {"popularity", "item-kNN", "EASE", "retrieval", FINAL_SYSTEM}
     users = len(temporal_rounds(dataset.events)[1].user_ids)
     assert result.metrics[FINAL_SYSTEM]["users"] == users == manifest.params["rounds.test_users"]
+    # The within-order table (the generator's sessions are user-days): every system on the users
+    # whose first held-out order has two new items or more, the figures in the manifest.
+    basket_users = len(basket_round(dataset.events).user_ids)
+    assert basket_users == manifest.params["rounds.basket_test_users"] > 0
+    assert set(result.basket_metrics) == set(result.metrics)
+    assert result.basket_metrics[FINAL_SYSTEM]["users"] == basket_users
+    assert manifest.metrics["basket/recserve/ndcg@10"] == pytest.approx(
+        result.basket_metrics[FINAL_SYSTEM]["ndcg@10"]
+    )
+    assert (
+        result.basket_metrics[FINAL_SYSTEM]["ndcg@10"]
+        > result.basket_metrics["popularity"]["ndcg@10"]
+    )
 
     # The users it was trained on, for the event writer's cold-user expiry: all of them, only them.
     known = load_known_users(path, manifest.files)
@@ -115,6 +128,7 @@ def test_pipeline_registers_a_verified_refit_bundle_that_round_trips(tmp_path: P
     assert bundle.ranker.inplace_predict(x).shape == (3,)
     assert bundle.collaborative is not None and "collaborative.npz" in manifest.files
     assert bundle.collaborative.ease.nnz > 0 and bundle.collaborative.transitions.nnz > 0
+    assert bundle.collaborative.basket is not None and bundle.collaborative.basket.nnz > 0
     # Feature tables for Feast were written next to the data.
     assert result.feature_tables["user_profile"].exists()
 
@@ -157,6 +171,10 @@ def test_search_runs_trials_as_nested_mlflow_runs_and_leaves_a_pinned_setting_al
     # Trial 0 is the settings as given; the chosen trial is the best on validation.
     assert search.best_ndcg10 >= search.given_ndcg10 > 0
     assert manifest.metrics["validation/ndcg@10"] == pytest.approx(search.best_ndcg10)
+    # The objective is the mean of the time-cutoff and within-order rounds' NDCG@10.
+    assert set(search.best_by_round) == {"time", "basket"}
+    assert search.best_ndcg10 == pytest.approx(np.mean(list(search.best_by_round.values())))
+    assert manifest.metrics["validation/basket/ndcg@10"] == search.best_by_round["basket"]
 
     # One nested MLflow run per trial under one parent run.
     client = MlflowClient(settings.tracking_uri)  # not mlflow.set_tracking_uri: a process global
