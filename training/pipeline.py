@@ -20,7 +20,7 @@ import logging
 import math
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,9 +43,7 @@ from training.config import TrainingSettings
 from training.data import Dataset, snapshot_id
 from training.evaluate import evaluate_ranking, ndcg_at_k, top_k_from_scores, write_metrics_json
 from training.feature_tables import (
-    user_profile_frame,
-    user_profile_snapshots,
-    write_user_profile_snapshots,
+    write_user_profiles,
 )
 from training.features import EncodedLog, UserStates, item_stats_at, user_states_at
 from training.registry import RegisteredBundle, register_bundle
@@ -317,34 +315,20 @@ def run_pipeline(
             params=params,
         )
 
-        states_end = user_states_at(
-            everything.encoded, everything.encoded.user_ids, None, refit.tt.history_length
-        )
-        vecs_end = encode_users(refit.towers.user_tower, states_end, refit.tt)
-
     with timer("feature tables"):
-        # Feast's offline source: every user's state and every item's statistics at the log's end.
+        # Feast's offline source: every user's state and every item's statistics at the log's end,
+        # and for training through Feast the states at two time quantiles, a chunk of users at a time.
         stats_end = item_stats_at(everything.encoded, everything.end, items.created_ns)
         feature_paths = write_feature_tables(
             settings.data_dir / "features",
             everything.encoded,
-            states_end,
-            vecs_end,
             items.item_ids,
             stats_end.matrix(items.price),
             items.frame,
             max(everything.end, pd.Timestamp.now(tz="UTC")),
-        )
-        # Point-in-time history for training through Feast: states at two time quantiles.
-        write_user_profile_snapshots(
-            user_profile_snapshots(
-                everything.encoded,
-                items.item_ids,
-                time_fraction_cutoffs(everything.events, (0.75, 0.9)),
-                refit.tt.history_length,
-                embed=lambda st: encode_users(refit.towers.user_tower, st, refit.tt),
-            ),
-            feature_paths["user_profile"],
+            refit.tt.history_length,
+            embed=lambda st: encode_users(refit.towers.user_tower, st, refit.tt),
+            snapshot_times=time_fraction_cutoffs(everything.events, (0.75, 0.9)),
         )
 
     registered = None
@@ -463,21 +447,28 @@ def _trial_runs(
 def write_feature_tables(
     directory: Path,
     log_: EncodedLog,
-    states: UserStates,
-    user_vecs: np.ndarray,
     item_ids: np.ndarray,
     item_features: np.ndarray,
     catalog: pd.DataFrame,
     as_of: pd.Timestamp,
+    history_length: int,
+    embed: Callable[[UserStates], np.ndarray] | None = None,
+    snapshot_times: Sequence[pd.Timestamp] = (),
 ) -> dict[str, Path]:
     """Write the batch feature tables Feast reads (`user_profile`, `item_profile`) as Parquet.
 
     One row per user / item with the state at the end of the log, stamped `as_of` (the run time, so
     that incremental materialization picks up a retrained model's rows even on unchanged data): the
-    same values the bundle's offline evaluation used, so online reads match offline features.
+    same values the bundle's offline evaluation used, so online reads match offline features. The
+    user rows are built a chunk of users at a time (`training.feature_tables.write_user_profiles`,
+    with the point-in-time snapshots at `snapshot_times`), so a million users fit.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    users = user_profile_frame(states, item_ids, as_of, user_vecs)
+    paths = {"user_profile": directory / "user_profile.parquet"}
+    paths["item_profile"] = directory / "item_profile.parquet"
+    write_user_profiles(
+        paths["user_profile"], log_, item_ids, history_length, as_of, snapshot_times, embed
+    )
     items = pd.DataFrame(
         {
             "item_id": item_ids.astype(str),
@@ -490,9 +481,6 @@ def write_feature_tables(
             },
         }
     )
-    paths = {"user_profile": directory / "user_profile.parquet"}
-    paths["item_profile"] = directory / "item_profile.parquet"
-    users.to_parquet(paths["user_profile"], index=False)
     items.to_parquet(paths["item_profile"], index=False)
     return paths
 
