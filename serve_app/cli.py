@@ -224,11 +224,15 @@ def wait_ready(base_url: str, timeout: float) -> dict[str, Any]:
 # the host starves them. Ray Serve's documented high-throughput mode: HAProxy (C) instead of the Python
 # proxy actor, the Ingress replicas answering HTTP themselves (direct ingress), gRPC between
 # deployments, user code on the replica's loop and the GC frozen after start. On this 2-core machine
-# it cuts CPU per request by about a quarter and the p99 at 50 requests/s by about half.
+# it cuts CPU per request by about a quarter and the p99 at 50 requests/s by about half. A handle's
+# gRPC channel takes replies of at most 4 MB by default; the Ingress fetches each version's item ids
+# from the group holding the re-ranker once (1M items: 28 MB, refused at the xl run's first load), so
+# replies may be up to 512 MB (a 10M-item catalog's ids are ~300 MB).
 RAY_ENV = {
     "RAY_worker_niceness": "0",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "536870912",
 }
 
 

@@ -272,9 +272,13 @@ def search_settings(
                 scores: dict[str, float] = {}
                 for name, (r_data, r_users, r_relevant, r_parts) in rounds.items():
                     part = r_parts[step]
-                    lists[name][part] = served.lists(r_users[part], 10, data=r_data)
+                    if len(part):
+                        lists[name][part] = served.lists(r_users[part], 10, data=r_data)
                     done = np.concatenate(r_parts[: step + 1])
-                    scores[name] = ndcg_at_k(lists[name][done], [r_relevant[i] for i in done], 10)
+                    if len(done):  # a small round's first parts can be empty
+                        scores[name] = ndcg_at_k(
+                            lists[name][done], [r_relevant[i] for i in done], 10
+                        )
                 value = float(np.mean(list(scores.values())))
                 by_trial[trial.number] = scores
                 trial.report(value, step)
