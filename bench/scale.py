@@ -304,6 +304,9 @@ def step_materialize(ctx: Context) -> dict[str, Any]:
     assert ctx.redis_url is not None
     if not (ctx.data_dir / "features" / "user_profile.parquet").exists():
         raise SystemExit(f"no feature tables in {ctx.data_dir}/features: run the train step first")
+    # The private Redis is new every run, but Feast's file registry remembers what an earlier run
+    # materialized (into its own, gone, Redis) and would load nothing: start it afresh.
+    (ctx.data_dir / "feast" / "registry.db").unlink(missing_ok=True)
     run = run_child(
         recserve("features", "all", "--data-dir", str(ctx.data_dir)),
         child_env(ctx.redis_url),
@@ -356,17 +359,25 @@ def rate_duration(args: argparse.Namespace, rate: float) -> float:
 
 
 def step_serve(ctx: Context, url: str, users: list[str], ready_s: float) -> dict[str, Any]:
-    from bench.replica_memory import replica_rss_mb
+    from bench.replica_memory import replica_memory
     from bench.serving_load import open_loop
 
     args = ctx.args
     print(f"[scale] warm-up: {args.warmup:.0f} s at {RATES[0]:.0f}/s", flush=True)
     asyncio.run(open_loop(url, RATES[0], args.warmup, args.max_requests, users, args.k))
-    memory = replica_rss_mb(os.getpid())
+    # Per replica RSS and PSS (a page shared by several processes, the memory-mapped bundle's, is
+    # counted once in the PSS sum): `bench.replica_memory.replica_memory`.
+    memory = {name: m for name, m in replica_memory(os.getpid()).items() if m.get("rss")}
     figures: dict[str, Any] = {"graph_ready_s": round(ready_s, 1)}
     for name in STAGE_DEPLOYMENTS:
-        figures[f"rss_mb_{name}"] = memory.get(name)
-    figures["stage_replicas_mb"] = round(sum(memory.get(n, 0.0) for n in STAGE_DEPLOYMENTS), 1)
+        figures[f"rss_mb_{name}"] = memory.get(name, {}).get("rss")
+        figures[f"pss_mb_{name}"] = memory.get(name, {}).get("pss")
+    figures["stage_replicas_mb"] = round(
+        sum(memory.get(n, {}).get("rss", 0.0) for n in STAGE_DEPLOYMENTS), 1
+    )
+    figures["stage_replicas_pss_mb"] = round(
+        sum(memory.get(n, {}).get("pss", 0.0) for n in STAGE_DEPLOYMENTS), 1
+    )
     runs = []
     for rate in RATES:
         duration = rate_duration(args, rate)

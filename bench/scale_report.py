@@ -109,6 +109,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ),
     *((f"rss_mb_{d}", f"replica RSS {d}", "MiB") for d in STAGE_DEPLOYMENTS),
     ("stage_replicas_mb", "stage replicas together", "MiB"),
+    ("stage_replicas_pss_mb", "stage replicas together (PSS: shared pages once)", "MiB"),
     ("demo_search_p50_ms", "demo catalog search p50", "ms"),
     ("demo_search_p99_ms", "demo catalog search p99", "ms"),
     ("demo_search_errors", "demo catalog search errors", ""),
