@@ -155,17 +155,23 @@ class Collaborative:
     transitions: sp.csr_matrix
     last_items: int  # newest history items read by ease_last and next
     per_source: int  # candidates each signal adds (its top unseen items with a positive score)
-    basket: sp.csr_matrix | None = None  # None (a bundle from before it): scores nothing
+    # None (a bundle from before the signal): an empty matrix, made once here, never per request.
+    basket: sp.csr_matrix | None = None
     basket_items: int = 10  # newest history items read by basket
 
+    def __post_init__(self) -> None:
+        if self.basket is None:
+            object.__setattr__(self, "basket", sp.csr_matrix(self.knn.shape, dtype=np.float32))
+
     def matrix(self, signal: str) -> sp.csr_matrix:
-        if signal == "basket":
-            if self.basket is None:
-                return sp.csr_matrix(self.knn.shape, dtype=np.float32)
-            return self.basket
-        return {"ease": self.ease, "ease_last": self.ease, "next": self.transitions}.get(
-            signal, self.knn
-        )
+        by_signal = {
+            "ease": self.ease,
+            "ease_last": self.ease,
+            "next": self.transitions,
+            "basket": self.basket,
+        }
+        chosen = by_signal.get(signal)
+        return self.knn if chosen is None else chosen
 
 
 def row_sum(matrix: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:

@@ -142,7 +142,7 @@ def save_collaborative(model: Collaborative, directory: Path) -> dict[str, Any]:
     """Write `collaborative.npz` into a bundle directory; returns the manifest's entry."""
     arrays: dict[str, np.ndarray] = {}
     for name in MATRICES:
-        m: sp.csr_matrix = model.matrix(name) if name == "basket" else getattr(model, name)
+        m: sp.csr_matrix = getattr(model, name)
         m.sort_indices()
         arrays[f"{name}_indptr"] = m.indptr.astype(np.int64)
         arrays[f"{name}_indices"] = m.indices.astype(np.int32)
@@ -154,8 +154,5 @@ def save_collaborative(model: Collaborative, directory: Path) -> dict[str, Any]:
         "last_items": model.last_items,
         "per_source": model.per_source,
         "basket_items": model.basket_items,
-        "nnz": {
-            name: int((model.matrix(name) if name == "basket" else getattr(model, name)).nnz)
-            for name in MATRICES
-        },
+        "nnz": {name: int(getattr(model, name).nnz) for name in MATRICES},
     }

@@ -375,7 +375,7 @@ def test_a_bundle_from_before_the_basket_signal_loads_and_scores_nothing_with_it
     spec = {k: v for k, v in manifest.collaborative.items() if k != "basket_items"}
     finalize_bundle(bundle_dir, manifest.model_copy(update={"collaborative": spec}))
     loaded = load_bundle(bundle_dir).collaborative
-    assert loaded is not None and loaded.basket is None
+    assert loaded is not None and loaded.basket is not None and loaded.basket.nnz == 0
     scores = cf_scores(loaded, np.array([0, 1, 2]), np.array([1, 2, 3, 0]))
     basket = CF_SIGNALS.index("basket")
     assert len(scores.rows[basket]) == 0 and len(scores.rows[0]) > 0
