@@ -57,7 +57,7 @@ from training.data import Dataset, write_dataset  # noqa: E402
 from training.evaluate import evaluate_ranking  # noqa: E402
 from training.online_retail import load_online_retail  # noqa: E402
 from training.pipeline import as_plain_round, baseline_lists, tune_baselines  # noqa: E402
-from training.rounds import BasketRound, basket_round, temporal_rounds  # noqa: E402
+from training.rounds import BasketRound, all_rounds  # noqa: E402
 from training.system import ItemTable, Log, Served  # noqa: E402
 
 SERVED_OFFLINE, SERVED_HTTP = "recserve, in process", "recserve, HTTP"
@@ -238,11 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     dataset, _report = load_online_retail(args.data)
-    validation, test = temporal_rounds(dataset.events)
+    rounds = all_rounds(dataset.events)
+    validation, test = rounds.validation, rounds.test
     # The within-order protocol on the same history: the first half of each customer's first
     # held-out order arrives before the request, the rest of that order is relevant.
-    basket = basket_round(dataset.events)
-    basket_validation = basket_round(test.history, name="basket-validation")
+    basket, basket_validation = rounds.basket_test, rounds.basket_validation
     items = ItemTable.of(dataset.catalog)
     customers = test.user_ids
     relevant = test.relevant(items.index, customers)

@@ -47,7 +47,7 @@ from training.feature_tables import (
 )
 from training.features import EncodedLog, UserStates, item_stats_at, user_states_at
 from training.registry import RegisteredBundle, register_bundle
-from training.rounds import BasketRound, Round, basket_round, temporal_rounds
+from training.rounds import BasketRound, Round, all_rounds
 from training.search import SearchResult, sample_users, search_settings
 from training.split import time_fraction_cutoffs
 from training.system import (
@@ -215,11 +215,12 @@ def run_pipeline(
     shrink = settings.collaborative.knn_shrink
 
     with timer("rounds"):
-        fraction, min_weight = settings.split.holdout_fraction, relevant_min_weight(dataset)
-        validation, test = temporal_rounds(dataset.events, fraction, min_weight)
-        # The within-order rounds beside them: the same histories, part of an order in the cart.
-        basket_validation = basket_round(test.history, fraction, "basket-validation", min_weight)
-        basket_test = basket_round(dataset.events, fraction, "basket-test", min_weight)
+        # The time-cutoff rounds and, beside them, the within-order ones on the same histories.
+        rounds = all_rounds(
+            dataset.events, settings.split.holdout_fraction, relevant_min_weight(dataset)
+        )
+        validation, test = rounds.validation, rounds.test
+        basket_validation, basket_test = rounds.basket_validation, rounds.basket_test
     with timer("baselines (validation)"):
         baselines = tune_baselines(validation, items, shrink)
     with timer("search"), _trial_runs(settings, dataset.name) as log_trial:

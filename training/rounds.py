@@ -16,6 +16,7 @@ only the rest of that order is relevant. It measures basket completion, which th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -65,7 +66,7 @@ class _Cut:
     held: np.ndarray  # positions of the held-out first positive pairs, time order
     limit: np.ndarray  # per row: its user's cutoff position (len(ordered) when none)
 
-    @property
+    @cached_property  # one frame, shared by the cut's time-cutoff and within-order rounds
     def history(self) -> pd.DataFrame:
         return self.ordered.loc[np.arange(len(self.ordered)) < self.limit]
 
@@ -113,7 +114,10 @@ def holdout_round(
     `relevant_min_weight` those whose event weight is at least that (a ratings log whose ratings
     became weights, `training.movielens`: weight 2 = rating 4).
     """
-    cut = _cut(events, fraction)
+    return _time_round(_cut(events, fraction), name, relevant_min_weight)
+
+
+def _time_round(cut: _Cut, name: str, relevant_min_weight: float | None) -> Round:
     targets = _relevant_only(cut.ordered.iloc[cut.held], relevant_min_weight)
     return Round(name, cut.history, targets[["user_id", "item_id", "timestamp"]])
 
@@ -146,7 +150,10 @@ def basket_round(
     the rest is relevant (ratings / weights filtered as in `holdout_round`). Users whose order has one
     new item, and logs without sessions, contribute no target: the round is then empty.
     """
-    cut = _cut(events, fraction)
+    return _basket_round(_cut(events, fraction), name, relevant_min_weight)
+
+
+def _basket_round(cut: _Cut, name: str, relevant_min_weight: float | None) -> BasketRound:
     held = cut.ordered.iloc[cut.held]
     session = (
         held["session_id"].fillna("").astype(str)
@@ -179,3 +186,29 @@ def temporal_rounds(
     """(validation, test): test held out of the whole log, validation out of test's history."""
     test = holdout_round(events, fraction, "test", relevant_min_weight)
     return holdout_round(test.history, fraction, "validation", relevant_min_weight), test
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """Every round `recserve train` reads, from two cuts of the log (one sort each): test out of
+    the whole log, validation out of test's history, and the within-order round beside each."""
+
+    validation: Round
+    test: Round
+    basket_validation: BasketRound
+    basket_test: BasketRound
+
+
+def all_rounds(
+    events: pd.DataFrame, fraction: float = 0.2, relevant_min_weight: float | None = None
+) -> Rounds:
+    """`temporal_rounds` and the `basket_round` of each of its cuts, each log cut once."""
+    test_cut = _cut(events, fraction)
+    test = _time_round(test_cut, "test", relevant_min_weight)
+    validation_cut = _cut(test.history, fraction)
+    return Rounds(
+        _time_round(validation_cut, "validation", relevant_min_weight),
+        test,
+        _basket_round(validation_cut, "basket-validation", relevant_min_weight),
+        _basket_round(test_cut, "basket-test", relevant_min_weight),
+    )

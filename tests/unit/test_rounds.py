@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.rounds import basket_round, holdout_round, temporal_rounds
+from training.rounds import BasketRound, all_rounds, basket_round, holdout_round, temporal_rounds
 
 T0 = pd.Timestamp("2024-01-01", tz="UTC")
 
@@ -159,3 +159,28 @@ def test_basket_round_of_a_log_without_orders_is_empty() -> None:
     basket = basket_round(log, 0.4)
     assert basket.targets.empty and basket.prefix.empty
     assert basket.user_ids.tolist() == []
+
+
+def test_all_rounds_are_the_rounds_each_function_cuts_on_its_own() -> None:
+    log = orders(
+        [
+            (f"u{u}", f"i{(u * 7 + d) % 13}", d // 3, "purchase", f"o{u}-{d // 3}")
+            for u in range(4)
+            for d in range(12)
+        ]
+    )
+    rounds = all_rounds(log, 0.5)
+    validation, test = temporal_rounds(log, 0.5)
+    pairs = [
+        (rounds.test, test),
+        (rounds.validation, validation),
+        (rounds.basket_test, basket_round(log, 0.5)),
+        (rounds.basket_validation, basket_round(test.history, 0.5)),
+    ]
+    for got, want in pairs:
+        pd.testing.assert_frame_equal(got.history, want.history)
+        pd.testing.assert_frame_equal(got.targets, want.targets)
+    for got, want in pairs[2:]:
+        assert isinstance(got, BasketRound) and isinstance(want, BasketRound)
+        pd.testing.assert_frame_equal(got.prefix, want.prefix)
+    assert len(rounds.basket_test.user_ids) > 0 and len(rounds.basket_validation.user_ids) > 0
