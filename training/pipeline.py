@@ -240,22 +240,9 @@ def run_pipeline(
         test_dir = run_dir / "test_round_bundle"
         write_bundle(test_dir, chosen, fitted, data, items, snapshot="test-round")
         users = sample_users(test.user_ids, settings.evaluation.max_users, settings.evaluation.seed)
-        log.info("test round: scoring %d of %d users", len(users), len(test.user_ids))
-        relevant = test.relevant(items.index, users)
-        cold = user_states_at(data.encoded, users, None, 1).event_count == 0
-        systems = baseline_lists(data, users, baselines, shrink, TABLE_K)
-        systems["retrieval"] = retrieval_lists(fitted, data, users, TABLE_K, progress)
-        systems[FINAL_SYSTEM] = Served(test_dir, data).lists(users, TABLE_K, progress=progress)
-        metrics = {
-            name: evaluate_ranking(
-                ranked,
-                relevant,
-                n_items=len(items.item_ids),
-                item_categories=items.codes,
-                cold_mask=cold,
-            )
-            for name, ranked in systems.items()
-        }
+        metrics = round_table(
+            test, data, users, items, fitted, test_dir, baselines, shrink, progress
+        )
         if on_table is not None:
             on_table(metrics)
         # EASE and item-kNN tuned on the within-order validation round when it has users.
@@ -264,11 +251,26 @@ def run_pipeline(
             if len(basket_test.user_ids) and len(basket_validation.user_ids)
             else baselines
         )
-        basket_metrics = basket_table(
-            basket_test, settings, items, fitted, test_dir, basket_baselines, shrink, progress
-        )
-        if basket_metrics and on_basket_table is not None:
-            on_basket_table(basket_metrics)
+        # Every system answers with the order prefix in the state, as the real-time path serves a
+        # shopper whose first items arrived as events after the bundle was trained (the test-round
+        # bundle is not refit on the prefixes).
+        basket_metrics: dict[str, dict[str, float]] = {}
+        if len(basket_test.user_ids):
+            basket_metrics = round_table(
+                basket_test,
+                Log.of(basket_test.history_with_prefix, items),
+                sample_users(
+                    basket_test.user_ids, settings.evaluation.max_users, settings.evaluation.seed
+                ),
+                items,
+                fitted,
+                test_dir,
+                basket_baselines,
+                shrink,
+                progress,
+            )
+            if on_basket_table is not None:
+                on_basket_table(basket_metrics)
 
     with timer("refit"):
         everything = Log.of(dataset.events, items)
@@ -364,9 +366,10 @@ def as_plain_round(basket: BasketRound) -> Round:
     return Round(basket.name, basket.history_with_prefix, basket.targets)
 
 
-def basket_table(
-    basket: BasketRound,
-    settings: TrainingSettings,
+def round_table(
+    round_: Round,
+    data: Log,
+    users: np.ndarray,
     items: ItemTable,
     fitted: Any,
     bundle_dir: Path,
@@ -374,15 +377,10 @@ def basket_table(
     shrink: float,
     progress: bool,
 ) -> dict[str, dict[str, float]]:
-    """The within-order test round's table: every system answers its (sampled) users with their
-    order prefix in the state, as the real-time path serves a shopper whose first items arrived as
-    events after the bundle was trained (the test-round bundle is not refit on the prefixes)."""
-    if not len(basket.user_ids):
-        return {}
-    users = sample_users(basket.user_ids, settings.evaluation.max_users, settings.evaluation.seed)
-    log.info("within-order round: scoring %d of %d users", len(users), len(basket.user_ids))
-    data = Log.of(basket.history_with_prefix, items)
-    relevant = basket.relevant(items.index, users)
+    """One round's table: the baselines, the towers' retrieval and recserve (the bundle in
+    `bundle_dir`, served) answer `users` from their states in `data`, scored on the round's items."""
+    log.info("%s round: scoring %d of %d users", round_.name, len(users), len(round_.user_ids))
+    relevant = round_.relevant(items.index, users)
     cold = user_states_at(data.encoded, users, None, 1).event_count == 0
     systems = baseline_lists(data, users, baselines, shrink, TABLE_K)
     systems["retrieval"] = retrieval_lists(fitted, data, users, TABLE_K, progress)
