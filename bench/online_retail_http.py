@@ -37,8 +37,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -120,9 +121,14 @@ def served_in_process(
 
 
 async def served_over_http(
-    url: str, users: Sequence[str], k: int, concurrency: int
+    url: str,
+    users: Sequence[str],
+    k: int,
+    concurrency: int,
+    events_of: Mapping[str, list[dict[str, Any]]] | None = None,
 ) -> tuple[list[list[str]], Counter[str], Counter[str]]:
-    """POST /v1/recommendations for every user; (item ids per user, fallbacks, errors)."""
+    """POST /v1/recommendations for every user, after POSTing their `events_of` to /v1/events
+    when given; (item ids per user, fallbacks, errors)."""
     import aiohttp
 
     lists: list[list[str]] = [[] for _ in users]
@@ -135,71 +141,45 @@ async def served_over_http(
         async def one(row: int, user: str) -> None:
             async with gate:
                 try:
+                    if events_of is not None:
+                        body = {"events": events_of[user]}
+                        async with session.post("/v1/events", json=body) as response:
+                            if response.status != 202:
+                                errors[f"events_http_{response.status}"] += 1
+                                return
                     async with session.post(
                         "/v1/recommendations", json={"user_id": user, "k": k}
                     ) as response:
-                        body = await response.json()
+                        answer = await response.json()
                         if response.status != 200:
                             errors[f"http_{response.status}"] += 1
                             return
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     errors[type(exc).__name__] += 1
                     return
-                lists[row] = [item["item_id"] for item in body["items"]]
-                fallbacks[str(body.get("fallback"))] += 1
+                lists[row] = [item["item_id"] for item in answer["items"]]
+                fallbacks[str(answer.get("fallback"))] += 1
 
         await asyncio.gather(*(one(row, user) for row, user in enumerate(users)))
     return lists, fallbacks, errors
 
 
-async def basket_over_http(
-    url: str, basket: BasketRound, users: Sequence[str], k: int, concurrency: int
-) -> tuple[list[list[str]], Counter[str], Counter[str]]:
-    """Per user: POST their order prefix to /v1/events (in order, stamped now: the log's own
-    times are years outside the accepted window), then POST /v1/recommendations."""
-    import aiohttp
-
-    prefix = basket.prefix.groupby(basket.prefix["user_id"].astype(str), sort=False)
-    by_user = {u: frame for u, frame in prefix}
-    lists: list[list[str]] = [[] for _ in users]
-    fallbacks: Counter[str] = Counter()
-    errors: Counter[str] = Counter()
-    gate = asyncio.Semaphore(concurrency)
-    timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(url, timeout=timeout) as session:
-
-        async def one(row: int, user: str) -> None:
-            events = [
-                {
-                    "user_id": user,
-                    "item_id": str(e.item_id),
-                    "event_type": str(e.event_type),
-                    "session_id": str(e.session_id) or None,
-                    "event_id": f"bench-{user}-{i}",
-                }
-                for i, e in enumerate(by_user[user].itertuples(index=False))
-            ]
-            async with gate:
-                try:
-                    async with session.post("/v1/events", json={"events": events}) as response:
-                        if response.status != 202:
-                            errors[f"events_http_{response.status}"] += 1
-                            return
-                    async with session.post(
-                        "/v1/recommendations", json={"user_id": user, "k": k}
-                    ) as response:
-                        body = await response.json()
-                        if response.status != 200:
-                            errors[f"http_{response.status}"] += 1
-                            return
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    errors[type(exc).__name__] += 1
-                    return
-                lists[row] = [item["item_id"] for item in body["items"]]
-                fallbacks[str(body.get("fallback"))] += 1
-
-        await asyncio.gather(*(one(row, user) for row, user in enumerate(users)))
-    return lists, fallbacks, errors
+def prefix_events(basket: BasketRound) -> dict[str, list[dict[str, Any]]]:
+    """Each customer's order prefix as POST /v1/events bodies, in order, stamped now (the log's own
+    times are years outside the accepted window)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for user, frame in basket.prefix.groupby(basket.prefix["user_id"].astype(str), sort=False):
+        out[str(user)] = [
+            {
+                "user_id": str(user),
+                "item_id": str(e.item_id),
+                "event_type": str(e.event_type),
+                "session_id": str(e.session_id) or None,
+                "event_id": f"bench-{user}-{i}",
+            }
+            for i, e in enumerate(frame.itertuples(index=False))
+        ]
+    return out
 
 
 def print_table(rows: dict[str, dict[str, float]], keys: Sequence[str]) -> None:
@@ -341,8 +321,12 @@ def main(argv: list[str] | None = None) -> int:
                     # After the time-cutoff requests: the prefix events change these users' state.
                     started = time.perf_counter()
                     b_online, b_fallbacks, b_errors = asyncio.run(
-                        basket_over_http(
-                            url, basket, [str(u) for u in b_customers], args.k, args.concurrency
+                        served_over_http(
+                            url,
+                            [str(u) for u in b_customers],
+                            args.k,
+                            args.concurrency,
+                            prefix_events(basket),
                         )
                     )
                     timings["within-order, events + HTTP"] = time.perf_counter() - started
