@@ -65,11 +65,14 @@ def encode_log(
     user_codes, user_ids = pd.factorize(ev["user_id"], sort=True)
     session = None
     if "session_id" in ev.columns:
-        named = ev["session_id"].fillna("").astype(str)
-        # A session id is the user's own: two users' "1" are two sessions.
-        keyed = ev["user_id"].astype(str) + "\x1f" + named
-        codes, _ = pd.factorize(keyed.where(named != "", None))
-        session = codes.astype(np.int64) if (codes >= 0).any() else None
+        named, _ = pd.factorize(ev["session_id"].fillna("").astype(str).replace("", None))
+        if (named >= 0).any():
+            # A session id is the user's own: two users' "1" are two sessions. Integer pairs, not
+            # concatenated strings (10M events at xl, and every Log is encoded several times).
+            valid = named >= 0
+            pair = user_codes.astype(np.int64) * (int(named.max()) + 1) + named
+            session = np.full(len(named), -1, dtype=np.int64)
+            session[valid] = pd.factorize(pair[valid])[0]
     return EncodedLog(
         user_ids=np.asarray(user_ids, dtype=str),
         user=user_codes.astype(np.int64),

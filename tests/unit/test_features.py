@@ -107,3 +107,23 @@ def test_tail_labels_are_each_users_newest_items_with_the_state_just_before_them
     # A cut before day 3 leaves u1 with one first positive: nobody is labelled.
     window, _ = tail_window(log, T0 + pd.Timedelta(days=2.5), 0.2, 3, types)
     assert window.states.user_ids.tolist() == []
+
+
+def test_sessions_are_per_user_and_a_row_without_one_has_none() -> None:
+    t = pd.Timestamp("2024-01-01", tz="UTC")
+    events = pd.DataFrame(
+        {
+            "user_id": ["a", "a", "b", "b", "a"],
+            "item_id": ["x", "y", "x", "y", "x"],
+            "timestamp": [t] * 5,
+            "event_type": ["purchase"] * 5,
+            "weight": 1.0,
+            "session_id": ["1", "1", "1", "", "2"],
+        }
+    )
+    log = encode_log(events, pd.Index(["x", "y"]), np.zeros(2, dtype=np.int64), 1)
+    assert log.session is not None and log.session.tolist() == [0, 0, 1, -1, 2]
+    assert (
+        encode_log(events.drop(columns="session_id"), pd.Index(["x", "y"]), np.zeros(2), 1).session
+        is None
+    )
