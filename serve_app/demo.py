@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fastapi import FastAPI
 from fastapi import Path as PathParam
@@ -31,7 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from serve_app.config import ServeSettings
-from serve_app.demo_catalog import MAX_MATCHES, CatalogIndex
+from serve_app.demo_catalog import CatalogIndex
 from serve_app.experiments import ExperimentLog, ShadowSummary
 from serve_app.http_errors import error_response
 from serve_app.metrics import RequestMetrics
@@ -61,11 +62,6 @@ class CatalogItemOut(BaseModel):
 
 class CatalogPage(BaseModel):
     total: int = Field(description="items matching the search and category")
-    total_capped: bool = Field(
-        False,
-        description=f"a search stops counting at {MAX_MATCHES} matches: `total` is a lower bound "
-        "and pages end there (refine the search)",
-    )
     offset: int
     limit: int
     categories: list[str] = Field(description="every category of the catalog, sorted")
@@ -141,49 +137,81 @@ class DemoTables:
 
 
 def known_users(users_file: Path, catalog: CatalogIndex, max_users: int) -> list[KnownUser]:
-    """The `max_users` most active users (one row each) with their main category; only their rows'
-    seen items are read, so a million-user table costs two columns and a few rows."""
-    names = pq.read_schema(users_file).names
-    table = pq.read_table(users_file, columns=[c for c in ("user_id", "event_count") if c in names])
-    ids = table.column("user_id").to_numpy(zero_copy_only=False).astype(str)
+    """The `max_users` most active users (one row each; ties by id) with their main category.
+
+    A million-user table (several snapshot rows per user) costs its two small columns, one numeric
+    sort, and the `seen_items` of the row groups holding the chosen rows: ids are made Python
+    strings only for the rows that can make the cut."""
+    file = pq.ParquetFile(users_file)
+    names = file.schema_arrow.names
+    table = file.read(columns=[c for c in ("user_id", "event_count") if c in names])
+    user_ids = pc.cast(table.column("user_id"), pa.string()).combine_chunks()
     counts = (
         np.nan_to_num(table.column("event_count").to_numpy(zero_copy_only=False).astype(float))
         if "event_count" in names
-        else np.zeros(len(ids))
+        else np.zeros(len(user_ids))
     )
+    rows = _contenders(user_ids, counts, max_users)
+    ids = np.asarray(user_ids.take(pa.array(rows)).to_pylist(), dtype=str)
     # Most active first, ties by id; a user with several snapshots counts once (their largest).
-    order = np.lexsort((ids, -counts))
+    order = np.lexsort((ids, -counts[rows]))
     _, first = np.unique(ids[order], return_index=True)
     top = order[np.sort(first)][:max_users]
-    seen_of: dict[str, list[str]] = {}
+    seen_of: list[list[str]] = [[] for _ in top]
     if "seen_items" in names and len(top):
-        column = pq.read_table(users_file, columns=["seen_items"]).column("seen_items")
-        rows = column.take(pa.array(top.astype(np.int64)))
-        seen_of = {ids[p]: list(r or ()) for p, r in zip(top, rows.to_pylist(), strict=True)}
+        seen_of = [list(r or ()) for r in _take_rows(file, "seen_items", rows[top]).to_pylist()]
     users = []
-    for p in top:
-        found, _ = catalog.lookup([str(i) for i in seen_of.get(ids[p], ())][:MAX_LOOKUP])
+    for p, seen_items in zip(top, seen_of, strict=True):
+        found, _ = catalog.lookup([str(i) for i in seen_items][:MAX_LOOKUP])
         seen = Counter(row.category for row in found)
         users.append(
             KnownUser(
                 user_id=str(ids[p]),
-                event_count=float(counts[p]),
+                event_count=float(counts[rows[p]]),
                 top_category=seen.most_common(1)[0][0] if seen else None,
             )
         )
     return users
 
 
+def _contenders(user_ids: pa.StringArray, counts: np.ndarray, max_users: int) -> np.ndarray:
+    """Rows that can be among the `max_users` most active users: every row counting at least as
+    much as the row where, most active first, the `max_users`-th distinct user appears."""
+    by_count = np.argsort(-counts, kind="stable")
+    seen: set[str] = set()
+    step = max(4 * max_users, 1_024)
+    for start in range(0, len(by_count), step):
+        block = by_count[start : start + step]
+        for offset, user in enumerate(user_ids.take(pa.array(block)).to_pylist()):
+            seen.add(user)
+            if len(seen) >= max_users:
+                floor = counts[block[offset]]
+                return np.flatnonzero(counts >= floor).astype(np.int64)
+    return np.arange(len(counts), dtype=np.int64)
+
+
+def _take_rows(file: pq.ParquetFile, column: str, rows: np.ndarray) -> pa.Array:
+    """`column` at `rows` (in their order), reading only the row groups that hold them."""
+    sizes = [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
+    table = file.read_row_groups([int(g) for g in groups], columns=[column])
+    # Row r of the file is row r - starts[g] + (rows of the groups read before g) of `table`.
+    before = np.concatenate([[0], np.cumsum([sizes[g] for g in groups])])
+    group_of = np.searchsorted(starts, rows, side="right") - 1
+    local = rows - starts[group_of] + before[np.searchsorted(groups, group_of)]
+    return table.column(column).take(pa.array(local.astype(np.int64))).combine_chunks()
+
+
 def catalog_page(
     tables: DemoTables, q: str, category: str | None, offset: int, limit: int
 ) -> CatalogPage:
-    """A page of items whose id, title or category contains `q` (case-insensitive), of `category` if
-    given (`CatalogIndex.search`: bounded cost, at most `MAX_MATCHES` counted)."""
+    """A page of items each word of `q` begins a word of (title, id or category; case-insensitive),
+    of `category` if given (`CatalogIndex.search`: an inverted index, an exact count)."""
     code = None if category is None else tables.catalog.category_code(category)
     found = tables.catalog.search(q, code, offset, limit)
     return CatalogPage(
         total=found.total,
-        total_capped=found.total_capped,
         offset=offset,
         limit=limit,
         categories=tables.categories,
@@ -218,32 +246,56 @@ UserId = Annotated[
 ]
 
 
+class DemoSource:
+    """One replica's demo tables, loaded once in a worker thread. The Ingress awaits `preload` in
+    its constructor, so a replica takes traffic with its tables in memory: at a million items the
+    load takes seconds of GIL-bound work that would otherwise land on the first searches and on
+    the recommendations beside them. A failed load is retried by the next request that needs it."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self._demo = settings.demo
+        self._data_dir = settings.feature_store.data_dir
+        self._loaded: DemoTables | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> DemoTables:
+        async with self._lock:
+            if self._loaded is None:
+                self._loaded = await asyncio.to_thread(
+                    DemoTables.load,
+                    self._demo.catalog_file(self._data_dir),
+                    self._demo.users_file(self._data_dir),
+                    self._demo.max_users,
+                )
+        return self._loaded
+
+    async def preload(self) -> None:
+        """Load now; a failure is logged (the demo routes answer 503 until a load succeeds)."""
+        if not self._demo.enabled:
+            return
+        try:
+            await self.get()
+        except Exception as exc:
+            logger.warning("demo tables not loaded at start: %s", exc)
+
+
 def mount_demo(
-    app: FastAPI, backend: Any, settings: ServeSettings, metrics: RequestMetrics | None
+    app: FastAPI,
+    backend: Any,
+    settings: ServeSettings,
+    metrics: RequestMetrics | None,
+    source: DemoSource | None = None,
 ) -> None:
-    """Add the demo routes to the API (`backend`: the ingress's `Backend`)."""
+    """Add the demo routes to the API (`backend`: the ingress's `Backend`; `source`: the replica's
+    tables, preloaded by the Ingress; None: loaded by the first request that needs them)."""
     from serve_app.ingress import ERRORS, _backend_error
 
     demo = settings.demo
     if not demo.enabled:
         return
-    data_dir = settings.feature_store.data_dir
-    loaded: list[DemoTables] = []
-    lock = asyncio.Lock()
+    source = source or DemoSource(settings)
+    tables = source.get
     experiment = settings.experiment
-
-    async def tables() -> DemoTables:
-        async with lock:
-            if not loaded:
-                loaded.append(
-                    await asyncio.to_thread(
-                        DemoTables.load,
-                        demo.catalog_file(data_dir),
-                        demo.users_file(data_dir),
-                        demo.max_users,
-                    )
-                )
-        return loaded[0]
 
     def unavailable(exc: Exception) -> JSONResponse:
         # Which file and why go to the log; the answer carries no exception text.
@@ -278,13 +330,18 @@ def mount_demo(
 
     @app.get("/v1/demo/catalog", response_model=CatalogPage, responses=ERRORS)
     async def catalog(
-        q: Annotated[str, QueryParam(max_length=64, description="search text")] = "",
+        q: Annotated[
+            str,
+            QueryParam(
+                max_length=64, description="words, each the beginning of a word of the item"
+            ),
+        ] = "",
         category: Annotated[str | None, QueryParam(max_length=MAX_ID_LENGTH)] = None,
         offset: Annotated[int, QueryParam(ge=0, le=MAX_OFFSET)] = 0,
         limit: Annotated[int, QueryParam(ge=1, le=MAX_PAGE)] = 60,
     ) -> Any:
         """The demo catalog (title, category, price), searchable and filtered by category, paged
-        (a search counts at most its first matches: see `total_capped`)."""
+        (every word of `q` must begin a word of the item's title, id or category)."""
         try:
             found = await tables()
         except Exception as exc:

@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException
 from serve_app.access import Access, Guard, caller_key, document_keys, route_path
 from serve_app.auth import ApiKey
 from serve_app.config import ApiConfig, ExperimentConfig, ServeSettings, StageConfig
-from serve_app.demo import mount_demo
+from serve_app.demo import DemoSource, mount_demo
 from serve_app.deployments.group import GroupClient, GroupHost, LocalGroup, RemoteGroup
 from serve_app.errors import (
     BadRequest,
@@ -731,7 +731,8 @@ class Ingress:
 
     The constructor is async: it returns once the Router's first alias checks have finished
     (`Router.first_checks`, at most `models.warm_timeout_seconds`), so Serve routes no request to
-    a replica that would answer 503 while its first version loads (at start, scale-up, restart)."""
+    a replica that would answer 503 while its first version loads (at start, scale-up, restart),
+    and once the demo's tables are loaded (`DemoSource.preload`: seconds at a million items)."""
 
     async def __init__(  # type: ignore[misc]  # Ray Serve awaits an async constructor
         self, settings: ServeSettings, events: DeploymentHandle, *groups: DeploymentHandle
@@ -748,7 +749,10 @@ class Ingress:
         self._config = settings.api
         self._experiment = settings.experiment
         self._settings = settings
-        await router.first_checks(settings.models.warm_timeout_seconds)
+        self._demo = DemoSource(settings)
+        await asyncio.gather(
+            router.first_checks(settings.models.warm_timeout_seconds), self._demo.preload()
+        )
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         """Ray Serve `user_config` (a `StageConfig`): how requests are grouped before the first hop
@@ -760,5 +764,5 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         metrics = RequestMetrics()
         app = create_api(self._backend, self._config, metrics, self._experiment)
-        mount_demo(app, self._backend, self._settings, metrics)
+        mount_demo(app, self._backend, self._settings, metrics, self._demo)
         return app

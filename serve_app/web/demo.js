@@ -113,7 +113,7 @@ async function loadCatalog(offset = 0) {
   if (select.options.length === 1) {
     for (const name of page.categories) select.append(el("option", { value: name, textContent: name }));
   }
-  const total = page.total.toLocaleString() + (page.total_capped ? "+" : "");
+  const total = page.total.toLocaleString();
   $("catalog-total").textContent = page.items.length
     ? `${(offset + 1).toLocaleString()}-${(offset + page.items.length).toLocaleString()} of ${total}`
     : `0 of ${total}`;
