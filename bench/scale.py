@@ -10,7 +10,8 @@ One run per named size (`training.config.SIZES`: tiny, default, large, xl), each
    shipped index searched on one thread with 1,000 users' served base vectors (p50/p99, recall again);
 4. materialize: `recserve features all` into a private redis-server (a temp dir, a free port: the
    shared Redis is untouched), its time, peak RSS and Redis memory;
-5. serve: the graph (`bench.serving_load.graph`, the placement and deployments of serve_config.yaml)
+5. serve: the graph (`bench.serving_load.graph`, the placement and deployments of serve_config.yaml;
+   `--placement` picks another grouping of the stages, its figures kept under '<size>+<placement>')
    reading those features from Redis: time to ready, resident memory per stage replica
    (`bench.replica_memory.replica_rss_mb`), then open-loop load (`bench.serving_load.open_loop`) at
    25, 50 and 100 requests/s: p50/p99 and errors (50/s for --duration, 5 minutes by default);
@@ -53,7 +54,6 @@ sys.path.insert(0, str(ROOT))
 from bench.scale_report import (  # noqa: E402
     ACCEPTANCE_RATE,
     RATES,
-    STAGE_DEPLOYMENTS,
     STEPS,
     merge_results,
     print_table,
@@ -369,14 +369,13 @@ def step_serve(ctx: Context, url: str, users: list[str], ready_s: float) -> dict
     # counted once in the PSS sum): `bench.replica_memory.replica_memory`.
     memory = {name: m for name, m in replica_memory(os.getpid()).items() if m.get("rss")}
     figures: dict[str, Any] = {"graph_ready_s": round(ready_s, 1)}
-    for name in STAGE_DEPLOYMENTS:
+    hosts = stage_hosts(placement_of(args))
+    for name in hosts:
         figures[f"rss_mb_{name}"] = memory.get(name, {}).get("rss")
         figures[f"pss_mb_{name}"] = memory.get(name, {}).get("pss")
-    figures["stage_replicas_mb"] = round(
-        sum(memory.get(n, {}).get("rss", 0.0) for n in STAGE_DEPLOYMENTS), 1
-    )
+    figures["stage_replicas_mb"] = round(sum(memory.get(n, {}).get("rss", 0.0) for n in hosts), 1)
     figures["stage_replicas_pss_mb"] = round(
-        sum(memory.get(n, {}).get("pss", 0.0) for n in STAGE_DEPLOYMENTS), 1
+        sum(memory.get(n, {}).get("pss", 0.0) for n in hosts), 1
     )
     runs = []
     for rate in RATES:
@@ -392,7 +391,33 @@ def step_serve(ctx: Context, url: str, users: list[str], ready_s: float) -> dict
             f"p99 {result.latency_ms['p99']} ms errors {result.errors}",
             flush=True,
         )
-    return {"replica_rss_mb": memory, "runs": runs, "figures": figures}
+    return {
+        "placement": placement_of(args),
+        "stage_hosts": list(hosts),
+        "replica_rss_mb": memory,
+        "runs": runs,
+        "figures": figures,
+    }
+
+
+def placement_of(args: argparse.Namespace) -> str:
+    return str(args.placement or os.environ.get("RECSERVE_PLACEMENT") or "split")
+
+
+def stage_hosts(placement: str) -> tuple[str, ...]:
+    """The deployments whose replicas hold the stages: each group's, the Ingress for a group
+    it hosts itself (`fused`: it holds the whole chain, and the HTTP edge and demo catalog too)."""
+    from serve_app.placement import resolve_placement
+
+    groups = resolve_placement(placement)
+    return tuple("Ingress" if g.in_ingress else g.name for g in groups)
+
+
+def results_key(args: argparse.Namespace) -> str:
+    """Where this run's figures go in scale.json: the size, or '<size>+<placement>' when the graph
+    is not split (the chart's default), so each placement keeps its own table."""
+    placement = placement_of(args)
+    return args.size if placement == "split" else f"{args.size}+{placement}"
 
 
 def search_terms(data_dir: Path, size: str, n: int, seed: int = 0) -> list[str]:
@@ -491,7 +516,13 @@ def run_graph_steps(ctx: Context, steps: Sequence[str], done: dict[str, dict[str
     start = time.perf_counter()
     with (
         reaped() as snapshot,
-        graph(ctx.data_dir, ctx.redis_url, ctx.args.num_cpus, settings=settings) as url,
+        graph(
+            ctx.data_dir,
+            ctx.redis_url,
+            ctx.args.num_cpus,
+            placement=placement_of(ctx.args),
+            settings=settings,
+        ) as url,
     ):
         try:
             ready_s = time.perf_counter() - start
@@ -573,6 +604,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--users", type=int, default=2_000, help="users sampled for the load")
     parser.add_argument("--cold-share", type=float, default=0.1, help="share of unknown users")
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument(
+        "--placement",
+        default=None,
+        help="how the graph groups its stages (serve_app/placement.py: split, two-tier, fused; "
+        "default RECSERVE_PLACEMENT, else split); other than split, the figures go to "
+        "'<size>+<placement>' in the JSON",
+    )
     parser.add_argument("--num-cpus", type=int, default=2, help="Ray's CPUs")
     parser.add_argument(
         "--index-threads", type=int, default=2, help="threads of an index rebuild (default 2)"
@@ -647,9 +685,11 @@ def save(
         "started_at": started,
         "finished_at": now(),
     }
-    document = merge_results(document, args.size, run, done)
-    print_table(args.size, document["sizes"][args.size])
-    failed = [a for a in document["sizes"][args.size]["acceptance"] if a["verdict"] == "FAIL"]
+    key = results_key(args)
+    run["placement"] = placement_of(args)
+    document = merge_results(document, key, run, done)
+    print_table(key, document["sizes"][key])
+    failed = [a for a in document["sizes"][key]["acceptance"] if a["verdict"] == "FAIL"]
     if failed:
         print(f"[scale] {len(failed)} bar(s) failed: " + ", ".join(a["figure"] for a in failed))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,9 @@ from training.config import SIZES
 STEPS = ("generate", "train", "index", "materialize", "serve", "search")
 RATES = (25.0, 50.0, 100.0)
 ACCEPTANCE_RATE = 50.0  # the issue's serving bar is at this rate
-STAGE_DEPLOYMENTS = ("UserTower", "Retriever", "Ranker", "ReRanker")
+# Deployments that can host stages (serve_app/placement.py): split's four, two-tier's two, and the
+# Ingress when it hosts the chain (fused).
+STAGE_HOSTS = ("UserTower", "Retriever", "Ranker", "ReRanker", "Retrieval", "Ranking", "Ingress")
 
 
 # --- the issue's bars (#27 "Acceptance"), per size --------------------------------------------------
@@ -107,7 +109,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
             (f"errors_{rate:.0f}", f"served errors at {rate:.0f}/s", ""),
         )
     ),
-    *((f"rss_mb_{d}", f"replica RSS {d}", "MiB") for d in STAGE_DEPLOYMENTS),
+    *((f"rss_mb_{d}", f"replica RSS {d}", "MiB") for d in STAGE_HOSTS),
     ("stage_replicas_mb", "stage replicas together", "MiB"),
     ("stage_replicas_pss_mb", "stage replicas together (PSS: shared pages once)", "MiB"),
     ("demo_search_p50_ms", "demo catalog search p50", "ms"),
@@ -207,17 +209,23 @@ def merge_results(
     entry.update(run)
     entry["steps"] = {name: merged[name] for name in STEPS if name in merged}
     entry["figures"] = figures
-    entry["acceptance"] = acceptance(size, figures)
+    entry["acceptance"] = acceptance(base_size(size), figures)
     sizes[size] = entry
     return {**document, "sizes": dict(sorted(sizes.items()))}
 
 
+def base_size(key: str) -> str:
+    """The size of a scale.json key ('xl', or 'xl+fused' for another placement's serving)."""
+    return key.split("+", 1)[0]
+
+
 def print_table(size: str, entry: dict[str, Any]) -> None:
-    """The table of one size's entry in scale.json (its figures, the train step's phases)."""
+    """The table of one entry in scale.json (its figures, the train step's phases); `size` is its
+    key, a size or '<size>+<placement>'."""
     from rich.console import Console
     from rich.table import Table
 
-    config = SIZES[size]
+    config = SIZES[base_size(size)]
     table = Table(
         title=f"recserve at size {size}: {config['n_items']:,} items, {config['n_users']:,} users, "
         f"~{config['n_events']:,} events",
@@ -232,6 +240,6 @@ def print_table(size: str, entry: dict[str, Any]) -> None:
     if "build_source" in steps.get("index", {}):
         notes["index_build_s"] = steps["index"]["build_source"]
     phases = steps.get("train", {}).get("phases")
-    for label, value, bar, result in table_rows(size, entry["figures"], phases, notes):
+    for label, value, bar, result in table_rows(base_size(size), entry["figures"], phases, notes):
         table.add_row(label, value, bar, result)
     Console(width=140).print(table)

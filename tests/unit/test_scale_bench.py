@@ -8,7 +8,9 @@ import pytest
 from bench.scale import parse_steps
 from bench.scale_report import (
     BARS,
+    STAGE_HOSTS,
     acceptance,
+    base_size,
     figures_of,
     merge_results,
     strongest_baseline,
@@ -131,3 +133,24 @@ def test_the_p99_during_searches_is_reported_as_a_ratio_to_the_p99_alone() -> No
     }
     assert figures_of(steps)["p99_with_search_over_alone"] == 1.25  # 50 / 40
     assert "p99_with_search_over_alone" not in figures_of({"serve": steps["serve"]})
+
+
+def test_another_placement_keeps_its_own_entry_judged_by_its_size_bars() -> None:
+    from bench.scale import stage_hosts
+
+    document = merge_results(
+        {}, "xl", {"command": "split"}, {"serve": {"figures": {"p99_ms_50": 70.0}}}
+    )
+    document = merge_results(
+        document, "xl+fused", {"command": "fused"}, {"serve": {"figures": {"p99_ms_50": 40.0}}}
+    )
+    verdicts = {
+        key: {a["figure"]: a["verdict"] for a in entry["acceptance"]}
+        for key, entry in document["sizes"].items()
+    }
+    assert verdicts["xl"]["p99_ms_50"] == "FAIL" and verdicts["xl+fused"]["p99_ms_50"] == "pass"
+    assert base_size("xl+fused") == "xl" and base_size("large") == "large"
+    assert stage_hosts("split") == ("UserTower", "Retriever", "Ranker", "ReRanker")
+    assert stage_hosts("two-tier") == ("Retrieval", "Ranking")
+    assert stage_hosts("fused") == ("Ingress",)
+    assert set(stage_hosts("two-tier")) | {"Ingress"} <= set(STAGE_HOSTS)
