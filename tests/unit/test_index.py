@@ -85,7 +85,7 @@ def test_approximate_index_above_threshold_with_spec_for_manifest(kind: str) -> 
         # 4 * sqrt(4000) = 253 lists, capped at 4000 // 39 = 102 so k-means has 39 points a list
         assert (spec.params["nlist"], spec.params["nprobe"]) == (102, 64)
     if kind == "ivf_pq":
-        assert (spec.params["pq_m"], spec.params["k_factor"]) == (16, 4.0)
+        assert (spec.params["pq_m"], spec.params["k_factor"]) == (16, 16.0)
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivf_pq"])
@@ -123,7 +123,7 @@ def test_load_index_applies_search_params_from_config(tmp_path: Path) -> None:
     )
     pq_params = index_spec(load_index(pq_path, serving), serving)["params"]
     assert (pq_params["nprobe"], pq_params["k_factor"]) == (5, 2.5)
-    assert index_spec(load_index(pq_path), serving)["params"]["k_factor"] == 4.0  # as saved
+    assert index_spec(load_index(pq_path), serving)["params"]["k_factor"] == 16.0  # as saved
     assert isinstance(hnsw, faiss.IndexHNSWFlat)
     assert isinstance(ivf, faiss.IndexIVFFlat)
     assert isinstance(hnsw_as_saved, faiss.IndexHNSWFlat)

@@ -103,6 +103,37 @@ def test_recall_check_widens_the_search_before_refusing() -> None:
     assert report.recall_at_k == pytest.approx(brute_recall(nprobe), abs=0.01)
 
 
+def test_recall_check_widens_the_exact_rescoring_of_pq_codes() -> None:
+    """Every list scanned already (nprobe = nlist): only re-scoring more PQ candidates exactly can
+    lift recall, and the check doubles k_factor until it reaches the floor."""
+    items = clustered_embeddings(6_000, 16, n_centres=40, noise=1.5, seed=4)
+    queries = mixture_queries(items, 100, seed=5)
+    config = IndexConfig(
+        exact_threshold=0,
+        kind="ivf_pq",
+        ivf_nlist=32,
+        ivf_nprobe=32,
+        ivf_pq_k_factor=1.0,
+        strengthen_steps=6,
+    )
+    plain = build_index(items, config)
+    exact = np.argsort(-(queries @ items.T), axis=1)[:, :100]
+
+    def recall(index: faiss.Index) -> float:
+        _, approx = index.search(np.ascontiguousarray(queries, dtype=np.float32), 100)
+        return float(
+            np.mean([len(set(a) & set(e)) / 100 for a, e in zip(approx, exact, strict=True)])
+        )
+
+    assert recall(plain) < 0.95  # k x 1 PQ candidates: the codes' error shows
+    index, report = build_checked_index(items, queries, config)
+    params = index_spec(index, config)["params"]
+    assert index_kind(index) == "ivf_pq" and report.fallback is None
+    assert params["nprobe"] == 32 and params["k_factor"] in (2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+    assert report.recall_at_k >= 0.95
+    assert recall(index) == pytest.approx(report.recall_at_k, abs=0.01)
+
+
 def test_small_catalog_check_is_exact_with_k_capped_at_the_catalog() -> None:
     items = clustered_embeddings(60, 8, n_centres=3, seed=6)
     index, report = build_checked_index(items, mixture_queries(items, 20, seed=7), IndexConfig())
