@@ -27,6 +27,8 @@ on Ctrl-C and on errors. Outside CI (#27); the tests exercise the same code path
     python bench/scale.py --size tiny --budget 0 --duration 20 --sweep-duration 10    # a smoke run
     python bench/scale.py --size xl --data-dir /data/scale-xl                         # the acceptance
     python bench/scale.py --size xl --data-dir /data/scale-xl --skip-generate --steps serve,search
+    python bench/scale.py --size xl --data-dir /data/scale-xl --steps serve,search \
+        --redis-url redis://127.0.0.1:6390/0 --placement fused      # features already there
 """
 
 from __future__ import annotations
@@ -278,7 +280,14 @@ def step_index(ctx: Context) -> dict[str, Any]:
                 f"rebuilt a {faiss_index.index_kind(rebuilt)} index, not {spec['type']}"
             )
         del rebuilt
-    shipped = faiss_index.load_index(bundle / "index.faiss")
+    from serve_app.bundle import load_index as load_served_index
+    from serve_app.bundle import read_manifest
+    from serve_app.stages.retriever import touch_mapped_vectors
+
+    # As a Retriever replica loads it (memory-mapped, the manifest's search parameters) and warms
+    # it (its vectors faulted in) before it takes requests.
+    shipped = load_served_index(bundle, read_manifest(bundle))
+    touch_mapped_vectors(shipped)
     faiss.omp_set_num_threads(1)  # as a Retriever replica searches
     queries = served_user_vectors(ctx.data_dir, ctx.args.index_queries)
     report = faiss_index.measure_index(
@@ -377,6 +386,8 @@ def step_serve(ctx: Context, url: str, users: list[str], ready_s: float) -> dict
     figures["stage_replicas_pss_mb"] = round(
         sum(memory.get(n, {}).get("pss", 0.0) for n in hosts), 1
     )
+    breakdown = stage_timings(url, users[:200], args.k)
+    print(f"[scale] one request at a time, median ms: {breakdown}", flush=True)
     runs = []
     for rate in RATES:
         duration = rate_duration(args, rate)
@@ -394,10 +405,39 @@ def step_serve(ctx: Context, url: str, users: list[str], ready_s: float) -> dict
     return {
         "placement": placement_of(args),
         "stage_hosts": list(hosts),
+        "serial_timings_ms": breakdown,
         "replica_rss_mb": memory,
         "runs": runs,
         "figures": figures,
     }
+
+
+def stage_timings(url: str, users: Sequence[str], k: int) -> dict[str, float]:
+    """Medians of `?debug=1` timings over requests sent one at a time (no queueing): each stage's
+    own time, the Ingress's total, and the client's round trip; where a request's time goes."""
+    import statistics
+
+    import httpx
+
+    samples: dict[str, list[float]] = {}
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for user in users:
+            start = time.perf_counter()
+            response = client.post(
+                "/v1/recommendations", params={"debug": "1"}, json={"user_id": user, "k": k}
+            )
+            round_trip = (time.perf_counter() - start) * 1000
+            if response.status_code != 200:
+                continue
+            debug = response.json().get("debug") or {}
+            for name, ms in {
+                **debug.get("timings_ms", {}),
+                "ingress_total": debug.get("ingress_total_ms"),
+                "client_round_trip": round_trip,
+            }.items():
+                if isinstance(ms, int | float):
+                    samples.setdefault(name, []).append(float(ms))
+    return {name: round(statistics.median(v), 2) for name, v in samples.items()}
 
 
 def placement_of(args: argparse.Namespace) -> str:
@@ -618,6 +658,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--index-queries", type=int, default=1_000, help="served users searched on one thread"
     )
+    parser.add_argument(
+        "--redis-url",
+        help="serve from this Redis, its features already materialized (`recserve features all` "
+        "with REDIS_URL set), instead of a private redis-server materialized by this run: "
+        "several placements in a row without materializing each time",
+    )
     parser.add_argument("--json-out", type=Path, default=RESULTS)
     return parser
 
@@ -645,13 +691,20 @@ def main(argv: list[str] | None = None) -> int:
         ):
             if name in steps:
                 done[name] = timed(name, lambda run=run: run(ctx))  # type: ignore[misc]
-        if "materialize" in steps:
+        graph_steps = [s for s in steps if s in ("serve", "search")]
+        if args.redis_url:
+            # Features already materialized there (an earlier run of `recserve features all`).
+            ctx.redis_url = args.redis_url
+            if "materialize" in args.steps.split(","):
+                done["materialize"] = timed("materialize", lambda: step_materialize(ctx))
+            if graph_steps:
+                run_graph_steps(ctx, graph_steps, done)
+        elif "materialize" in steps:
             from bench.serving_load import private_redis
 
             with private_redis() as redis_url:
                 ctx.redis_url = redis_url
                 done["materialize"] = timed("materialize", lambda: step_materialize(ctx))
-                graph_steps = [s for s in steps if s in ("serve", "search")]
                 if graph_steps:
                     run_graph_steps(ctx, graph_steps, done)
     finally:

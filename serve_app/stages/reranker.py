@@ -19,7 +19,13 @@ import numpy as np
 
 from serve_app.config import RankingConfig
 from serve_app.schemas import BundleManifest
-from serve_app.stages.catalog import BundleTerms, Catalog, Popularity, preferred_category
+from serve_app.stages.catalog import (
+    BundleTerms,
+    Catalog,
+    Popularity,
+    preferred_category,
+    touch_pages,
+)
 from serve_app.stages.explain import explain_trace
 from serve_app.stages.records import (
     Candidates,
@@ -73,7 +79,8 @@ class ReRankingModel:
         )
 
     def warm(self) -> None:
-        """Nothing to compile: numpy only."""
+        """Nothing to compile (numpy only); MMR reads the mapped embeddings at random: fault them in."""
+        touch_pages(self.item_embeddings)
 
 
 def normalise(values: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@ EASE cap, and filtered retrieval over a forced approximate index (caps and thres
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import faiss
@@ -252,3 +253,37 @@ def test_switched_off_models_are_empty_and_not_fit() -> None:
     log = _log(30, 20, 200, seed=17)
     model = fit_collaborative(log, None, CollaborativeConfig(ease=False, knn=False))
     assert model.ease.nnz == 0 and model.knn.nnz == 0 and model.transitions.nnz > 0
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf_pq"])
+def test_warming_reads_every_page_of_the_vectors_searched_at_random(
+    kind: Literal["flat", "hnsw", "ivf_pq"], tmp_path: Path
+) -> None:
+    """The flat storage of a memory-mapped index (as a Retriever loads it) and the item embeddings
+    are covered whole; an IVF-Flat index has no flat storage to fault in."""
+    from serve_app.stages.retriever import touch_mapped_vectors
+    from training.index import save_index
+
+    items = clustered_embeddings(3_000, 16, n_centres=10, seed=11)
+    path = tmp_path / "index.faiss"
+    config = (
+        IndexConfig()  # 3,000 items: under the exact threshold
+        if kind == "flat"
+        else IndexConfig(exact_threshold=0, kind=kind)
+    )
+    save_index(build_index(items, config), path)
+    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    assert index_kind(index) == kind
+    assert touch_mapped_vectors(index) == items.nbytes
+    assert touch_mapped_vectors(index, items) == 2 * items.nbytes
+    _, ids = index.search(items[:3], 1)
+    assert ids[:, 0].tolist() == [0, 1, 2]  # still searches after the reads
+
+
+def test_warming_an_ivf_flat_index_covers_the_embeddings_only() -> None:
+    from serve_app.stages.retriever import touch_mapped_vectors
+
+    items = clustered_embeddings(3_000, 16, n_centres=10, seed=11)
+    index = build_index(items, IndexConfig(exact_threshold=0, kind="ivf"))
+    assert touch_mapped_vectors(index) == 0
+    assert touch_mapped_vectors(index, items) == items.nbytes
