@@ -281,12 +281,12 @@ def step_index(ctx: Context) -> dict[str, Any]:
             )
         del rebuilt
     from serve_app.bundle import load_index as load_served_index
-    from serve_app.bundle import read_manifest
+    from serve_app.schemas import BundleManifest
     from serve_app.stages.retriever import touch_mapped_vectors
 
     # As a Retriever replica loads it (memory-mapped, the manifest's search parameters) and warms
     # it (its vectors faulted in) before it takes requests.
-    shipped = load_served_index(bundle, read_manifest(bundle))
+    shipped = load_served_index(bundle, BundleManifest.model_validate(manifest))
     touch_mapped_vectors(shipped)
     faiss.omp_set_num_threads(1)  # as a Retriever replica searches
     queries = served_user_vectors(ctx.data_dir, ctx.args.index_queries)

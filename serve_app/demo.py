@@ -194,11 +194,11 @@ def _take_rows(file: pq.ParquetFile, column: str, rows: np.ndarray) -> pa.Array:
     """`column` at `rows` (in their order), reading only the row groups that hold them."""
     sizes = [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)]
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
+    group_of = np.searchsorted(starts, rows, side="right") - 1
+    groups = np.unique(group_of)
     table = file.read_row_groups([int(g) for g in groups], columns=[column])
     # Row r of the file is row r - starts[g] + (rows of the groups read before g) of `table`.
     before = np.concatenate([[0], np.cumsum([sizes[g] for g in groups])])
-    group_of = np.searchsorted(starts, rows, side="right") - 1
     local = rows - starts[group_of] + before[np.searchsorted(groups, group_of)]
     return table.column(column).take(pa.array(local.astype(np.int64))).combine_chunks()
 

@@ -226,7 +226,7 @@ def _word_lists(column: pa.Array) -> pa.ListArray:
 
 
 def _inverted_index(columns: list[pa.Array]) -> tuple[pa.StringArray, np.ndarray, np.ndarray]:
-    """Sorted distinct words of `columns` (rows aligned) and, per word, the rows holding it:
+    """Sorted distinct words of `columns` (one or more, rows aligned) and, per word, the rows holding it:
     (words, starts [len(words) + 1], postings int32)."""
     words_of: list[pa.Array] = []
     rows_of: list[np.ndarray] = []
@@ -237,15 +237,15 @@ def _inverted_index(columns: list[pa.Array]) -> tuple[pa.StringArray, np.ndarray
         keep = pc.not_equal(flat, "")
         words_of.append(flat.filter(keep))
         rows_of.append(parents[keep.to_numpy(zero_copy_only=False)])
-    flat_words = pa.concat_arrays(words_of) if words_of else pa.array([], pa.string())
-    rows = np.concatenate(rows_of).astype(np.int64) if rows_of else np.zeros(0, np.int64)
+    flat_words = pa.concat_arrays(words_of)
+    rows = np.concatenate(rows_of).astype(np.int64)
     encoded = pc.dictionary_encode(flat_words)
     dictionary = encoded.dictionary
     by_word = pc.sort_indices(dictionary).to_numpy()
     rank = np.empty(len(dictionary), dtype=np.int64)
     rank[by_word] = np.arange(len(dictionary), dtype=np.int64)
     codes = rank[encoded.indices.to_numpy(zero_copy_only=False)]
-    n_rows = max(len(columns[0]), 1) if columns else 1
+    n_rows = max(len(columns[0]), 1)
     pairs = _sorted_distinct(codes * n_rows + rows)  # a word twice in one item: once
     word_starts = np.searchsorted(pairs // n_rows, np.arange(len(dictionary) + 1)).astype(np.int64)
     return (

@@ -24,8 +24,8 @@ So the default re-scores k x 16, and a failed check doubles whichever of nprobe 
 more (on the xl run's own served vectors nprobe: 0.962 at 256, 0.997 at 512, k_factor 16 or 64 alike).
 On well-clustered vectors (`--noise 1.0 --centres 100`) IVF-Flat reaches 0.976 at nprobe 64 (p99 0.64 ms),
 HNSW M=32 only 0.934 at efSearch 512 (p99 6.1 ms, 638 s to build): `hnsw` and `ivf` stay selectable.
-The build-time check measures recall on the served user vectors and doubles nprobe (up to
-`strengthen_steps` times, 64 -> 1,024), so the bundle ships the nprobe its own embeddings need.
+The build-time check measures recall on the served user vectors and doubles nprobe or k_factor (up to
+`strengthen_steps` times, `_strengthen`), so the bundle ships the search its own embeddings need.
 Still below the floor after widening, the build ships exact search (`below_floor: exact`, recall 1,
 ~10 ms a query at 1M x 64; the manifest's `index.fallback` says why) rather than failing an hour of
 training at its last step; `refuse` raises.
@@ -96,7 +96,7 @@ class IndexConfig(BaseModel):
         ge=1.0,
         description="ivf_pq: candidates re-scored exactly per result (k * this from the PQ"
         " scan). On the xl run's two-tower vectors 4 reached recall@100 0.81, 8 0.94, 16 0.99"
-        " (+0.1 ms a query); a failed recall check doubles it (up to 64) with nprobe.",
+        " (+0.1 ms a query); a failed recall check may double it (up to 64), or nprobe.",
     )
     ivf_pq_m: int | None = Field(
         None,
@@ -390,42 +390,20 @@ def measure_index(
 MAX_K_FACTOR = 64.0  # ivf_pq: at most k * 64 PQ candidates re-scored per query
 
 
-@dataclass(frozen=True)
-class _Widening:
-    """One way to widen a search: which knob, and how to set it."""
-
-    knob: str
-    get: Any  # () -> float
-    set: Any  # (float) -> None
-    limit: float
-
-
-def _widenings(index: faiss.Index) -> list[_Widening]:
-    """The knobs a failed recall check may double: efSearch (HNSW), nprobe (IVF, up to nlist) and,
-    for `ivf_pq`, k_factor (candidates re-scored exactly, up to `MAX_K_FACTOR`)."""
+def _knobs(index: faiss.Index) -> list[tuple[Any, str, float]]:
+    """(owner, attribute, limit) of each knob a failed recall check may double: efSearch (HNSW),
+    nprobe (IVF, up to nlist) and, for `ivf_pq`, k_factor (candidates re-scored exactly, up to
+    `MAX_K_FACTOR`)."""
     if isinstance(index, faiss.IndexHNSWFlat):
-        hnsw = index.hnsw
-        return [_Widening("efSearch", lambda: hnsw.efSearch, _setter(hnsw, "efSearch"), math.inf)]
-    out = []
+        return [(index.hnsw, "efSearch", math.inf)]
     pq = _ivf_pq_base(index)
     ivf = index if isinstance(index, faiss.IndexIVFFlat) else pq
+    knobs: list[tuple[Any, str, float]] = []
     if ivf is not None:
-        out.append(_Widening("nprobe", lambda: ivf.nprobe, _setter(ivf, "nprobe"), ivf.nlist))
+        knobs.append((ivf, "nprobe", float(ivf.nlist)))
     if pq is not None:
-        refine: Any = index
-        out.append(
-            _Widening(
-                "k_factor", lambda: refine.k_factor, _setter(refine, "k_factor"), MAX_K_FACTOR
-            )
-        )
-    return out
-
-
-def _setter(owner: Any, name: str) -> Any:
-    def set_value(value: float) -> None:
-        setattr(owner, name, type(getattr(owner, name))(value))
-
-    return set_value
+        knobs.append((index, "k_factor", MAX_K_FACTOR))
+    return knobs
 
 
 def _strengthen(index: faiss.Index, measure: Any) -> IndexReport | None:
@@ -433,27 +411,23 @@ def _strengthen(index: faiss.Index, measure: Any) -> IndexReport | None:
     goes to the faster), and return its report; None when every knob is at its limit. On the xl
     run's served vectors nprobe was what counted (k_factor past 16 gained nothing), on its test
     round k_factor (PQ error): neither is right for every bundle."""
-    tried: list[tuple[IndexReport, _Widening, float]] = []
-    for widening in _widenings(index):
-        before = float(widening.get())
-        if before >= widening.limit:
+    tried: list[tuple[IndexReport, Any, str, Any]] = []
+    for owner, name, limit in _knobs(index):
+        before = getattr(owner, name)
+        if before >= limit:
             continue
-        widening.set(min(2 * before, widening.limit))
-        tried.append((measure(), widening, float(widening.get())))
-        widening.set(before)
+        setattr(owner, name, type(before)(min(2 * before, limit)))
+        tried.append((measure(), owner, name, getattr(owner, name)))
+        setattr(owner, name, before)
     if not tried:
         return None
-    best = max(r.recall_at_k for r, _, _ in tried)
-    report, widening, value = min(
+    best = max(t[0].recall_at_k for t in tried)
+    report, owner, name, value = min(
         (t for t in tried if t[0].recall_at_k >= best - 0.002), key=lambda t: t[0].p50_ms
     )
-    widening.set(value)
+    setattr(owner, name, value)
     logger.info(
-        "index recall@%d %.4f after doubling %s to %g",
-        report.k,
-        report.recall_at_k,
-        widening.knob,
-        value,
+        "index recall@%d %.4f after doubling %s to %g", report.k, report.recall_at_k, name, value
     )
     return report
 

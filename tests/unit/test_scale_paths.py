@@ -30,6 +30,19 @@ from training.index import (
 # --- the checked index build ---------------------------------------------------------------------
 
 
+def weak_clusters() -> tuple[np.ndarray, np.ndarray]:
+    """6,000 weakly clustered items and 100 queries: an IVF scanning one list misses most."""
+    items = clustered_embeddings(6_000, 16, n_centres=40, noise=1.5, seed=4)
+    return items, mixture_queries(items, 100, seed=5)
+
+
+def brute_recall(index: faiss.Index, items: np.ndarray, queries: np.ndarray) -> float:
+    """recall@100 of `index` against a brute-force top 100, by hand."""
+    _, approx = index.search(np.ascontiguousarray(queries, dtype=np.float32), 100)
+    exact = np.argsort(-(queries @ items.T), axis=1)[:, :100]
+    return float(np.mean([len(set(a) & set(e)) / 100 for a, e in zip(approx, exact, strict=True)]))
+
+
 def test_build_restores_the_serving_thread_count() -> None:
     items = clustered_embeddings(2_000, 16, n_centres=10, seed=1)
     build_index(items, IndexConfig(exact_threshold=0, kind="hnsw", build_threads=2, threads=1))
@@ -48,8 +61,7 @@ def test_forced_hnsw_passes_the_recall_check_and_reports_it() -> None:
 
 
 def test_recall_check_refuses_an_index_below_the_floor() -> None:
-    items = clustered_embeddings(6_000, 16, n_centres=40, noise=1.5, seed=4)
-    queries = mixture_queries(items, 100, seed=5)
+    items, queries = weak_clusters()
     # One list of 64 scanned per query finds a fraction of the exact top-100.
     weak = IndexConfig(
         exact_threshold=0,
@@ -64,8 +76,7 @@ def test_recall_check_refuses_an_index_below_the_floor() -> None:
 
 
 def test_an_index_below_the_floor_falls_back_to_exact_search_and_says_why() -> None:
-    items = clustered_embeddings(6_000, 16, n_centres=40, noise=1.5, seed=4)
-    queries = mixture_queries(items, 100, seed=5)
+    items, queries = weak_clusters()
     weak = IndexConfig(
         exact_threshold=0, kind="ivf", ivf_nlist=64, ivf_nprobe=1, strengthen_steps=0
     )
@@ -79,8 +90,7 @@ def test_an_index_below_the_floor_falls_back_to_exact_search_and_says_why() -> N
 
 
 def test_recall_check_widens_the_search_before_refusing() -> None:
-    items = clustered_embeddings(6_000, 16, n_centres=40, noise=1.5, seed=4)
-    queries = mixture_queries(items, 100, seed=5)
+    items, queries = weak_clusters()
     # nprobe 1 -> 2 -> ... -> 64 = nlist: an IVF scanning every list is exact.
     config = IndexConfig(
         exact_threshold=0, kind="ivf", ivf_nlist=64, ivf_nprobe=1, strengthen_steps=6
@@ -91,24 +101,19 @@ def test_recall_check_widens_the_search_before_refusing() -> None:
     # two above 1 whose recall, computed here by brute force, reaches 0.95 while half of it does not.
     assert nprobe in (2, 4, 8, 16, 32, 64)
 
-    def brute_recall(probes: int) -> float:
+    def recall_at(probes: int) -> float:
         index.nprobe = probes
-        _, approx = index.search(np.ascontiguousarray(queries, dtype=np.float32), 100)
-        exact = np.argsort(-(queries @ items.T), axis=1)[:, :100]
-        return float(
-            np.mean([len(set(a) & set(e)) / 100 for a, e in zip(approx, exact, strict=True)])
-        )
+        return brute_recall(index, items, queries)
 
-    assert brute_recall(nprobe) >= 0.95
-    assert brute_recall(nprobe // 2) < 0.95
-    assert report.recall_at_k == pytest.approx(brute_recall(nprobe), abs=0.01)
+    assert recall_at(nprobe) >= 0.95
+    assert recall_at(nprobe // 2) < 0.95
+    assert report.recall_at_k == pytest.approx(recall_at(nprobe), abs=0.01)
 
 
 def test_recall_check_widens_the_exact_rescoring_of_pq_codes() -> None:
     """Every list scanned already (nprobe = nlist): only re-scoring more PQ candidates exactly can
     lift recall, and the check doubles k_factor until it reaches the floor."""
-    items = clustered_embeddings(6_000, 16, n_centres=40, noise=1.5, seed=4)
-    queries = mixture_queries(items, 100, seed=5)
+    items, queries = weak_clusters()
     config = IndexConfig(
         exact_threshold=0,
         kind="ivf_pq",
@@ -118,21 +123,13 @@ def test_recall_check_widens_the_exact_rescoring_of_pq_codes() -> None:
         strengthen_steps=6,
     )
     plain = build_index(items, config)
-    exact = np.argsort(-(queries @ items.T), axis=1)[:, :100]
-
-    def recall(index: faiss.Index) -> float:
-        _, approx = index.search(np.ascontiguousarray(queries, dtype=np.float32), 100)
-        return float(
-            np.mean([len(set(a) & set(e)) / 100 for a, e in zip(approx, exact, strict=True)])
-        )
-
-    assert recall(plain) < 0.95  # k x 1 PQ candidates: the codes' error shows
+    assert brute_recall(plain, items, queries) < 0.95  # k x 1 PQ candidates: the codes' error shows
     index, report = build_checked_index(items, queries, config)
     params = index_spec(index, config)["params"]
     assert index_kind(index) == "ivf_pq" and report.fallback is None
     assert params["nprobe"] == 32 and params["k_factor"] in (2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
     assert report.recall_at_k >= 0.95
-    assert recall(index) == pytest.approx(report.recall_at_k, abs=0.01)
+    assert brute_recall(index, items, queries) == pytest.approx(report.recall_at_k, abs=0.01)
 
 
 def test_small_catalog_check_is_exact_with_k_capped_at_the_catalog() -> None:
