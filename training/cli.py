@@ -150,6 +150,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"search: {len(search.trials)} trials in {search.seconds:.0f} s; validation NDCG@10 "
             f"{search.given_ndcg10:.4f} (settings as given) -> {search.best_ndcg10:.4f} (chosen)"
         )
+        if search.kept_given:
+            console.print(
+                f"  kept the settings as given: trial {search.best_trial} led by "
+                f"{search.gain:+.4f}, within {search.gain / search.gain_se:.1f} standard errors "
+                "of the per-user difference (search.min_gain_z)"
+            )
         console.print(f"  chosen: {search.chosen}")
         console.print(f"  pinned (not searched): {search.pinned or 'none'}")
     console.print("registered bundle: refit on the whole log with the chosen settings")

@@ -266,6 +266,14 @@ class SearchConfig(BaseModel):
         "of users holding about this many events (all of each sampled user's events, the whole "
         "catalog), so one trial fits in the budget; the demo data has fewer",
     )
+    min_gain_z: float = Field(
+        2.0,
+        ge=0.0,
+        description="the best trial replaces the settings as given only when its objective gain is "
+        "at least this many standard errors of the paired per-user difference on the same "
+        "validation users (0: the highest objective always wins); below it the gain is "
+        "indistinguishable from which users were sampled, and the given settings are kept",
+    )
     seed: int = 0
 
 

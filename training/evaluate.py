@@ -127,7 +127,8 @@ def _recall(hits: np.ndarray, n_rel: np.ndarray, k: int) -> float:
     return _mean_over(found / np.maximum(n_rel, 1), evaluated)
 
 
-def _ndcg(hits: np.ndarray, n_rel: np.ndarray, k: int) -> float:
+def _ndcg_values(hits: np.ndarray, n_rel: np.ndarray, k: int) -> np.ndarray:
+    """Each user's NDCG@k; NaN for a user with nothing relevant."""
     top = hits[:, :k]
     discounts = 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))
     dcg: np.ndarray = top @ discounts[: top.shape[1]]
@@ -135,7 +136,12 @@ def _ndcg(hits: np.ndarray, n_rel: np.ndarray, k: int) -> float:
     # k: a truncated ranking is penalised for what it did not show.
     ideal = np.concatenate([[0.0], np.cumsum(discounts)])[np.minimum(n_rel, k)]
     evaluated = n_rel > 0
-    return _mean_over(dcg / np.where(evaluated, ideal, 1.0), evaluated)
+    return np.where(evaluated, dcg / np.where(evaluated, ideal, 1.0), np.nan)
+
+
+def _ndcg(hits: np.ndarray, n_rel: np.ndarray, k: int) -> float:
+    values = _ndcg_values(hits, n_rel, k)
+    return _mean_over(values, ~np.isnan(values))
 
 
 def _hit_rate(hits: np.ndarray, n_rel: np.ndarray, k: int, users: np.ndarray) -> float:
@@ -163,6 +169,13 @@ def ndcg_at_k(ranked: np.ndarray, relevant: Relevance, k: int) -> float:
     """Binary NDCG@k: sum of 1/log2(rank+1) over hits, over the ideal for min(|rel|, k) hits."""
     hits, n_rel = relevance_hits(ranked, relevant)
     return _ndcg(hits, n_rel, _check_k(k))
+
+
+def ndcg_per_user(ranked: np.ndarray, relevant: Relevance, k: int) -> np.ndarray:
+    """`ndcg_at_k` user by user ([n_users] float64, NaN where a user has nothing relevant): what a
+    paired comparison of two rankings of the same users needs."""
+    hits, n_rel = relevance_hits(ranked, relevant)
+    return _ndcg_values(hits, n_rel, _check_k(k))
 
 
 def hit_rate_at_k(ranked: np.ndarray, relevant: Relevance, k: int) -> float:
