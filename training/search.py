@@ -337,8 +337,7 @@ def search_settings(
                 # Out of time: stop, unless this is an enqueued question (the given settings,
                 # the same without collaborative models: always scored in full once started).
                 over = (
-                    time.monotonic() - started > config.budget_seconds
-                    and trial.number >= enqueued
+                    time.monotonic() - started > config.budget_seconds and trial.number >= enqueued
                 )
                 if step < len(parts) - 1 and (over or trial.should_prune()):
                     raise optuna.TrialPruned()
