@@ -253,12 +253,6 @@ class SearchConfig(BaseModel):
         "`recserve train` on the demo data stays under 5 minutes on 2 cores",
     )
     max_trials: int = Field(40, ge=1, description="trials at most (the first: the settings given)")
-    first_trial_multiple: float = Field(
-        2.0,
-        ge=0.0,
-        description="the budget is at least this many times what the first trial took (a large "
-        "log's first trial can take the whole budget_seconds; 0: budget_seconds as set)",
-    )
     max_users: int = Field(
         2000, ge=10, description="validation users a trial is scored on (a fixed sample)"
     )

@@ -12,10 +12,7 @@ they cannot fit in what is left, one still scoring when it runs out is pruned), 
 given, the same without collaborative models) always run and are scored in full, whatever the
 budget: the second reuses the first's towers, so it adds a ranker fit and a scoring.
 
-Scaled to the data: the first trial always runs in full, so its cost is what can overrun the budget;
-the budget is then at least `search.first_trial_multiple` (2) times what that trial took, so a large
-log's search still compares more than the enqueued questions (at --size large the first trial takes
-~140 s of the default 150).
+Scaled to the data: the first trial always runs in full, so its cost is what can overrun the budget.
 A validation history of more than `search.max_events` events is replaced, for every trial, by a
 seeded sample of its users holding about that many events (each sampled user with all their events
 and held-out items, the whole catalog): a trial's cost follows the events it trains on, so the first
@@ -147,9 +144,6 @@ class SearchResult:
     users: int = 0
     seconds: float = 0.0
     events: int = 0  # validation history events the trials were fit on (a sample above max_events)
-    budget_seconds: float = (
-        0.0  # the budget the trials had: at least first_trial_multiple x trial 0
-    )
 
     def summary(self) -> dict[str, Any]:
         """What the manifest records (params `search.*`)."""
@@ -169,7 +163,6 @@ class SearchResult:
             "search.kept_given": self.kept_given,
             "search.events": self.events,
             "search.seconds": round(self.seconds, 1),
-            "search.budget_seconds": round(self.budget_seconds, 1),
         }
 
 
@@ -309,13 +302,12 @@ def search_settings(
     enqueued = len(study.trials)
 
     tower_seconds: list[float] = []  # what fitting the towers of one label scheme took
-    budget = [config.budget_seconds]  # raised after the enqueued questions (below)
 
     def objective(trial: optuna.Trial) -> float:
         values = {name: SPACE[name](trial, name) for name in searched}
         trial_settings = with_values(settings, values)
         new_towers = trial_settings.split.ranker_labels not in cache.ranking_towers
-        left = budget[0] - (time.monotonic() - started)
+        left = config.budget_seconds - (time.monotonic() - started)
         if new_towers and tower_seconds and tower_seconds[0] > left:
             raise optuna.TrialPruned("no time left to train towers for another label scheme")
         fit_started = time.monotonic()
@@ -345,7 +337,9 @@ def search_settings(
                 trial.report(value, step)
                 # Out of time: stop, unless this is an enqueued question (the given settings,
                 # the same without collaborative models: always scored in full).
-                over = time.monotonic() - started > budget[0] and trial.number >= enqueued
+                over = (
+                    time.monotonic() - started > config.budget_seconds and trial.number >= enqueued
+                )
                 if step < len(parts) - 1 and (over or trial.should_prune()):
                     raise optuna.TrialPruned()
         per_user[trial.number] = {
@@ -376,7 +370,7 @@ def search_settings(
                 f"trial {trial.number} {state.lower()}: validation NDCG@10 {value:.4f} "
                 f"({parts_text}) "
                 f"(best {best:.4f}, {time.monotonic() - started:.0f}/"
-                f"{budget[0]:.0f} s)"
+                f"{config.budget_seconds:.0f} s)"
             )
 
     # The enqueued questions first, whatever the budget; then Optuna's own in what is left.
@@ -384,14 +378,7 @@ def search_settings(
     study.optimize(
         objective, n_trials=questions, callbacks=[after], catch=(ValueError, RuntimeError)
     )
-    # Scaled to the data: a search whose first trial ate the budget would only ever compare the
-    # enqueued questions, so the budget is at least `first_trial_multiple` times that trial.
-    first_seconds = next(
-        (t.duration.total_seconds() for t in study.trials[:1] if t.duration is not None), 0.0
-    )
-    budget[0] = max(config.budget_seconds, config.first_trial_multiple * first_seconds)
-    result.budget_seconds = budget[0]
-    left = budget[0] - (time.monotonic() - started)
+    left = config.budget_seconds - (time.monotonic() - started)
     if config.max_trials > questions and left > 0:
         study.optimize(
             objective,
