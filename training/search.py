@@ -29,8 +29,8 @@ protocol with the other; the best trial's figure per round is recorded (`search.
 Noise is not a gain: the trials are scored on the same validation users, so the best trial's gain
 over the settings as given is tested user by user (`paired_gain`). Unless it exceeds
 `search.min_gain_z` standard errors, the given settings are kept (`search.kept_given`): a handful of
-trials on ~2,000 users always has a "best" a few thousandths above the rest, and moving to it on the
-demo data cost 0.005 test NDCG@10 (0.183 -> 0.178).
+trials on ~2,000 users always has a "best" a few thousandths above the rest, which is which users were
+sampled, not a better system.
 """
 
 from __future__ import annotations
@@ -272,9 +272,8 @@ def search_settings(
                 np.array_split(np.arange(len(b_users)), len(parts)),
             )
     by_trial: dict[int, dict[str, float]] = {}
-    per_user: dict[
-        int, dict[str, np.ndarray]
-    ] = {}  # a completed trial's NDCG@10 per user, by round
+    # A completed trial's NDCG@10 per user, by round: what `paired_gain` compares.
+    per_user: dict[int, dict[str, np.ndarray]] = {}
     cache = FitCache()
     sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=5)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
