@@ -428,8 +428,9 @@ def print_table(peer_results: list[RateResult], sides: dict[str, list[RateResult
     )
     for side, results in [("peer", peer_results), *sides.items()]:
         for r in results:
+            rate = f"{r.rate:.0f}" + (f"#{r.attempt}" if r.attempt > 1 else "")
             print(
-                f"{side:>12} {r.rate:>6.0f}{'' if r.attempt == 1 else '#' + str(r.attempt)} | {r.latency_ms['p50']:>7} {r.latency_ms['p99']:>7} "
+                f"{side:>12} {rate:>6} | {r.latency_ms['p50']:>7} {r.latency_ms['p99']:>7} "
                 f"{sum(r.errors.values()):>5} {r.cpu_ms_per_request.get('total', 0):>7} | "
                 + ", ".join(f"{s}={v}" for s, v in r.batch_size.items())
             )

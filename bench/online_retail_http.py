@@ -316,11 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         in_log = work / "prefix-in-log"
+        in_log_wanted = args.prefix_in_log and not args.in_process_only  # it is served over HTTP
         if not (args.reuse and args.work_dir):
             timings["recserve train"] = trained(
                 work, "online-retail-train", test.history, dataset.catalog
             )
-            if args.prefix_in_log and not args.in_process_only:
+            if in_log_wanted:
                 in_log.mkdir(parents=True, exist_ok=True)
                 timings["recserve train, prefix in log"] = trained(
                     in_log, "online-retail-prefix", basket.history_with_prefix, dataset.catalog
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         in_log_errors: Counter[str] = Counter()
         in_log_fallbacks: Counter[str] = Counter()
-        if args.prefix_in_log and not args.in_process_only and (in_log / "mlflow.db").exists():
+        if in_log_wanted and (in_log / "mlflow.db").exists():
             # A fresh Redis: the prefix events POSTed above must not be in these users' state.
             with private_redis() as redis_url, graph(in_log, redis_url, num_cpus=2) as url:
                 started = time.perf_counter()

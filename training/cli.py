@@ -153,8 +153,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if search.kept_given:
             console.print(
                 f"  kept the settings as given: trial {search.best_trial} led by "
-                f"{search.gain:+.4f}, within {search.gain / search.gain_se:.1f} standard errors "
-                "of the per-user difference (search.min_gain_z)"
+                f"{search.gain:+.4f}, standard error {search.gain_se:.4f} of the per-user "
+                "difference (search.min_gain_z)"
             )
         console.print(f"  chosen: {search.chosen}")
         console.print(f"  pinned (not searched): {search.pinned or 'none'}")

@@ -49,7 +49,7 @@ import optuna
 import pandas as pd
 
 from training.config import TrainingSettings
-from training.evaluate import ndcg_at_k, ndcg_per_user
+from training.evaluate import ndcg_per_user
 from training.rounds import BasketRound, Round
 from training.system import FitCache, ItemTable, Log, Served, fit_system, write_bundle
 
@@ -170,6 +170,13 @@ def _rounded(value: float) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
+def _mean_scored(values: np.ndarray) -> float:
+    """Mean over the users with a figure (NaN: nothing relevant), as `ndcg_at_k` averages; NaN
+    when none has one."""
+    scored = values[~np.isnan(values)]
+    return float(scored.mean()) if len(scored) else math.nan
+
+
 def paired_gain(
     given: dict[str, np.ndarray], other: dict[str, np.ndarray], users: dict[str, np.ndarray]
 ) -> tuple[float, float]:
@@ -178,16 +185,16 @@ def paired_gain(
     same users `users[r]` (NaN: nothing relevant, not counted). The user is the unit: the objective's
     difference is a sum of one term per user (a user in both rounds adds both rounds' shares), and
     its variance is estimated from those terms, so a user's two rounds are not taken as independent."""
+    rounds = [r for r in given if np.any(~np.isnan(given[r]))]
+    if not rounds:
+        return math.nan, math.nan
     ids: list[np.ndarray] = []
     terms: list[np.ndarray] = []
-    rounds = [r for r in given if np.any(~np.isnan(given[r]))]
     for r in rounds:
         difference = other[r] - given[r]
         scored = ~np.isnan(difference)
         ids.append(np.asarray(users[r])[scored])
         terms.append(difference[scored] / (len(rounds) * np.count_nonzero(scored)))
-    if not rounds:
-        return math.nan, math.nan
     codes, uniques = pd.factorize(np.concatenate(ids))
     per_user = np.bincount(codes, weights=np.concatenate(terms), minlength=len(uniques))
     if len(per_user) < 2:
@@ -316,21 +323,21 @@ def search_settings(
         with tempfile.TemporaryDirectory() as tmp:
             write_bundle(Path(tmp) / "bundle", trial_settings, fitted, data, items, snapshot="")
             served = Served(Path(tmp) / "bundle", data)
-            lists = {
-                name: np.full((len(r[1]), 10), -1, dtype=np.int64) for name, r in rounds.items()
-            }
+            # Each user's NDCG@10 once, as their part is served: the running score of a round
+            # is the mean over the users scored so far, and the whole arrays are what
+            # `paired_gain` compares (NaN: not scored yet, or nothing relevant).
+            ndcg = {name: np.full(len(r[1]), np.nan) for name, r in rounds.items()}
             value = 0.0
             for step in range(len(parts)):
                 scores: dict[str, float] = {}
                 for name, (r_data, r_users, r_relevant, r_parts) in rounds.items():
                     part = r_parts[step]
                     if len(part):
-                        lists[name][part] = served.lists(r_users[part], 10, data=r_data)
+                        lists = served.lists(r_users[part], 10, data=r_data)
+                        ndcg[name][part] = ndcg_per_user(lists, [r_relevant[i] for i in part], 10)
                     done = np.concatenate(r_parts[: step + 1])
                     if len(done):  # a small round's first parts can be empty
-                        scores[name] = ndcg_at_k(
-                            lists[name][done], [r_relevant[i] for i in done], 10
-                        )
+                        scores[name] = _mean_scored(ndcg[name][done])
                 value = float(np.mean(list(scores.values())))
                 by_trial[trial.number] = scores
                 trial.report(value, step)
@@ -341,9 +348,7 @@ def search_settings(
                 )
                 if step < len(parts) - 1 and (over or trial.should_prune()):
                     raise optuna.TrialPruned()
-        per_user[trial.number] = {
-            name: ndcg_per_user(lists[name], r[2], 10) for name, r in rounds.items()
-        }
+        per_user[trial.number] = ndcg
         return value
 
     def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
