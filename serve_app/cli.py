@@ -227,11 +227,17 @@ def wait_ready(base_url: str, timeout: float) -> dict[str, Any]:
 # it cuts CPU per request by about a quarter and the p99 at 50 requests/s by about half. A handle's
 # gRPC channel takes replies of at most 4 MB by default; the Ingress fetches each version's item ids
 # from the group holding the re-ranker once (1M items: 28 MB, refused at the xl run's first load), so
-# replies may be up to 512 MB (a 10M-item catalog's ids are ~300 MB).
+# replies may be up to 512 MB (a 10M-item catalog's ids are ~300 MB). HAProxy also replays a request
+# on another Ingress replica when the one it went to closed the connection without an answer (a
+# replica killed mid-request; Serve's default retries only a refused connection): a recommendation is
+# a read, and an event batch is deduplicated by its events' `event_id` (serve_app/events.py), so a
+# replay is answered once. In `bench/chaos.py --placement fused` a `kill -9` of an Ingress replica cost
+# one event batch (ServerDisconnectedError) without it, none with it.
 RAY_ENV = {
     "RAY_worker_niceness": "0",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "536870912",
 }
 
