@@ -269,23 +269,31 @@ def graph(
         yield url, metrics_port
 
 
-_BATCH = re.compile(r"^ray_recserve_stage_batch_size_(sum|count)\{([^}]*)\} ([0-9.e+-]+)$")
+_BATCH = re.compile(
+    r"^ray_recserve_stage_(batched_requests_total|batch_size_count)\{([^}]*)\} ([0-9.e+-]+)$"
+)
 
 
 def batch_totals(metrics_port: int) -> dict[str, tuple[float, float]]:
-    """(sum, count) of recserve_stage_batch_size per stage, from Ray's metrics endpoint."""
+    """(requests batched, batches) per stage, from Ray's metrics endpoint: two counts, so their
+    ratio is exact (Ray rebuilds a histogram's _sum from bucket midpoints: a batch of 1 adds 0.5)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
+            return parse_batch_totals(r.read().decode())
     except OSError:
         return {}
+
+
+def parse_batch_totals(text: str) -> dict[str, tuple[float, float]]:
+    """`batch_totals` of one Prometheus text exposition (every series of a stage summed)."""
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for line in text.splitlines():
         match = _BATCH.match(line)
         if match:
             stage = re.search(r'stage="([^"]+)"', match.group(2))
             if stage:
-                totals[stage.group(1)][0 if match.group(1) == "sum" else 1] += float(match.group(3))
+                column = 0 if match.group(1) == "batched_requests_total" else 1
+                totals[stage.group(1)][column] += float(match.group(3))
     return {k: (v[0], v[1]) for k, v in totals.items()}
 
 

@@ -255,6 +255,14 @@ STAGE_BATCH_SIZE = _spec(
     "stage",
     boundaries=BATCH_BUCKETS,
 )
+STAGE_BATCHED_REQUESTS = _spec(
+    "recserve_stage_batched_requests_total",
+    "counter",
+    "Requests carried by the batches recserve_stage_batch_size counts, by stage: its rate over that "
+    "histogram's _count rate is the mean batch size, exactly (Ray rebuilds a histogram's _sum from "
+    "bucket midpoints: a batch of 1 adds 0.5 there).",
+    "stage",
+)
 CANDIDATES = _spec(
     "recserve_candidates_retrieved",
     "histogram",
@@ -346,6 +354,7 @@ CATALOG: tuple[MetricSpec, ...] = (
     STAGE_LATENCY,
     STAGE_ERRORS,
     STAGE_BATCH_SIZE,
+    STAGE_BATCHED_REQUESTS,
     CANDIDATES,
     REALTIME_AGE,
     MATERIALIZED,
@@ -392,12 +401,19 @@ class StageMetrics:
         self.latency = create(STAGE_LATENCY)
         self.errors = create(STAGE_ERRORS)
         self.batch_size = create(STAGE_BATCH_SIZE)
+        self.batched = create(STAGE_BATCHED_REQUESTS)
         # Serve's set_default_tags returns None (Ray's returns the metric): no chaining.
-        for metric in (self.latency, self.errors, self.batch_size):
+        for metric in (self.latency, self.errors, self.batch_size, self.batched):
             metric.set_default_tags({"stage": stage})
 
     def observe(self, milliseconds: float) -> None:
         self.latency.observe(milliseconds)
+
+    def observe_batch(self, size: int) -> None:
+        """One batch of `size` requests: the histogram and the exact request count beside it."""
+        self.batch_size.observe(size)
+        if size > 0:
+            self.batched.inc(size)
 
     def observe_timings(self, timings: Iterable[tuple[str, float]]) -> None:
         for _, ms in timings:

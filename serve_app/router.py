@@ -186,7 +186,7 @@ class Router:
         self._batcher: Batcher[Query, Recommendations] = Batcher(
             self._run,
             BatchOptions(),
-            on_batch=self._batch_metrics.batch_size.observe,
+            on_batch=self._batch_metrics.observe_batch,
             name="router",
         )
         self._shadow_batcher: Batcher[Query, Recommendations] = Batcher(

@@ -148,7 +148,7 @@ class GroupHost:
 
     def observe_batch(self, size: int) -> None:
         for host in self._hosts.values():
-            host.metrics.batch_size.observe(size)
+            host.metrics.observe_batch(size)
 
     def close(self) -> None:
         for host in self._hosts.values():

@@ -98,6 +98,7 @@ def truth_queries(variant: str) -> dict[str, str]:
         "missing": sel(rejected, reason="missing"),
         "duplicates": sel("ray_recserve_events_duplicate_total"),
         "batches": sel("ray_recserve_stage_batch_size_count", stage="user_tower"),
+        "batched_requests": sel("ray_recserve_stage_batched_requests_total", stage="user_tower"),
         "retrieved": sel("ray_recserve_candidates_retrieved_count", source="retrieval"),
         "reranked": sel(stage, stage="reranker"),
         "feature_reads": sel(stage, stage="feature_read"),
@@ -130,6 +131,8 @@ def expected_growth(t: Traffic) -> dict[str, float]:
         "duplicates": t.duplicates,
         # Every served request went through each stage once, and once more when mirrored.
         "batches": t.ok + t.mirrored,
+        # What those batches carried, exactly, however they were grouped.
+        "batched_requests": t.ok + t.mirrored,
         "retrieved": t.ok + t.mirrored,
         "reranked": t.ok + t.mirrored,
         # One feature read per batch: at most one per request, at least one.
