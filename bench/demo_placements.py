@@ -31,8 +31,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.chaos import leftover  # noqa: E402
 from bench.graph_vs_inprocess import parse_placements  # noqa: E402
-from bench.serving_load import free_port, write_results  # noqa: E402
+from bench.serving_load import free_port, ready, write_results  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -48,18 +49,15 @@ def get_json(url: str, body: dict[str, Any] | None = None, timeout: float = 10.0
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float) -> float:
+    """Seconds until `url` is ready; fails at once if the demo exits first."""
     started = time.monotonic()
-    while time.monotonic() - started < timeout:
+    while not ready(url):
         if process.poll() is not None:
             raise RuntimeError(f"the demo exited with {process.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return time.monotonic() - started
-        except OSError:
-            pass
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
         time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
+    return time.monotonic() - started
 
 
 def page_latency_bars(url: str, timeout: float = 60.0) -> dict[str, str]:
@@ -84,12 +82,6 @@ def page_latency_bars(url: str, timeout: float = 60.0) -> dict[str, str]:
         return {str(r.get_attribute("data-stage")): r.text.replace("\n", " ") for r in rows}
     finally:
         driver.quit()
-
-
-def alive(pids: list[int]) -> list[int]:
-    import psutil
-
-    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
 
 
 def run_one(args: argparse.Namespace, placement: Any) -> dict[str, Any]:
@@ -133,7 +125,7 @@ def run_one(args: argparse.Namespace, placement: Any) -> dict[str, Any]:
         out["stop_s"] = round(time.monotonic() - started, 1)
         time.sleep(max(0.0, 10.0 - (time.monotonic() - started)))
         out["processes"] = len(pids)
-        out["left"] = len(alive(pids))
+        out["left"] = len(leftover(pids))
         log.close()
     stages = [s for s in STAGES if s in out.get("timings_ms", {})]
     out["ok"] = bool(

@@ -140,8 +140,13 @@ def _ndcg_values(hits: np.ndarray, n_rel: np.ndarray, k: int) -> np.ndarray:
 
 
 def _ndcg(hits: np.ndarray, n_rel: np.ndarray, k: int) -> float:
-    values = _ndcg_values(hits, n_rel, k)
-    return _mean_over(values, ~np.isnan(values))
+    return mean_ndcg(_ndcg_values(hits, n_rel, k))
+
+
+def mean_ndcg(per_user: np.ndarray) -> float:
+    """`ndcg_at_k` from `ndcg_per_user`'s values: their mean over the users with a figure (NaN:
+    nothing relevant, or not scored), NaN when none has one."""
+    return _mean_over(per_user, ~np.isnan(per_user))
 
 
 def _hit_rate(hits: np.ndarray, n_rel: np.ndarray, k: int, users: np.ndarray) -> float:

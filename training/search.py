@@ -49,7 +49,7 @@ import optuna
 import pandas as pd
 
 from training.config import TrainingSettings
-from training.evaluate import ndcg_per_user
+from training.evaluate import mean_ndcg, ndcg_per_user
 from training.rounds import BasketRound, Round
 from training.system import FitCache, ItemTable, Log, Served, fit_system, write_bundle
 
@@ -168,13 +168,6 @@ class SearchResult:
 
 def _rounded(value: float) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
-
-
-def _mean_scored(values: np.ndarray) -> float:
-    """Mean over the users with a figure (NaN: nothing relevant), as `ndcg_at_k` averages; NaN
-    when none has one."""
-    scored = values[~np.isnan(values)]
-    return float(scored.mean()) if len(scored) else math.nan
 
 
 def paired_gain(
@@ -337,7 +330,7 @@ def search_settings(
                         ndcg[name][part] = ndcg_per_user(lists, [r_relevant[i] for i in part], 10)
                     done = np.concatenate(r_parts[: step + 1])
                     if len(done):  # a small round's first parts can be empty
-                        scores[name] = _mean_scored(ndcg[name][done])
+                        scores[name] = mean_ndcg(ndcg[name][done])
                 value = float(np.mean(list(scores.values())))
                 by_trial[trial.number] = scores
                 trial.report(value, step)
