@@ -77,6 +77,7 @@ class Outcome:
     status: int  # 0: no HTTP answer
     json_body: bool = True
     retry_after: bool = False
+    send_lag_ms: float = 0.0  # how late the client itself started it (its own CPU share)
 
 
 async def open_loop(
@@ -94,6 +95,7 @@ async def open_loop(
 
         async def one(i: int, scheduled: float) -> None:
             body = {"user_id": users[i % len(users)], "k": k}
+            lag_ms = (loop.time() - scheduled) * 1000
             status, is_json, retry = 0, False, False
             try:
                 async with session.post("/v1/recommendations", json=body) as response:
@@ -104,7 +106,14 @@ async def open_loop(
             except (aiohttp.ClientError, TimeoutError):
                 pass
             outcomes.append(
-                Outcome(scheduled - start, (loop.time() - scheduled) * 1000, status, is_json, retry)
+                Outcome(
+                    scheduled - start,
+                    (loop.time() - scheduled) * 1000,
+                    status,
+                    is_json,
+                    retry,
+                    lag_ms,
+                )
             )
 
         start = loop.time()
@@ -413,6 +422,8 @@ def run_overload(
         "rejected_all_json_with_retry_after": all(o.json_body and o.retry_after for o in rejected),
         "rejected_latency_ms": percentiles([o.latency_ms for o in rejected]),
         "accepted_latency_ms": percentiles(accepted),
+        # part of every latency above: the client was late to send (it shares the cores)
+        "client_send_lag_ms": percentiles([o.send_lag_ms for o in over]),
         "half_capacity_p99_ms": normal_p99,
         "accepted_p99_over_half_capacity_p99": round(
             percentiles(accepted)["p99"] / max(normal_p99, 1e-9), 2

@@ -7,7 +7,14 @@ milliseconds of CPU in Python; a batch pays it once). Pure asyncio: no Ray in he
 A batch is cut when it reaches `max_batch_size` (summed `size` of its items) or `batch_wait_timeout_s`
 after its first item, and only while fewer than `max_concurrent_batches` run: under load the next batch
 fills while the others run, so batches grow with the load and a hop's cost is paid once per batch.
-Beyond `max_pending` waiting items a `submit` raises `Overloaded` at once.
+Beyond `max_pending` waiting items a `submit` raises `Overloaded` at once. So it does, under a
+standing queue, for an item that would wait longer than `max_wait_s` (the items queued ahead of it
+times the measured busy seconds per item). A bound on the wait rather than the count is what keeps
+latency under overload: how many items fit in a wait changes with batch sizes, placement and node,
+the seconds per item are measured. A queue *stands* when every batch cut for `standing_queue_s` left
+more than half of `max_wait_s` of work behind it (arrivals outpace the batches); a burst that clears
+sooner is queued, not refused (the idea of CoDel, as RPC servers use it: a short bound on the wait
+only while the queue does not drain).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
@@ -23,6 +31,10 @@ from serve_app.config import BatchOptions
 from serve_app.errors import Overloaded
 
 logger = logging.getLogger(__name__)
+
+# Weight of the newest batch in the running mean of busy seconds per item: a few batches follow a
+# change of load (bigger batches cost less per item), one slow batch does not swing it.
+ITEM_SECONDS_WEIGHT = 0.2
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -40,12 +52,17 @@ class Batcher(Generic[T, R]):
         size: Callable[[T], int] = lambda _: 1,
         on_batch: Callable[[int], None] | None = None,
         name: str = "batch",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._run = run
         self._options = options
         self._size = size
         self._on_batch = on_batch
         self._name = name
+        self._clock = clock
+        self._item_seconds: float | None = None  # busy seconds per item, running mean
+        self._busy_mark = 0.0  # busy time is accounted up to here
+        self._calm_at = clock()  # the last batch cut that found little work waiting
         self._queue: deque[tuple[T, asyncio.Future[R], int]] = deque()
         self._queued = 0  # summed size of the queued items
         self._running = 0
@@ -62,6 +79,23 @@ class Batcher(Generic[T, R]):
         """Items waiting for a batch (summed size)."""
         return self._queued
 
+    @property
+    def item_seconds(self) -> float | None:
+        """Busy seconds per item (wall time with a batch running, over the items done), a running
+        mean over the recent batches; None before the first batch ends."""
+        return self._item_seconds
+
+    def expected_wait(self, size: int = 1) -> float:
+        """Seconds an item of `size` submitted now would wait by the measured pace (0 if unknown)."""
+        if self._item_seconds is None:
+            return 0.0
+        return (self._queued + size) * self._item_seconds
+
+    def standing(self) -> bool:
+        """Whether the queue has stood (more than half of max_wait_s of work at every batch cut)
+        for longer than standing_queue_s."""
+        return self._clock() - self._calm_at > self._options.standing_queue_s
+
     def configure(self, options: BatchOptions) -> None:
         """New limits, from the next batch on."""
         self._options = options
@@ -72,6 +106,16 @@ class Batcher(Generic[T, R]):
         limit = self._options.max_pending
         if limit is not None and self._queued + size > limit and self._queued > 0:
             raise Overloaded(f"{self._queued} requests already waiting, retry")
+        max_wait = self._options.max_wait_s
+        if (
+            max_wait is not None
+            and self._queued > 0
+            and self.expected_wait(size) > max_wait
+            and self.standing()
+        ):
+            raise Overloaded(
+                f"{self._queued} requests already waiting (~{self.expected_wait(size):.3f} s), retry"
+            )
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future, size))
         self._queued += size
@@ -97,9 +141,13 @@ class Batcher(Generic[T, R]):
                 if remaining <= 0:
                     break
                 await self._wait_change(remaining)
+            if options.max_wait_s is None or self.expected_wait(0) <= options.max_wait_s / 2:
+                self._calm_at = self._clock()
             batch = self._take(options.max_batch_size)
             if not batch:
                 continue
+            if self._running == 0:
+                self._busy_mark = self._clock()  # idle until now: not busy time
             self._running += 1
             task = loop.create_task(self._execute(batch))
             self._tasks.add(task)
@@ -140,8 +188,22 @@ class Batcher(Generic[T, R]):
                 if not future.done():
                     future.set_result(result)
         finally:
+            self._account(len(batch))
             self._running -= 1
             self._changed.set()
+
+    def _account(self, items: int) -> None:
+        """A batch of `items` ended: the busy time since the last end (or since the batcher went
+        busy) over its items is the newest measure of seconds per item. With batches overlapping,
+        each end takes the time since the one before, so the measure is the pace, not a batch's
+        own duration."""
+        now = self._clock()
+        sample = max(now - self._busy_mark, 0.0) / max(items, 1)
+        self._busy_mark = now
+        if self._item_seconds is None:
+            self._item_seconds = sample
+        else:
+            self._item_seconds += ITEM_SECONDS_WEIGHT * (sample - self._item_seconds)
 
     def close(self) -> None:
         if self._loop_task is not None:

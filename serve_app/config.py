@@ -290,6 +290,24 @@ class BatchOptions(BaseModel):
         description="requests waiting for a batch at most; beyond, a request is refused at once "
         "(503 overloaded, Retry-After) instead of queueing. None: unbounded",
     )
+    max_wait_s: float | None = Field(
+        None,
+        gt=0.0,
+        le=10.0,
+        description="longest wait for a batch a request is let in to: a request that would wait "
+        "longer (the requests queued ahead of it times the measured busy seconds per request) is "
+        "refused at once (503 overloaded, Retry-After), so that under overload the accepted keep "
+        "their latency and the queue stays short; only while the queue stands (standing_queue_s). "
+        "A request finding the queue empty is always taken. None: no bound but max_pending",
+    )
+    standing_queue_s: float = Field(
+        0.1,
+        ge=0.0,
+        le=10.0,
+        description="how long every batch cut must have left more than half of max_wait_s of work "
+        "waiting before max_wait_s refuses: a burst (a pause, a client's spike) that clears sooner "
+        "is queued, not refused; sustained overload is refused after this long",
+    )
 
 
 class StageConfig(BaseModel):

@@ -241,7 +241,9 @@ class Router:
         self._shadow_batcher.configure(self._shadow_options(options))
 
     def _shadow_options(self, options: BatchOptions) -> BatchOptions:
-        return options.model_copy(update={"max_pending": None, "max_concurrent_batches": 1})
+        return options.model_copy(
+            update={"max_pending": None, "max_wait_s": None, "max_concurrent_batches": 1}
+        )
 
     async def _activate(self, ref: str, version: str) -> None:
         """Have every replica of every group load and warm `version` before any request names it

@@ -174,3 +174,110 @@ def test_new_options_apply_to_the_next_batch() -> None:
         assert [len(b) for b in run.batches] == [1, 1, 1, 3]
 
     asyncio.run(scenario())
+
+
+class Gated:
+    """A batch function whose every batch waits for its own release; `clock` is advanced by the test."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gates: list[asyncio.Event] = []
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        gate = asyncio.Event()
+        self.batches.append(list(items))
+        self.gates.append(gate)
+        await gate.wait()
+        return [i * 10 for i in items]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_under_a_standing_queue_a_request_that_would_wait_past_max_wait_is_refused() -> None:
+    async def scenario() -> None:
+        run, clock = Gated(), Clock()
+        options = BatchOptions(
+            max_batch_size=2,
+            batch_wait_timeout_s=0.0,
+            max_concurrent_batches=1,
+            max_wait_s=0.14,
+            standing_queue_s=0.1,
+        )
+        batcher = Batcher(run, options, clock=clock)
+        assert batcher.item_seconds is None and batcher.expected_wait() == 0.0
+        first = [asyncio.ensure_future(batcher.submit(i)) for i in (0, 1)]
+        await until(lambda: run.batches == [[0, 1]])
+        clock.now += 0.1  # two items in 0.1 s of busy time: 0.05 s each
+        run.gates[0].set()
+        assert await asyncio.gather(*first) == [0, 10]
+        assert batcher.item_seconds == pytest.approx(0.05)
+
+        held = asyncio.ensure_future(batcher.submit(2))  # runs alone, holding the next ones
+        await until(lambda: len(run.batches) == 2)
+        waiting = [asyncio.ensure_future(batcher.submit(i)) for i in (3, 4)]
+        await asyncio.sleep(0)
+        # (2 queued + itself) x 0.05 s = 0.15 s > 0.14 s, but the queue has not stood yet: a
+        # burst is queued, not refused
+        assert batcher.expected_wait() == pytest.approx(0.15) and not batcher.standing()
+        waiting.append(asyncio.ensure_future(batcher.submit(5)))
+        await asyncio.sleep(0)
+        assert batcher.queued == 3
+        clock.now += 0.2  # no batch cut for 0.2 s with work waiting: the queue stands
+        assert batcher.standing()
+        with pytest.raises(Overloaded):
+            await batcher.submit(6)  # refused without waiting
+        assert not any(w.done() for w in waiting)  # the ones let in keep their place
+        run.gates[1].set()
+        await until(lambda: len(run.batches) == 3)
+        assert batcher.standing()  # that cut found 3 waiting: more than half of max_wait of work
+        run.gates[2].set()
+        await until(lambda: len(run.batches) == 4)
+        assert not batcher.standing()  # the next found 1 waiting (< half of max_wait): calm again
+        run.gates[3].set()
+        assert await held == 20 and await asyncio.gather(*waiting) == [30, 40, 50]
+        # the queue drained: a request finding nobody waiting is taken whatever the pace
+        clock.now += 60.0
+        late = asyncio.ensure_future(batcher.submit(7))
+        await until(lambda: len(run.batches) == 5)
+        run.gates[4].set()
+        assert await late == 70
+
+    asyncio.run(scenario())
+
+
+def test_busy_seconds_per_item_follow_the_pace_of_overlapping_batches() -> None:
+    async def scenario() -> None:
+        run, clock = Gated(), Clock()
+        options = BatchOptions(max_batch_size=1, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
+        batcher = Batcher(run, options, clock=clock)
+        pending = [asyncio.ensure_future(batcher.submit(i)) for i in range(12)]
+        await until(lambda: len(run.batches) == 2)
+        # each batch takes 0.1 s, but two run at once, one ending every 0.05 s: 0.05 s per item
+        clock.now += 0.1
+        run.gates[0].set()
+        for ended in range(1, 11):
+            await until(lambda ended=ended: len(run.batches) == min(ended + 2, 12))
+            clock.now += 0.05
+            run.gates[ended].set()
+        await until(lambda: pending[10].done())
+        assert batcher.item_seconds is not None
+        assert 0.05 <= batcher.item_seconds < 0.06  # the pace, far from a batch's own 0.1 s
+        clock.now += 0.05
+        run.gates[11].set()
+        await asyncio.gather(*pending)
+        # idle time is not busy time: after a pause, the next batch's time starts at its start
+        clock.now += 30.0
+        after = asyncio.ensure_future(batcher.submit(9))
+        await until(lambda: len(run.batches) == 13)
+        clock.now += 0.05
+        run.gates[12].set()
+        await after
+        assert batcher.item_seconds < 0.06
+
+    asyncio.run(scenario())
