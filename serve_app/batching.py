@@ -11,9 +11,9 @@ Beyond `max_pending` waiting items a `submit` raises `Overloaded` at once. So it
 standing queue, for an item that would wait longer than `max_wait_s` (the items queued ahead of it
 times the measured busy seconds per item). A bound on the wait rather than the count is what keeps
 latency under overload: how many items fit in a wait changes with batch sizes, placement and node,
-the seconds per item are measured. A queue *stands* when every batch cut for `standing_queue_s` left
-more than half of `max_wait_s` of work behind it (arrivals outpace the batches); a burst that clears
-sooner is queued, not refused (the idea of CoDel, as RPC servers use it: a short bound on the wait
+the seconds per item are measured. A queue *stands* when, for `standing_queue_s`, the batcher was
+never idle and every batch cut found more than half of `max_wait_s` of work waiting (arrivals outpace
+the batches); a burst that clears sooner, or that comes to an idle batcher, is queued, not refused (the idea of CoDel, as RPC servers use it: a short bound on the wait
 only while the queue does not drain).
 """
 
@@ -92,8 +92,8 @@ class Batcher(Generic[T, R]):
         return (self._queued + size) * self._item_seconds
 
     def standing(self) -> bool:
-        """Whether the queue has stood (more than half of max_wait_s of work at every batch cut)
-        for longer than standing_queue_s."""
+        """Whether the queue has stood for longer than standing_queue_s: no idle moment and more
+        than half of max_wait_s of work at every batch cut."""
         return self._clock() - self._calm_at > self._options.standing_queue_s
 
     def configure(self, options: BatchOptions) -> None:
@@ -106,6 +106,8 @@ class Batcher(Generic[T, R]):
         limit = self._options.max_pending
         if limit is not None and self._queued + size > limit and self._queued > 0:
             raise Overloaded(f"{self._queued} requests already waiting, retry")
+        if self._queued == 0 and self._running == 0:
+            self._calm_at = self._clock()  # idle: whatever came before, nothing stands now
         max_wait = self._options.max_wait_s
         if (
             max_wait is not None

@@ -281,3 +281,28 @@ def test_busy_seconds_per_item_follow_the_pace_of_overlapping_batches() -> None:
         assert batcher.item_seconds < 0.06
 
     asyncio.run(scenario())
+
+
+def test_a_burst_reaching_an_idle_batcher_is_queued_whatever_came_before() -> None:
+    async def scenario() -> None:
+        run, clock = Gated(), Clock()
+        options = BatchOptions(
+            max_batch_size=4, batch_wait_timeout_s=0.0, max_concurrent_batches=1, max_wait_s=0.05
+        )
+        batcher = Batcher(run, options, clock=clock)
+        first = asyncio.ensure_future(batcher.submit(0))
+        await until(lambda: len(run.batches) == 1)
+        clock.now += 0.02  # 0.02 s per item
+        run.gates[0].set()
+        await first
+        clock.now += 5.0  # quiet: no batch cut for far longer than standing_queue_s
+        burst = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 11)]
+        await asyncio.sleep(0)
+        # 10 at once, up to ~0.2 s of work: a standing queue would refuse most, an idle one takes all
+        assert not any(b.done() for b in burst)  # none refused
+        for gate in range(1, 4):
+            await until(lambda gate=gate: len(run.batches) == gate + 1)
+            run.gates[gate].set()
+        assert await asyncio.gather(*burst) == [i * 10 for i in range(1, 11)]
+
+    asyncio.run(scenario())
