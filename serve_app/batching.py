@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 # Weight of the newest batch in the running mean of busy seconds per item: a few batches follow a
 # change of load (bigger batches cost less per item), one slow batch does not swing it.
 ITEM_SECONDS_WEIGHT = 0.2
+# A batch counts at most this many times the running mean: a version loading, a GC pause or a stage
+# timing out stalls one batch for seconds, which is not the pace (a real change of pace still moves the
+# mean by ITEM_SECONDS_WEIGHT x (this - 1) per batch, doubling within a few batches).
+ITEM_SECONDS_MAX_STEP = 2.0
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -205,6 +209,7 @@ class Batcher(Generic[T, R]):
         if self._item_seconds is None:
             self._item_seconds = sample
         else:
+            sample = min(sample, ITEM_SECONDS_MAX_STEP * self._item_seconds)
             self._item_seconds += ITEM_SECONDS_WEIGHT * (sample - self._item_seconds)
 
     def close(self) -> None:

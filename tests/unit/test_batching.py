@@ -306,3 +306,34 @@ def test_a_burst_reaching_an_idle_batcher_is_queued_whatever_came_before() -> No
         assert await asyncio.gather(*burst) == [i * 10 for i in range(1, 11)]
 
     asyncio.run(scenario())
+
+
+def test_one_stalled_batch_does_not_make_the_pace_and_refuse_what_follows() -> None:
+    async def scenario() -> None:
+        run, clock = Gated(), Clock()
+        options = BatchOptions(max_batch_size=1, batch_wait_timeout_s=0.0, max_concurrent_batches=1)
+        batcher = Batcher(run, options, clock=clock)
+        for i in range(5):  # 0.01 s per item
+            done = asyncio.ensure_future(batcher.submit(i))
+            await until(lambda i=i: len(run.batches) == i + 1)
+            clock.now += 0.01
+            run.gates[i].set()
+            await done
+        assert batcher.item_seconds == pytest.approx(0.01)
+        stalled = asyncio.ensure_future(batcher.submit(5))  # a version loading: 3 s for one item
+        await until(lambda: len(run.batches) == 6)
+        clock.now += 3.0
+        run.gates[5].set()
+        await stalled
+        # counted as twice the pace at most: 0.012 s, not the 0.61 s a plain mean would give (which
+        # would refuse a second request queued behind one at any max_wait_s below 1.2 s)
+        assert batcher.item_seconds == pytest.approx(0.012)
+        for i in range(6, 16):  # a pace that really doubles is followed within a few batches
+            done = asyncio.ensure_future(batcher.submit(i))
+            await until(lambda i=i: len(run.batches) == i + 1)
+            clock.now += 0.02
+            run.gates[i].set()
+            await done
+        assert batcher.item_seconds == pytest.approx(0.02, rel=0.05)
+
+    asyncio.run(scenario())
