@@ -304,9 +304,10 @@ class BatchOptions(BaseModel):
         0.1,
         ge=0.0,
         le=10.0,
-        description="how long every batch cut must have left more than half of max_wait_s of work "
-        "waiting before max_wait_s refuses: a burst (a pause, a client's spike) that clears sooner "
-        "is queued, not refused; sustained overload is refused after this long",
+        description="how long the queue must stand before max_wait_s refuses: the batcher never "
+        "idle and every batch cut finding more than half of max_wait_s of work waiting. A burst (a "
+        "pause, a client's spike) that clears sooner is queued, not refused; sustained overload is "
+        "refused after this long",
     )
 
 
