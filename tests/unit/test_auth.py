@@ -29,6 +29,7 @@ from serve_app.auth import (
     route_rule,
 )
 from serve_app.rate_limit import RateLimiter, TokenBucket, retry_after_header
+from tests.manual_clock import Clock
 
 # FIPS 180-2, appendix B.2: SHA-256 of this 56-character message.
 NIST_MESSAGE = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"
@@ -44,16 +45,6 @@ def entry(key: str, name: str, *scopes: str) -> dict[str, Any]:
 
 def keys_json(*entries: dict[str, Any]) -> str:
     return json.dumps({"keys": list(entries)})
-
-
-class Clock:
-    """Monotonic seconds moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # --- hashing and the file format -----------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 from serve_app.batching import Batcher
 from serve_app.config import BatchOptions
 from serve_app.errors import Overloaded
+from tests.manual_clock import Clock
 
 
 class Recorder:
@@ -191,12 +192,16 @@ class Gated:
         return [i * 10 for i in items]
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+async def one_batch(
+    batcher: Batcher[int, int], run: Gated, clock: Clock, item: int, seconds: float
+) -> int:
+    """`item` alone through `batcher` (nothing else queued), its batch taking `seconds` on `clock`."""
+    before = len(run.batches)
+    done = asyncio.ensure_future(batcher.submit(item))
+    await until(lambda: len(run.batches) == before + 1)
+    clock.now += seconds
+    run.gates[before].set()
+    return await done
 
 
 def test_under_a_standing_queue_a_request_that_would_wait_past_max_wait_is_refused() -> None:
@@ -290,11 +295,7 @@ def test_a_burst_reaching_an_idle_batcher_is_queued_whatever_came_before() -> No
             max_batch_size=4, batch_wait_timeout_s=0.0, max_concurrent_batches=1, max_wait_s=0.05
         )
         batcher = Batcher(run, options, clock=clock)
-        first = asyncio.ensure_future(batcher.submit(0))
-        await until(lambda: len(run.batches) == 1)
-        clock.now += 0.02  # 0.02 s per item
-        run.gates[0].set()
-        await first
+        await one_batch(batcher, run, clock, 0, 0.02)  # 0.02 s per item
         clock.now += 5.0  # quiet: no batch cut for far longer than standing_queue_s
         burst = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 11)]
         await asyncio.sleep(0)
@@ -314,26 +315,14 @@ def test_one_stalled_batch_does_not_make_the_pace_and_refuse_what_follows() -> N
         options = BatchOptions(max_batch_size=1, batch_wait_timeout_s=0.0, max_concurrent_batches=1)
         batcher = Batcher(run, options, clock=clock)
         for i in range(5):  # 0.01 s per item
-            done = asyncio.ensure_future(batcher.submit(i))
-            await until(lambda i=i: len(run.batches) == i + 1)
-            clock.now += 0.01
-            run.gates[i].set()
-            await done
+            await one_batch(batcher, run, clock, i, 0.01)
         assert batcher.item_seconds == pytest.approx(0.01)
-        stalled = asyncio.ensure_future(batcher.submit(5))  # a version loading: 3 s for one item
-        await until(lambda: len(run.batches) == 6)
-        clock.now += 3.0
-        run.gates[5].set()
-        await stalled
+        await one_batch(batcher, run, clock, 5, 3.0)  # a version loading: 3 s for one item
         # counted as twice the pace at most: 0.012 s, not the 0.61 s a plain mean would give (which
         # would refuse a second request queued behind one at any max_wait_s below 1.2 s)
         assert batcher.item_seconds == pytest.approx(0.012)
         for i in range(6, 16):  # a pace that really doubles is followed within a few batches
-            done = asyncio.ensure_future(batcher.submit(i))
-            await until(lambda i=i: len(run.batches) == i + 1)
-            clock.now += 0.02
-            run.gates[i].set()
-            await done
+            await one_batch(batcher, run, clock, i, 0.02)
         assert batcher.item_seconds == pytest.approx(0.02, rel=0.05)
 
     asyncio.run(scenario())

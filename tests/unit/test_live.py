@@ -4,14 +4,7 @@ fallback share, computed by hand on a fake clock."""
 from __future__ import annotations
 
 from serve_app.live import LiveWindow, quantile
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.manual_clock import Clock
 
 
 def test_nearest_rank_quantiles() -> None:
