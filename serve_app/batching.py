@@ -113,15 +113,10 @@ class Batcher(Generic[T, R]):
         if self._queued == 0 and self._running == 0:
             self._calm_at = self._clock()  # idle: whatever came before, nothing stands now
         max_wait = self._options.max_wait_s
-        if (
-            max_wait is not None
-            and self._queued > 0
-            and self.expected_wait(size) > max_wait
-            and self.standing()
-        ):
-            raise Overloaded(
-                f"{self._queued} requests already waiting (~{self.expected_wait(size):.3f} s), retry"
-            )
+        if max_wait is not None and self._queued > 0:
+            wait = self.expected_wait(size)
+            if wait > max_wait and self.standing():
+                raise Overloaded(f"{self._queued} requests already waiting (~{wait:.3f} s), retry")
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future, size))
         self._queued += size
