@@ -14,7 +14,10 @@ latency under overload: how many items fit in a wait changes with batch sizes, p
 the seconds per item are measured. A queue *stands* when, for `standing_queue_s`, the batcher was
 never idle and every batch cut found more than half of `max_wait_s` of work waiting (arrivals outpace
 the batches); a burst that clears sooner, or that comes to an idle batcher, is queued, not refused (the idea of CoDel, as RPC servers use it: a short bound on the wait
-only while the queue does not drain).
+only while the queue does not drain). Nor is a queue behind a *stalled* batch refused: one running
+longer than `STALL_FACTOR` times the recent batches' mean duration is waiting on something that failed
+(a stage replica killed, its deadline not yet out), not on the pace, and the fallbacks answer the
+queue as soon as it ends; the queue must then stand anew before the bound refuses.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ ITEM_SECONDS_WEIGHT = 0.2
 # timing out stalls one batch for seconds, which is not the pace (a real change of pace still moves the
 # mean by ITEM_SECONDS_WEIGHT x (this - 1) per batch, doubling within a few batches).
 ITEM_SECONDS_MAX_STEP = 2.0
+# A batch running this many times the mean duration of the recent ones is stalled: overload slows the
+# batches gradually (the mean follows), a failed stage holds one until its deadline (0.5 s against
+# milliseconds).
+STALL_FACTOR = 4.0
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -65,6 +72,9 @@ class Batcher(Generic[T, R]):
         self._name = name
         self._clock = clock
         self._item_seconds: float | None = None  # busy seconds per item, running mean
+        self._batch_seconds: float | None = None  # a batch's own duration, running mean
+        self._started: dict[int, float] = {}  # running batches by id: when each started
+        self._next_id = 0
         self._busy_mark = 0.0  # busy time is accounted up to here
         self._calm_at = clock()  # the last batch cut that found little work waiting
         self._queue: deque[tuple[T, asyncio.Future[R], int]] = deque()
@@ -96,9 +106,19 @@ class Batcher(Generic[T, R]):
         return (self._queued + size) * self._item_seconds
 
     def standing(self) -> bool:
-        """Whether the queue has stood for longer than standing_queue_s: no idle moment and more
-        than half of max_wait_s of work at every batch cut."""
-        return self._clock() - self._calm_at > self._options.standing_queue_s
+        """Whether the queue has stood for longer than standing_queue_s: no idle moment, no stalled
+        batch and more than half of max_wait_s of work at every batch cut."""
+        now = self._clock()
+        if self.stalled():
+            self._calm_at = now  # waiting on a failure, not on the pace: it must stand anew after
+        return now - self._calm_at > self._options.standing_queue_s
+
+    def stalled(self) -> bool:
+        """Whether a running batch has run STALL_FACTOR times the recent batches' mean duration."""
+        if not self._started or self._batch_seconds is None:
+            return False
+        oldest = min(self._started.values())
+        return self._clock() - oldest > STALL_FACTOR * self._batch_seconds
 
     def configure(self, options: BatchOptions) -> None:
         """New limits, from the next batch on."""
@@ -150,7 +170,9 @@ class Batcher(Generic[T, R]):
             if self._running == 0:
                 self._busy_mark = self._clock()  # idle until now: not busy time
             self._running += 1
-            task = loop.create_task(self._execute(batch))
+            batch_id, self._next_id = self._next_id, self._next_id + 1
+            self._started[batch_id] = self._clock()
+            task = loop.create_task(self._execute(batch, batch_id))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -170,7 +192,7 @@ class Batcher(Generic[T, R]):
             total += size
         return batch
 
-    async def _execute(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+    async def _execute(self, batch: list[tuple[T, asyncio.Future[R]]], batch_id: int) -> None:
         try:
             if self._on_batch is not None:
                 self._on_batch(sum(self._size(item) for item, _ in batch))
@@ -189,26 +211,34 @@ class Batcher(Generic[T, R]):
                 if not future.done():
                     future.set_result(result)
         finally:
-            self._account(len(batch))
+            self._account(len(batch), self._started.pop(batch_id))
             self._running -= 1
             self._changed.set()
 
-    def _account(self, items: int) -> None:
-        """A batch of `items` ended: the busy time since the last end (or since the batcher went
-        busy) over its items is the newest measure of seconds per item. With batches overlapping,
-        each end takes the time since the one before, so the measure is the pace, not a batch's
-        own duration."""
+    def _account(self, items: int, started: float) -> None:
+        """A batch of `items` started at `started` ended: the busy time since the last end (or since
+        the batcher went busy) over its items is the newest measure of seconds per item. With
+        batches overlapping, each end takes the time since the one before, so the measure is the
+        pace, not a batch's own duration (kept beside it, to tell a stalled batch)."""
         now = self._clock()
-        sample = max(now - self._busy_mark, 0.0) / max(items, 1)
+        if self._batch_seconds is not None and now - started > STALL_FACTOR * self._batch_seconds:
+            self._calm_at = now  # a stall ended: what queued behind it must stand anew to be refused
+        self._item_seconds = _mean_step(
+            self._item_seconds, max(now - self._busy_mark, 0.0) / max(items, 1)
+        )
+        self._batch_seconds = _mean_step(self._batch_seconds, max(now - started, 0.0))
         self._busy_mark = now
-        if self._item_seconds is None:
-            self._item_seconds = sample
-        else:
-            sample = min(sample, ITEM_SECONDS_MAX_STEP * self._item_seconds)
-            self._item_seconds += ITEM_SECONDS_WEIGHT * (sample - self._item_seconds)
 
     def close(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
         for task in list(self._tasks):
             task.cancel()
+
+
+def _mean_step(mean: float | None, sample: float) -> float:
+    """The running mean after `sample`, which counts at most ITEM_SECONDS_MAX_STEP times the mean."""
+    if mean is None:
+        return sample
+    sample = min(sample, ITEM_SECONDS_MAX_STEP * mean)
+    return mean + ITEM_SECONDS_WEIGHT * (sample - mean)

@@ -326,3 +326,53 @@ def test_one_stalled_batch_does_not_make_the_pace_and_refuse_what_follows() -> N
         assert batcher.item_seconds == pytest.approx(0.02, rel=0.05)
 
     asyncio.run(scenario())
+
+
+def test_a_queue_behind_a_stalled_batch_is_not_refused_and_must_stand_anew_after() -> None:
+    async def scenario() -> None:
+        run, clock = Gated(), Clock()
+        options = BatchOptions(
+            max_batch_size=1,
+            batch_wait_timeout_s=0.0,
+            max_concurrent_batches=1,
+            max_wait_s=0.05,
+            standing_queue_s=0.1,
+        )
+        batcher = Batcher(run, options, clock=clock)
+        for i in range(5):  # batches of 0.01 s, 0.01 s per item
+            await one_batch(batcher, run, clock, i, 0.01)
+        held = asyncio.ensure_future(batcher.submit(100))  # a stage was killed: held to its deadline
+        await until(lambda: len(run.batches) == 6)
+        accepted = [asyncio.ensure_future(batcher.submit(i)) for i in range(101, 107)]
+        await asyncio.sleep(0)
+        clock.now += 0.5
+        # 0.5 s without a cut and 7 x 0.01 s > max_wait_s of work: without the stall it would stand
+        assert batcher.stalled() and not batcher.standing()
+        accepted.append(asyncio.ensure_future(batcher.submit(107)))
+        await asyncio.sleep(0)
+        assert batcher.queued == 7  # queued, not refused: the fallbacks answer it
+        clock.now += 0.3  # still held, no one asking
+        run.gates[5].set()  # the deadline: the stalled batch ends
+        await until(lambda: len(run.batches) == 7)
+        assert not batcher.stalled() and not batcher.standing()  # it must stand anew
+        refused_after = None
+        for step in range(1, 16):  # batches of 0.01 s again, each replaced by a new request
+            clock.now += 0.01
+            run.gates[5 + step].set()
+            await until(lambda step=step: len(run.batches) == 7 + step)
+            submitted = asyncio.ensure_future(batcher.submit(107 + step))
+            await asyncio.sleep(0)
+            if submitted.done() and isinstance(submitted.exception(), Overloaded):
+                refused_after = step
+                break
+            accepted.append(submitted)
+        # refused once the queue had stood standing_queue_s (0.1 s) past the stall's end, not before
+        assert refused_after is not None and refused_after * 0.01 > 0.1 - 1e-9
+        while not all(a.done() for a in accepted):
+            for gate in run.gates:
+                gate.set()
+            await asyncio.sleep(0.001)
+        assert await held == 1000
+        assert await asyncio.gather(*accepted) == [i * 10 for i in range(101, 108 + refused_after - 1)]
+
+    asyncio.run(scenario())
