@@ -222,7 +222,8 @@ class Batcher(Generic[T, R]):
         pace, not a batch's own duration (kept beside it, to tell a stalled batch)."""
         now = self._clock()
         if self._batch_seconds is not None and now - started > STALL_FACTOR * self._batch_seconds:
-            self._calm_at = now  # a stall ended: what queued behind it must stand anew to be refused
+            # A stall ended: what queued behind it must stand anew to be refused.
+            self._calm_at = now
         self._item_seconds = _mean_step(
             self._item_seconds, max(now - self._busy_mark, 0.0) / max(items, 1)
         )

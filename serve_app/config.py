@@ -297,8 +297,9 @@ class BatchOptions(BaseModel):
         description="longest wait for a batch a request is let in to: a request that would wait "
         "longer (the requests queued ahead of it times the measured busy seconds per request) is "
         "refused at once (503 overloaded, Retry-After), so that under overload the accepted keep "
-        "their latency and the queue stays short; only while the queue stands (standing_queue_s). "
-        "A request finding the queue empty is always taken. None: no bound but max_pending",
+        "their latency and the queue stays short; only while the queue stands (standing_queue_s), "
+        "never behind a stalled batch (a failed stage held to its deadline). A request finding the "
+        "queue empty is always taken. None: no bound but max_pending",
     )
     standing_queue_s: float = Field(
         0.1,

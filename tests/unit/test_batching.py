@@ -341,7 +341,8 @@ def test_a_queue_behind_a_stalled_batch_is_not_refused_and_must_stand_anew_after
         batcher = Batcher(run, options, clock=clock)
         for i in range(5):  # batches of 0.01 s, 0.01 s per item
             await one_batch(batcher, run, clock, i, 0.01)
-        held = asyncio.ensure_future(batcher.submit(100))  # a stage was killed: held to its deadline
+        # A stage was killed: this batch is held to its deadline.
+        held = asyncio.ensure_future(batcher.submit(100))
         await until(lambda: len(run.batches) == 6)
         accepted = [asyncio.ensure_future(batcher.submit(i)) for i in range(101, 107)]
         await asyncio.sleep(0)
@@ -373,6 +374,7 @@ def test_a_queue_behind_a_stalled_batch_is_not_refused_and_must_stand_anew_after
                 gate.set()
             await asyncio.sleep(0.001)
         assert await held == 1000
-        assert await asyncio.gather(*accepted) == [i * 10 for i in range(101, 108 + refused_after - 1)]
+        answered = await asyncio.gather(*accepted)
+        assert answered == [i * 10 for i in range(101, 108 + refused_after - 1)]
 
     asyncio.run(scenario())
