@@ -1,7 +1,7 @@
 """A stage's only replica killed (`kill -9` of the real Ray process): requests keep getting 200, answered
 around the missing stage and flagged `degraded`, until Serve has restarted it and answers are whole.
-The EventWriter's only replica killed under 6 event batches/s: every batch is answered 202, or 503 with
-Retry-After while it is gone (never a 500), and every accepted event is in the stream.
+One of the EventWriter's two replicas killed under 6 event batches/s: every batch is answered 202 (the
+other replica takes them while Serve restarts it), and every accepted event is in the stream.
 
 Runs on the session graph (`serving_app`, placement split), then on a graph beside it whose stages are
 grouped (two-tier, and the whole chain in one `Pipeline` deployment: its death leaves the Ingress to
@@ -276,7 +276,7 @@ def stream_event_ids(url: str, stream: str) -> set[str]:
     return {f[b"event_id"].decode() for _, f in client.xrange(stream)}
 
 
-def test_kill_9_of_the_event_writer_under_load_answers_202_or_503_retry_after_and_loses_nothing(
+def test_kill_9_of_an_event_writer_replica_under_load_refuses_nothing_and_loses_nothing(
     serving_app: ServingApp,
 ) -> None:
     catalog = pd.read_parquet(serving_app.bundle.dataset_dir / "catalog.parquet")
@@ -284,7 +284,9 @@ def test_kill_9_of_the_event_writer_under_load_answers_202_or_503_retry_after_an
     with httpx.Client(base_url=serving_app.url, timeout=20.0) as api:
         warm = {"user_id": "kill-warm", "item_id": items[0], "event_type": "view"}
         assert api.post("/v1/events", json={"events": [warm]}).status_code == 202
-    (victim,) = replica_processes("EventWriter")
+    replicas = replica_processes("EventWriter")
+    assert len(replicas) == 2, [p.pid for p in replicas]  # serve_config.yaml: two
+    victim = replicas[0]
     ledger = Ledger()
 
     async def scenario() -> None:
@@ -298,16 +300,21 @@ def test_kill_9_of_the_event_writer_under_load_answers_202_or_503_retry_after_an
     began = time.monotonic()
     asyncio.run(scenario())
     seconds = time.monotonic() - began
-    print(f"kill -9 EventWriter (pid {victim.pid}): {dict(ledger.statuses)} in {seconds:.1f} s")
+    print(
+        f"kill -9 EventWriter (pid {victim.pid}, 1 of 2): {dict(ledger.statuses)} in {seconds:.1f} s"
+    )
 
-    # Only 202, or 503 with Retry-After (events_unavailable while it is gone; overloaded if its
-    # queue filled meanwhile): never a 500.
-    assert all(
-        s == "202 retry=False" or (s.startswith("503 ") and s.endswith("retry=True"))
-        for s in ledger.statuses
-    ), ledger.statuses
-    assert ledger.back_at is not None, f"the event writer never came back: {ledger.statuses}"
-    assert [p.pid for p in replica_processes("EventWriter")] != [victim.pid]
+    # Every batch taken by the live replica (with one replica: 503 Retry-After for 5-10 s, chaos.py).
+    assert set(ledger.statuses) == {"202 retry=False"}, ledger.statuses
+    assert ledger.back_at is not None
+    # Serve restarts the killed one: two replicas again, the victim not among them.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pids = [p.pid for p in replica_processes("EventWriter")]
+        if len(pids) == 2 and victim.pid not in pids:
+            break
+        time.sleep(0.5)
+    assert len(pids) == 2 and victim.pid not in pids, pids
     # Accepted means in the stream (or the spool, replayed): every one of them, within seconds.
     stream = EventLogConfig().stream_key
     deadline = time.monotonic() + 30
