@@ -35,13 +35,13 @@ from serve_app.errors import Overloaded
 
 logger = logging.getLogger(__name__)
 
-# Weight of the newest batch in the running mean of busy seconds per item: a few batches follow a
-# change of load (bigger batches cost less per item), one slow batch does not swing it.
-ITEM_SECONDS_WEIGHT = 0.2
+# Weight of the newest batch in the running means (busy seconds per item, a batch's duration): a few
+# batches follow a change of load (bigger batches cost less per item), one slow batch does not swing it.
+MEAN_WEIGHT = 0.2
 # A batch counts at most this many times the running mean: a version loading, a GC pause or a stage
 # timing out stalls one batch for seconds, which is not the pace (a real change of pace still moves the
-# mean by ITEM_SECONDS_WEIGHT x (this - 1) per batch, doubling within a few batches).
-ITEM_SECONDS_MAX_STEP = 2.0
+# mean by MEAN_WEIGHT x (this - 1) per batch, doubling within a few batches).
+MEAN_MAX_STEP = 2.0
 # A batch running this many times the mean duration of the recent ones is stalled: overload slows the
 # batches gradually (the mean follows), a failed stage holds one until its deadline (0.5 s against
 # milliseconds).
@@ -238,8 +238,8 @@ class Batcher(Generic[T, R]):
 
 
 def _mean_step(mean: float | None, sample: float) -> float:
-    """The running mean after `sample`, which counts at most ITEM_SECONDS_MAX_STEP times the mean."""
+    """The running mean after `sample`, which counts at most MEAN_MAX_STEP times the mean."""
     if mean is None:
         return sample
-    sample = min(sample, ITEM_SECONDS_MAX_STEP * mean)
-    return mean + ITEM_SECONDS_WEIGHT * (sample - mean)
+    sample = min(sample, MEAN_MAX_STEP * mean)
+    return mean + MEAN_WEIGHT * (sample - mean)
