@@ -27,11 +27,13 @@ def test_the_config_file_is_a_valid_serve_document_that_fits_on_two_cpus() -> No
     ingress = options["Ingress"]
     max_pending = ingress["user_config"]["batching"]["max_pending"]
     assert 0 < max_pending < ingress["max_ongoing_requests"], max_pending
-    # ... and under a standing queue it refuses what would wait long, far within the request's
-    # own deadline (a refusal must come fast, not after the wait it avoids)
+    # The wait bound is opt-in (at 0.04 s it still refused a few requests at 30/s on 2 cores): off
+    # as shipped, and the value the docs give validates and lies far within the request's deadline.
     batching = BatchOptions.model_validate(ingress["user_config"]["batching"])
-    assert batching.max_wait_s is not None
-    assert batching.max_wait_s <= ServeSettings().api.request_timeout_seconds / 10
+    assert batching.max_wait_s is None
+    opted = BatchOptions.model_validate({**ingress["user_config"]["batching"], "max_wait_s": 0.04})
+    assert opted.max_wait_s is not None
+    assert opted.max_wait_s <= ServeSettings().api.request_timeout_seconds / 10
     at_max = sum(
         o["ray_actor_options"]["num_cpus"] * o["autoscaling_config"]["max_replicas"]
         for o in options.values()
