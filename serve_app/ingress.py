@@ -66,10 +66,6 @@ SafeId = Annotated[
     StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN.pattern),
 ]
 Label = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
-# A retry of an event batch whose EventWriter replica died under it waits at most this long: long
-# enough for another replica to answer, short enough that with the only replica restarting the
-# client's 503 (Retry-After) still comes fast.
-EVENTS_RETRY_S = 1.0
 _JSON = re.compile(r"^application/([a-z0-9.+-]*\+)?json\b", re.IGNORECASE)
 
 
@@ -183,36 +179,20 @@ class ServeBackend:
 
     async def write_events(self, events: list[Event]) -> EventWriteSummary:
         """The EventWriter's summary; EventsUnavailable when its replica is dead, restarting (the
-        handle would queue the batch until one is back) or takes longer than `timeout`.
-
-        A replica that died under the call is retried once, within `EVENTS_RETRY_S` and the
-        timeout: with two or more replicas the handle routes the retry to a live one, so a replica
-        killed under load refuses nothing. Safe, as events are deduplicated by id: what the dead
-        replica logged before it died is skipped, the same batch objects carrying the same ids.
-        """
+        handle would queue the batch until one is back) or takes longer than `timeout`."""
         # The served versions ride along: each user's delta is built in their variant's space.
         served = self._router.served_versions()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
         try:
-            try:
-                return await asyncio.wait_for(
-                    self._events.write.remote(events, served), self._timeout
-                )
-            except Exception as exc:
-                if not is_unavailable(exc):
-                    raise
-                logger.info("event writer replica unavailable (%s), retrying once", exc)
-                window = min(EVENTS_RETRY_S, deadline - loop.time())
-                if window <= 0:
-                    raise
-                return await asyncio.wait_for(self._events.write.remote(events, served), window)
+            result: EventWriteSummary = await asyncio.wait_for(
+                self._events.write.remote(events, served), self._timeout
+            )
         except TimeoutError as exc:
             raise EventsUnavailable("the event writer did not answer in time, retry") from exc
         except Exception as exc:
             if is_unavailable(exc):
                 raise EventsUnavailable("the event writer is restarting, retry") from exc
             raise
+        return result
 
     async def readiness(self) -> Readiness:
         return await self._router.readiness()

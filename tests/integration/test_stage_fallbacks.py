@@ -1,9 +1,7 @@
 """A stage's only replica killed (`kill -9` of the real Ray process): requests keep getting 200, answered
 around the missing stage and flagged `degraded`, until Serve has restarted it and answers are whole.
-One of the EventWriter's two replicas killed under 6 event batches/s and two closed loops of big batches
-(so that it dies mid-write): every batch is answered 202 (the other replica takes them while Serve
-restarts it, and the Ingress retries on it the batches the dead one held), and every accepted event
-is in the stream.
+The EventWriter's only replica killed under 6 event batches/s: every batch is answered 202, or 503 with
+Retry-After while it is gone (never a 500), and every accepted event is in the stream.
 
 Runs on the session graph (`serving_app`, placement split), then on a graph beside it whose stages are
 grouped (two-tier, and the whole chain in one `Pipeline` deployment: its death leaves the Ingress to
@@ -222,8 +220,6 @@ EVENTS_PER_BATCH = 5
 BEFORE_S = 3.0  # load before the kill
 AFTER_BACK_S = 3.0  # load after the first 202 that follows the kill
 MAX_S = 45.0  # the whole load, whatever happens
-BUSY_SENDERS = 2  # closed loops of big batches beside the open loop: a replica dies mid-write
-BUSY_BATCH = 200
 
 
 @dataclass
@@ -234,22 +230,21 @@ class Ledger:
 
 
 async def run_load(url: str, items: list[str], ledger: Ledger, killed: asyncio.Event) -> None:
-    """Open loop: a batch every 1/6 s, whatever the answers take; beside it BUSY_SENDERS closed
-    loops of BUSY_BATCH events each, so that an event writer replica is busy when it is killed."""
+    """Open loop: a batch every 1/6 s, whatever the answers take."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     async with httpx.AsyncClient(base_url=url, timeout=20.0) as client:
 
-        async def send(n: int, size: int = EVENTS_PER_BATCH) -> None:
+        async def send(n: int) -> None:
             events = [
                 {
-                    "user_id": f"kill-u{(n * size + k) % 17}",
+                    "user_id": f"kill-u{(n * EVENTS_PER_BATCH + k) % 17}",
                     "item_id": items[(n * 7 + k) % len(items)],
                     "event_type": "click" if k % 2 else "view",
                     "timestamp": datetime.now(UTC).isoformat(),
                     "event_id": uuid.uuid4().hex,
                 }
-                for k in range(size)
+                for k in range(EVENTS_PER_BATCH)
             ]
             sent_after_kill = killed.is_set()
             response = await client.post("/v1/events", json={"events": events})
@@ -258,27 +253,18 @@ async def run_load(url: str, items: list[str], ledger: Ledger, killed: asyncio.E
             label = " ".join(filter(None, (str(response.status_code), code, f"retry={retry}")))
             ledger.statuses[label] += 1
             if response.status_code == 202:
-                assert response.json()["accepted"] == size, response.text
+                assert response.json()["accepted"] == EVENTS_PER_BATCH, response.text
                 ledger.accepted.update(event_id(Event.model_validate(e)) for e in events)
                 if sent_after_kill and ledger.back_at is None:
                     ledger.back_at = loop.time()
 
-        def done() -> bool:
-            back = ledger.back_at
-            now = loop.time()
-            return now - start > MAX_S or (back is not None and now - back > AFTER_BACK_S)
-
-        async def busy(sender: int) -> None:
-            n = 0
-            while not done():
-                await send(10_000 * (sender + 1) + n, BUSY_BATCH)
-                n += 1
-
-        tasks: list[asyncio.Task[None]] = [
-            asyncio.create_task(busy(s)) for s in range(BUSY_SENDERS)
-        ]
+        tasks: list[asyncio.Task[None]] = []
         n = 0
-        while not done():
+        while True:
+            now = loop.time()
+            back = ledger.back_at
+            if now - start > MAX_S or (back is not None and now - back > AFTER_BACK_S):
+                break
             tasks.append(asyncio.create_task(send(n)))
             n += 1
             await asyncio.sleep(max(0.0, start + n / BATCHES_PER_SECOND - loop.time()))
@@ -290,7 +276,7 @@ def stream_event_ids(url: str, stream: str) -> set[str]:
     return {f[b"event_id"].decode() for _, f in client.xrange(stream)}
 
 
-def test_kill_9_of_an_event_writer_replica_under_load_refuses_nothing_and_loses_nothing(
+def test_kill_9_of_the_event_writer_under_load_answers_202_or_503_retry_after_and_loses_nothing(
     serving_app: ServingApp,
 ) -> None:
     catalog = pd.read_parquet(serving_app.bundle.dataset_dir / "catalog.parquet")
@@ -298,9 +284,7 @@ def test_kill_9_of_an_event_writer_replica_under_load_refuses_nothing_and_loses_
     with httpx.Client(base_url=serving_app.url, timeout=20.0) as api:
         warm = {"user_id": "kill-warm", "item_id": items[0], "event_type": "view"}
         assert api.post("/v1/events", json={"events": [warm]}).status_code == 202
-    replicas = replica_processes("EventWriter")
-    assert len(replicas) == 2, [p.pid for p in replicas]  # serve_config.yaml: two
-    victim = replicas[0]
+    (victim,) = replica_processes("EventWriter")
     ledger = Ledger()
 
     async def scenario() -> None:
@@ -314,22 +298,16 @@ def test_kill_9_of_an_event_writer_replica_under_load_refuses_nothing_and_loses_
     began = time.monotonic()
     asyncio.run(scenario())
     seconds = time.monotonic() - began
-    print(
-        f"kill -9 EventWriter (pid {victim.pid}, 1 of 2): {dict(ledger.statuses)} in {seconds:.1f} s"
-    )
+    print(f"kill -9 EventWriter (pid {victim.pid}): {dict(ledger.statuses)} in {seconds:.1f} s")
 
-    # Every batch taken: by the live replica, the dead one's retried on it (without the retry: one
-    # or two 503 events_unavailable here; with one replica, 503 Retry-After for 5-10 s, chaos.py).
-    assert set(ledger.statuses) == {"202 retry=False"}, ledger.statuses
-    assert ledger.back_at is not None
-    # Serve restarts the killed one: two replicas again, the victim not among them.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        pids = [p.pid for p in replica_processes("EventWriter")]
-        if len(pids) == 2 and victim.pid not in pids:
-            break
-        time.sleep(0.5)
-    assert len(pids) == 2 and victim.pid not in pids, pids
+    # Only 202, or 503 with Retry-After (events_unavailable while it is gone; overloaded if its
+    # queue filled meanwhile): never a 500.
+    assert all(
+        s == "202 retry=False" or (s.startswith("503 ") and s.endswith("retry=True"))
+        for s in ledger.statuses
+    ), ledger.statuses
+    assert ledger.back_at is not None, f"the event writer never came back: {ledger.statuses}"
+    assert [p.pid for p in replica_processes("EventWriter")] != [victim.pid]
     # Accepted means in the stream (or the spool, replayed): every one of them, within seconds.
     stream = EventLogConfig().stream_key
     deadline = time.monotonic() + 30
