@@ -73,8 +73,7 @@ class Batcher(Generic[T, R]):
         self._clock = clock
         self._item_seconds: float | None = None  # busy seconds per item, running mean
         self._batch_seconds: float | None = None  # a batch's own duration, running mean
-        self._started: dict[int, float] = {}  # running batches by id: when each started
-        self._next_id = 0
+        self._started: list[float] = []  # when each running batch started
         self._busy_mark = 0.0  # busy time is accounted up to here
         self._calm_at = clock()  # the last batch cut that found little work waiting
         self._queue: deque[tuple[T, asyncio.Future[R], int]] = deque()
@@ -108,17 +107,19 @@ class Batcher(Generic[T, R]):
     def standing(self) -> bool:
         """Whether the queue has stood for longer than standing_queue_s: no idle moment, no stalled
         batch and more than half of max_wait_s of work at every batch cut."""
-        now = self._clock()
         if self.stalled():
-            self._calm_at = now  # waiting on a failure, not on the pace: it must stand anew after
-        return now - self._calm_at > self._options.standing_queue_s
+            return (
+                False  # waiting on a failure, not on the pace (it must stand anew after: _account)
+            )
+        return self._clock() - self._calm_at > self._options.standing_queue_s
 
     def stalled(self) -> bool:
         """Whether a running batch has run STALL_FACTOR times the recent batches' mean duration."""
-        if not self._started or self._batch_seconds is None:
-            return False
-        oldest = min(self._started.values())
-        return self._clock() - oldest > STALL_FACTOR * self._batch_seconds
+        return bool(self._started) and self._is_stall(self._clock() - min(self._started))
+
+    def _is_stall(self, seconds: float) -> bool:
+        """Whether a batch running `seconds` has run STALL_FACTOR times the recent batches' mean."""
+        return self._batch_seconds is not None and seconds > STALL_FACTOR * self._batch_seconds
 
     def configure(self, options: BatchOptions) -> None:
         """New limits, from the next batch on."""
@@ -170,9 +171,9 @@ class Batcher(Generic[T, R]):
             if self._running == 0:
                 self._busy_mark = self._clock()  # idle until now: not busy time
             self._running += 1
-            batch_id, self._next_id = self._next_id, self._next_id + 1
-            self._started[batch_id] = self._clock()
-            task = loop.create_task(self._execute(batch, batch_id))
+            started = self._clock()
+            self._started.append(started)
+            task = loop.create_task(self._execute(batch, started))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -192,7 +193,7 @@ class Batcher(Generic[T, R]):
             total += size
         return batch
 
-    async def _execute(self, batch: list[tuple[T, asyncio.Future[R]]], batch_id: int) -> None:
+    async def _execute(self, batch: list[tuple[T, asyncio.Future[R]]], started: float) -> None:
         try:
             if self._on_batch is not None:
                 self._on_batch(sum(self._size(item) for item, _ in batch))
@@ -211,7 +212,8 @@ class Batcher(Generic[T, R]):
                 if not future.done():
                     future.set_result(result)
         finally:
-            self._account(len(batch), self._started.pop(batch_id))
+            self._started.remove(started)  # at most max_concurrent_batches entries
+            self._account(len(batch), started)
             self._running -= 1
             self._changed.set()
 
@@ -221,7 +223,7 @@ class Batcher(Generic[T, R]):
         batches overlapping, each end takes the time since the one before, so the measure is the
         pace, not a batch's own duration (kept beside it, to tell a stalled batch)."""
         now = self._clock()
-        if self._batch_seconds is not None and now - started > STALL_FACTOR * self._batch_seconds:
+        if self._is_stall(now - started):
             # A stall ended: what queued behind it must stand anew to be refused.
             self._calm_at = now
         self._item_seconds = _mean_step(
