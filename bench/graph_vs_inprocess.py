@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.serving_load import (  # noqa: E402
+    bundle_summary,
     cpu_per_request,
     free_port,
     percentiles,
@@ -499,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     users = sample_users(args.data_dir, args.users, args.cold_share, seed=0)
     graphs: dict[str, dict[str, Any]] = {}
     with private_redis() as redis_url:
+        bundle = bundle_summary(args.data_dir, redis_url)
+        print(f"bundle: {json.dumps(bundle)}")
         peer_side = (
             {"results": [], "rss_mb": []} if args.graph_only else sweep_peer(args, redis_url, users)
         )
@@ -538,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
                 "results": [asdict(r) for r in peer_side["results"]],
                 "rss_mb": peer_side["rss_mb"],
             },
+            "bundle": bundle,
             "graphs": {
                 label: {
                     "placement": side["placement"],
