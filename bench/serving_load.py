@@ -102,16 +102,22 @@ class ServedModel:
 def load_served(data_dir: Path, redis_url: str) -> ServedModel:
     """The registry's champion (cache + checksums) and the UserTower's feature reader, no Ray."""
     from serve_app.deployments.user_tower import UserFeatureSource
-    from serve_app.models import ModelSource
     from serve_app.recommend import limit_threads
 
     limit_threads()
-    settings = ServeSettings(**settings_for(data_dir, redis_url))
-    source = ModelSource.from_settings(settings)
-    version = source.resolve()
+    settings, source, version = champion(data_dir, redis_url)
     return ServedModel(
         settings, version, source.load(version), UserFeatureSource.from_settings(settings)
     )
+
+
+def champion(data_dir: Path, redis_url: str) -> tuple[ServeSettings, Any, str]:
+    """The serving settings for `data_dir`, their `ModelSource` and the version its alias names."""
+    from serve_app.models import ModelSource
+
+    settings = ServeSettings(**settings_for(data_dir, redis_url))
+    source = ModelSource.from_settings(settings)
+    return settings, source, source.resolve()
 
 
 # The bundle's settings that decide what a request costs; the settings search may choose them anew on
@@ -136,10 +142,8 @@ COST_PARAMS = (
 def bundle_summary(data_dir: Path, redis_url: str) -> dict[str, Any]:
     """The champion's version, catalog size and `COST_PARAMS`, from its manifest (nothing loaded)."""
     from serve_app.bundle import read_manifest
-    from serve_app.models import ModelSource
 
-    source = ModelSource.from_settings(ServeSettings(**settings_for(data_dir, redis_url)))
-    version = source.resolve()
+    _, source, version = champion(data_dir, redis_url)
     manifest = read_manifest(source.fetch(version))
     return {
         "version": version,

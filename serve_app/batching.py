@@ -107,10 +107,10 @@ class Batcher(Generic[T, R]):
     def standing(self) -> bool:
         """Whether the queue has stood for longer than standing_queue_s: no idle moment, no stalled
         batch and more than half of max_wait_s of work at every batch cut."""
+        # Behind a stalled batch the wait is on a failure, not on the pace (and after it the queue
+        # must stand anew: _account).
         if self.stalled():
-            return (
-                False  # waiting on a failure, not on the pace (it must stand anew after: _account)
-            )
+            return False
         return self._clock() - self._calm_at > self._options.standing_queue_s
 
     def stalled(self) -> bool:
